@@ -28,14 +28,17 @@ def _load_config(argv: list[str], default_file: str):
 
     fv = flags.FlagValues()
     path = CONFIG_DIR / default_file
-    if path.is_file():
-        config_flags.DEFINE_config_file("config", default=str(path), flag_values=fv, lock_config=True, sys_argv=argv)
-    else:  # installed without the repo's configs/: the packaged defaults
-        if any(a.startswith("--config=") for a in argv):
+    try:
+        if path.is_file():
+            config_flags.DEFINE_config_file("config", default=str(path), flag_values=fv, lock_config=True, sys_argv=argv)
+        elif any(a.startswith("--config=") for a in argv):
             config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
-        else:
+        else:  # installed without the repo's configs/: the packaged defaults
             config_flags.DEFINE_config_dict("config", default_config(), flag_values=fv, lock_config=True, sys_argv=argv)
-    fv(argv)
+        fv(argv)
+    except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such field"
+        bad = [a for a in argv[1:] if a.startswith("--config.")]
+        raise flags.Error(f"unknown config key {e} (overrides given: {' '.join(bad)})") from None
     return fv.config
 
 

@@ -129,6 +129,12 @@ def harvest(c, log=print) -> st.Store:
         "token_fields": list(st.TOKEN_FIELDS),
         "contexts_target": n_target,
     }
+    # Read the first context before touching the output directory: a bad or empty text source
+    # fails here and leaves nothing behind.
+    ctx_iter = contexts(
+        documents(d.source, d.path, d.split, d.text_key, d.tfds_name), lm.tokenizer, d.ctx_len, bos, lm.eos_id, d.shuffle_window, d.seed
+    )
+    ctx_iter = itertools.chain([next(ctx_iter)], ctx_iter)
     m = _prepare_dir(out, fingerprint, header)
     if m["complete"]:
         log(f"{out}: store already complete ({len(m['shards'])} shards); nothing to do")
@@ -139,9 +145,6 @@ def harvest(c, log=print) -> st.Store:
     done = m["shards"][-1]["contexts"][1] if m["shards"] else 0
     if done:
         log(f"{out}: resuming after {len(m['shards'])} shards ({done} of {n_target} contexts)")
-    ctx_iter = contexts(
-        documents(d.source, d.path, d.split, d.text_key, d.tfds_name), lm.tokenizer, d.ctx_len, bos, lm.eos_id, d.shuffle_window, d.seed
-    )
     ctx_iter = itertools.islice(ctx_iter, done, n_target)
 
     store_dtype = st.DTYPES[h.dtype]

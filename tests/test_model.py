@@ -77,7 +77,7 @@ def test_hooks_are_consistent(lm):
     _, acts = jax.jit(lambda st, t: nnx.merge(gd, st)(t, hooks, logits=False))(st, toks)
     a = {k: np.asarray(v) for k, v in acts.items()}
     for layer in (3, 4):
-        g = lambda p: a[hook_name(layer, p)]  # noqa: E731
+        g = lambda p, layer=layer: a[hook_name(layer, p)]  # noqa: E731
         assert g("attn_z").shape == (2, 16, cfg.n_heads * cfg.head_dim)
         for p in POINTS:
             if p != "attn_z":

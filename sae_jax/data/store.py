@@ -99,7 +99,7 @@ def write_shard(
         name = shard_file(index, part)
         tmp = root / f".tmp-{name}"
         w = ArrayRecordWriter(str(tmp), _WRITER_OPTIONS)
-        blocks = np.ascontiguousarray(arr).reshape(n_rec, -1)
+        blocks = np.ascontiguousarray(arr).reshape(n_rec, rows_per_record * arr.shape[1])
         for r in range(n_rec):
             w.write(blocks[r].tobytes())
         w.close()

@@ -1,0 +1,33 @@
+"""`sae-jax` end to end: harvest, info, verify and their errors, as a user runs them."""
+
+from conftest import cli_args, run_cli
+
+
+def test_harvest_info_verify(tmp_path):
+    out = tmp_path / "s"
+    r = run_cli("harvest", *cli_args(out, **{"harvest.tokens": 1500}))
+    assert r.returncode == 0, r.stderr
+    assert "status     complete" in r.stdout and "compiles   1" in r.stdout
+    r = run_cli("info", str(out))
+    assert r.returncode == 0 and "blocks.1.attn.hook_z" in r.stdout and "width   576" in r.stdout
+    r = run_cli("verify", str(out))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stderr
+    f = next(out.glob("shard-00000.blocks.1.hook_resid_post.array_record"))
+    data = bytearray(f.read_bytes())
+    data[-50] ^= 1
+    f.write_bytes(bytes(data))
+    r = run_cli("verify", str(out))
+    assert r.returncode == 1 and f"{f}: checksum mismatch" in r.stderr
+
+
+def test_cli_errors(tmp_path):
+    r = run_cli("harvest", "--config.harvest.nonsense=3")
+    assert r.returncode == 2 and "nonsense" in r.stderr
+    r = run_cli("harvest", *cli_args(tmp_path / "x"), "--config.harvest.hooks=blocks.40.hook_mlp_out")
+    assert r.returncode == 1 and "layer 40 is out of range" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("harvest", *cli_args(tmp_path / "y"), f"--config.model.path={tmp_path / 'missing.gguf'}")
+    assert r.returncode == 1 and "missing.gguf" in r.stderr and "does not exist" in r.stderr
+    r = run_cli("info", str(tmp_path))
+    assert r.returncode == 1 and "not an activation store" in r.stderr
+    r = run_cli("frobnicate")
+    assert r.returncode == 2 and "unknown command" in r.stderr
