@@ -7,7 +7,7 @@ def test_harvest_info_verify(tmp_path):
     out = tmp_path / "s"
     r = run_cli("harvest", *cli_args(out, **{"harvest.tokens": 1500}))
     assert r.returncode == 0, r.stderr
-    assert "status     complete" in r.stdout and "compiles   1" in r.stdout
+    assert "status     complete" in r.stdout and "one compiled executable for [8, 64]" in r.stdout
     r = run_cli("info", str(out))
     assert r.returncode == 0 and "blocks.1.attn.hook_z" in r.stdout and "width   576" in r.stdout
     r = run_cli("verify", str(out))

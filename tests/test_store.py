@@ -29,7 +29,7 @@ def test_manifest_contract(tiny_store):
     assert m["dtype"] == "bfloat16" and m["rows_per_record"] == 128 and m["ctx_len"] == 64
     assert m["model"]["digest"].startswith("sha256:") and m["model"]["architecture"] == "LlamaForCausalLM"
     assert m["source"]["source"] == "embedded"
-    assert m["compilations"] == 1
+    assert m["forward"] == {"batch": 8, "ctx_len": 64}
     # 4000 tokens / 63 per context -> 64 contexts in shards of 16
     assert m["contexts"] == 64 and len(m["shards"]) == 4
     assert [s["contexts"] for s in m["shards"]] == [[0, 16], [16, 32], [32, 48], [48, 64]]

@@ -6,9 +6,9 @@
     state = it.get_state()        # checkpoint this beside the train state ...
     it.set_state(state)           # ... and the next batch is the same again
 
-Pipeline: `MapDataset.range(n_records)` -> global seeded shuffle (reshuffled every epoch) ->
-this data-parallel group's slice -> read record i of each requested hook's files (and of
-nothing else) -> `batch_size / rows_per_record` records per batch. Every hook in a batch holds
+Pipeline: step index -> record id (a seeded global permutation per epoch, dealt across
+data-parallel groups) -> read that record of each requested hook's files (and of nothing
+else) -> `batch_size / rows_per_record` records per batch. Every hook in a batch holds
 the same tokens because record i of every hook file holds the same rows.
 """
 
@@ -34,6 +34,31 @@ class _ReadRecord:
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         return {p: self._store.decode(p, self.sources[p][index]) for p in self.parts}
+
+
+class _RecordOrder:
+    """Global step index -> record id: a seeded permutation per epoch, dealt to data-parallel groups.
+
+    Epoch e uses `default_rng([seed, e]).permutation(n)`; group g of G takes every G-th record
+    of it (the same count for every group, so groups stay in lock step). Pure in (i, seed, g, G):
+    an iterator restored at step i continues exactly. (Grain's own `shuffle` computes each index
+    with a Feistel network at ~1 ms per record here, half of the loader's time.)
+    """
+
+    def __init__(self, lo: int, n: int, seed: int, group: int, groups: int):
+        self.lo, self.n, self.seed, self.group, self.groups = lo, n, seed, group, groups
+        self.per_group = n // groups
+        self._epoch, self._perm = -1, None
+
+    def __call__(self, i: int, _=None) -> int:
+        epoch, j = divmod(i, self.per_group)
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            self._epoch = epoch
+        return self.lo + int(self._perm[self.group + j * self.groups])
+
+    def __getstate__(self):  # the cached permutation is not worth pickling to workers
+        return {**self.__dict__, "_epoch": -1, "_perm": None}
 
 
 def _concat(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,9 +104,8 @@ def activation_dataset(
             f"leave fewer than one batch of {batch_size} rows per group"
         )
     parts = list(hooks) + (["tokens"] if with_tokens else [])
-    ds = grain.MapDataset.range(lo, hi).shuffle(seed=seed)
-    ds = ds[shard_index::shard_count]
-    ds = ds.repeat(num_epochs)
+    order = _RecordOrder(lo, n, seed, shard_index, shard_count)
+    ds = grain.MapDataset.range(order.per_group).repeat(num_epochs).map_with_index(order)
     ds = ds.map(_ReadRecord(store, parts))
     return ds.batch(per_batch, drop_remainder=True).map(_concat)
 

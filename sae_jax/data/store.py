@@ -195,7 +195,7 @@ class Store:
         return problems
 
     def _check_stats(self) -> list[str]:
-        totals = aggregate_stats(self.root, self.shards, list(self.hooks))
+        totals = aggregate_stats(self.root, self.shards, list(self.hooks)).result()
         out = []
         for hook, meta in self.hooks.items():
             if totals[hook]["count"] != self.n_rows:
@@ -210,26 +210,39 @@ class Store:
         return out
 
 
-def aggregate_stats(root: Path, shards: list[dict], hooks: list[str]) -> dict:
-    """Sum the per-shard stats files into per-hook mean vector and mean squared norm."""
-    acc = {h: {"sum": None, "sum_sq_norm": 0.0, "count": 0} for h in hooks}
+class StatsAccumulator:
+    """Running per-hook sum, sum of squared norms and row count (float64)."""
+
+    def __init__(self, hooks: list[str]):
+        self.acc = {h: {"sum": None, "sum_sq_norm": 0.0, "count": 0} for h in hooks}
+
+    def add(self, stats) -> None:
+        """`stats` maps `hook/sum`, `hook/sum_sq_norm`, `hook/count` (a shard's stats file)."""
+        for h, a in self.acc.items():
+            v = np.asarray(stats[f"{h}/sum"], dtype=np.float64)
+            a["sum"] = v if a["sum"] is None else a["sum"] + v
+            a["sum_sq_norm"] += float(stats[f"{h}/sum_sq_norm"])
+            a["count"] += int(stats[f"{h}/count"])
+
+    def result(self) -> dict:
+        out = {}
+        for h, a in self.acc.items():
+            n = max(a["count"], 1)
+            out[h] = {"mean": (a["sum"] / n) if a["sum"] is not None else None, "mean_sq_norm": a["sum_sq_norm"] / n, "count": a["count"]}
+        return out
+
+
+def aggregate_stats(root: Path, shards: list[dict], hooks: list[str]) -> StatsAccumulator:
+    """Sum the per-shard stats files."""
+    acc = StatsAccumulator(hooks)
     for s in shards:
         path = root / s["files"]["stats"]["name"]
         try:
             with np.load(path) as z:
-                for h in hooks:
-                    a = acc[h]
-                    v = z[f"{h}/sum"].astype(np.float64)
-                    a["sum"] = v if a["sum"] is None else a["sum"] + v
-                    a["sum_sq_norm"] += float(z[f"{h}/sum_sq_norm"])
-                    a["count"] += int(z[f"{h}/count"])
+                acc.add(z)
         except (OSError, KeyError, ValueError) as e:
             raise StoreError(f"{path}: unreadable shard statistics ({e})") from None
-    out = {}
-    for h, a in acc.items():
-        n = max(a["count"], 1)
-        out[h] = {"mean": (a["sum"] / n) if a["sum"] is not None else None, "mean_sq_norm": a["sum_sq_norm"] / n, "count": a["count"]}
-    return out
+    return acc
 
 
 def read_manifest(root: Path) -> dict:
