@@ -36,6 +36,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.rows_per_record = 1024
     c.harvest.dtype = "bfloat16"
     c.harvest.exclude_special = True  # drop BOS / EOS / other control-token positions
+    # drop rows whose squared norm at any hook exceeds this many times the shard's median
+    # (attention sinks; see harvest._outliers); 0 keeps every row
+    c.harvest.outlier_ratio = 100.0
     c.harvest.seed = 0  # row shuffle within shards
     c.harvest.progress = True
 
@@ -56,6 +59,16 @@ def harvest_fingerprint_fields(c: ml_collections.ConfigDict) -> dict:
         "data": {k: c.data[k] for k in ("source", "split", "text_key", "tfds_name", "ctx_len", "prepend_bos", "shuffle_window", "seed")},
         "harvest": {
             k: c.harvest[k]
-            for k in ("hooks", "tokens", "batch_size", "seqs_per_shard", "rows_per_record", "dtype", "exclude_special", "seed")
+            for k in (
+                "hooks",
+                "tokens",
+                "batch_size",
+                "seqs_per_shard",
+                "rows_per_record",
+                "dtype",
+                "exclude_special",
+                "outlier_ratio",
+                "seed",
+            )
         },
     }

@@ -55,7 +55,7 @@ def tiny_store(tmp_path_factory, lm):
     from sae_jax.harvest import harvest
 
     out = tmp_path_factory.mktemp("stores") / "tiny"
-    return harvest(tiny_config(out), log=lambda *a: None)
+    return harvest(tiny_config(out), log=lambda *a: None, lm=lm)
 
 
 def run_cli(*args, **kw):

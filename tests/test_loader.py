@@ -94,3 +94,15 @@ def test_bad_requests(tiny_store):
         activation_dataset(tiny_store, [H0], 200)
     with pytest.raises(StoreError, match="leave fewer than one batch"):
         activation_dataset(tiny_store, [H0], 128, shard_count=tiny_store.n_records + 1, shard_index=0)
+
+
+def test_record_range_for_held_out_splits(tiny_store):
+    from test_store import _all_rows
+
+    r = tiny_store.rows_per_record
+    toks = _all_rows(tiny_store, "tokens")
+    held = {tuple(t[1:]) for t in toks[-4 * r :]}
+    n = tiny_store.n_records
+    ds = activation_dataset(tiny_store, [H0], 2 * r, seed=0, records=(n - 4, n), num_epochs=1, with_tokens=True)
+    seen = {k for b in iterator(ds) for k in _key(b)}
+    assert seen == held

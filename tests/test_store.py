@@ -93,13 +93,13 @@ def test_statistics_match_the_rows(tiny_store):
 
 
 def test_float32_store(tmp_path, lm):
-    s = harvest(tiny_config(tmp_path / "f32", **{"harvest.dtype": "float32", "harvest.tokens": 1000}), **quiet)
+    s = harvest(tiny_config(tmp_path / "f32", **{"harvest.dtype": "float32", "harvest.tokens": 1000}), lm=lm, **quiet)
     assert s.dtype == np.float32 and _all_rows(s, HOOKS[0]).dtype == np.float32
 
 
 def test_rerun_of_complete_store_is_a_noop(tiny_store, lm):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_store.root.iterdir()}
-    harvest(tiny_config(tiny_store.root), **quiet)
+    harvest(tiny_config(tiny_store.root), lm=lm, **quiet)
     assert {p.name: p.stat().st_mtime_ns for p in tiny_store.root.iterdir()} == before
 
 
@@ -148,11 +148,11 @@ def test_manifest_disagreeing_with_shards(tiny_store, tmp_path):
         st.open_store(d)
 
 
-def test_refuses_a_different_store(tiny_store, tmp_path):
+def test_refuses_a_different_store(tiny_store, tmp_path, lm):
     d = _copy(tiny_store, tmp_path)
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     with pytest.raises(st.StoreError, match=r"already holds a different store \(settings differ: data.ctx_len, harvest.tokens\)"):
-        harvest(tiny_config(d, **{"data.ctx_len": 32, "harvest.tokens": 100}), **quiet)
+        harvest(tiny_config(d, **{"data.ctx_len": 32, "harvest.tokens": 100}), lm=lm, **quiet)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
 
 
@@ -161,17 +161,17 @@ def test_refuses_a_directory_with_other_files(tmp_path, lm):
     d.mkdir()
     (d / "notes.txt").write_text("keep me")
     with pytest.raises(st.StoreError, match="holds files but no manifest.json"):
-        harvest(tiny_config(d), **quiet)
+        harvest(tiny_config(d), lm=lm, **quiet)
     assert [p.name for p in d.iterdir()] == ["notes.txt"]
 
 
 def test_bad_settings(tmp_path, lm):
     with pytest.raises(HookError, match="unknown hook name 'blocks.1.hook_resid'"):
-        harvest(tiny_config(tmp_path / "a", **{"harvest.hooks": "blocks.1.hook_resid"}), **quiet)
+        harvest(tiny_config(tmp_path / "a", **{"harvest.hooks": "blocks.1.hook_resid"}), lm=lm, **quiet)
     with pytest.raises(HookError, match="layer 31 is out of range"):
-        harvest(tiny_config(tmp_path / "b", **{"harvest.hooks": "blocks.31.hook_mlp_out"}), **quiet)
+        harvest(tiny_config(tmp_path / "b", **{"harvest.hooks": "blocks.31.hook_mlp_out"}), lm=lm, **quiet)
     with pytest.raises(HarvestError, match="harvest.dtype='int8'"):
-        harvest(tiny_config(tmp_path / "c", **{"harvest.dtype": "int8"}), **quiet)
+        harvest(tiny_config(tmp_path / "c", **{"harvest.dtype": "int8"}), lm=lm, **quiet)
     for name in "abc":
         assert not (tmp_path / name).exists()
 
@@ -179,5 +179,30 @@ def test_bad_settings(tmp_path, lm):
 def test_empty_corpus(tmp_path, lm):
     (tmp_path / "empty.txt").write_text("   \n")
     with pytest.raises(EmptyCorpusError, match="not even one context"):
-        harvest(tiny_config(tmp_path / "out", **{"data.source": "text", "data.path": str(tmp_path / "empty.txt")}), **quiet)
+        harvest(tiny_config(tmp_path / "out", **{"data.source": "text", "data.path": str(tmp_path / "empty.txt")}), lm=lm, **quiet)
     assert not (tmp_path / "out").exists()
+
+
+def test_outlier_rows_are_left_out_for_all_hooks():
+    from sae_jax.harvest import _outliers
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 8, 16)).astype(np.float32)
+    b = rng.normal(size=(4, 8, 32)).astype(np.float32)
+    a[1, 3] *= 50  # squared norm 2500x: an attention-sink-like row in hook a only
+    b[2, 5] *= 5  # 25x: a heavy but ordinary row
+    ci, pi = np.nonzero(np.ones((4, 8), bool))
+    bad = _outliers({"a": a, "b": b}, ci, pi, 100.0)
+    assert [(int(c), int(p)) for c, p in zip(ci[bad], pi[bad])] == [(1, 3)]
+    assert not _outliers({"a": a, "b": b}, ci, pi, 0).any()
+
+
+def test_store_has_no_sink_rows(tiny_store):
+    m = tiny_store.manifest
+    assert m["outlier_ratio"] == 100.0
+    for shard in m["shards"]:
+        assert shard["rows_outliers"] >= 0
+    for h in HOOKS:
+        x = _all_rows(tiny_store, h).astype(np.float32)
+        sq = (x**2).sum(1)
+        assert sq.max() <= 100 * np.median(sq) * 1.5  # the per-shard medians differ a little from the global one

@@ -306,12 +306,15 @@ def read_model(spec: str) -> tuple[dict, dict, object, dict, Path]:
 
 
 def load_model(spec: str = "embedded", dtype: str = "float32") -> LoadedModel:
+    """Load 'embedded', a .gguf file or a HF directory, computing in `dtype`."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ModelLoadError(f"model dtype {dtype!r} is not supported (float32, bfloat16, float16)")
     hf, sd, tok, info, path = read_model(spec)
     cfg = config_from_hf(hf, str(path))
     model = build_model(cfg, sd, str(path), dtype=jnp.dtype(dtype))
     digest = file_digest(path) if path.is_file() else hf_dir_digest(path)
     identity = {
-        "name": hf.get("_name_or_path") or path.stem if path.is_file() else path.name,
+        "name": path.stem if path.is_file() else (hf.get("_name_or_path") or path.name),
         "path": str(path),
         "digest": digest,
         "architecture": hf["architectures"][0],
