@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.hooks = "blocks.12.hook_resid_post,blocks.12.hook_mlp_out"
     c.harvest.tokens = 1_000_000  # rows (tokens) to harvest, before special tokens are dropped
     c.harvest.batch_size = 16  # contexts per forward pass (fixed shape: one compilation)
-    c.harvest.seqs_per_shard = 256  # contexts per shard; rows are shuffled across them
+    c.harvest.seqs_per_shard = 1024  # contexts per shard; rows are shuffled across them (~130k rows at ctx 128)
     c.harvest.rows_per_record = 1024
     c.harvest.dtype = "bfloat16"
     c.harvest.exclude_special = True  # drop BOS / EOS / other control-token positions
@@ -41,14 +41,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.outlier_ratio = 100.0
     c.harvest.seed = 0  # row shuffle within shards
     c.harvest.progress = True
-
-    # Loader (used by training; also by `sae-jax info --loader-check`).
-    c.loader = ml_collections.ConfigDict()
-    c.loader.batch_size = 4096
-    c.loader.seed = 0
-    c.loader.num_threads = 4
-    c.loader.prefetch = 8
-    c.loader.verify_checksums = True
     return c
 
 
