@@ -84,17 +84,7 @@ def rewrite(store: st.Store, hook: str, rows_per_record: int, dst: Path) -> st.S
     """The same rows of `hook` (and tokens) in a store with another record size."""
     shutil.rmtree(dst, ignore_errors=True)
     dst.mkdir(parents=True)
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    def all_rows(part):
-        out = []
-        for f in store.files(part):
-            r = ArrayRecordReader(str(f))
-            out += [store.decode(part, b) for b in r.read_all()]
-            r.close()
-        return np.concatenate(out)
-
-    x, t = all_rows(hook), all_rows("tokens")
+    x, t = store.read_all(hook), store.read_all("tokens")
     n = len(x) - len(x) % rows_per_record
     per_shard = max(rows_per_record, (65536 // rows_per_record) * rows_per_record)
     m = json.loads(json.dumps(store.manifest))
@@ -134,13 +124,11 @@ def _flat_rate(mm: np.ndarray, n_batches: int) -> float:
 
 
 def bench_loader(store: st.Store, out: Path) -> list[dict]:
-    from array_record.python.array_record_module import ArrayRecordReader
-
     hook = next(iter(store.hooks))
     rows = []
     for r in (256, 1024, 4096):
         s = rewrite(store, hook, r, out / f"r{r}")
-        x = np.concatenate([s.decode(hook, b) for f in s.files(hook) for b in ArrayRecordReader(str(f)).read_all()])
+        x = s.read_all(hook)
         flat = out / f"flat_r{r}.npy"
         np.save(flat, x.view(np.uint16))
         rows.append({"rows_per_record": r, "store": s, "flat": flat, "n_batches": min(40, len(x) // B - 1)})

@@ -21,9 +21,7 @@ def test_batches_and_alignment(tiny_store):
     b = batches[0]
     assert b[H0].shape == (256, 576) and b[H1].shape == (256, 576) and b[H0].dtype.name == "bfloat16"
     # the same tokens for both hooks: compare with a direct read of the records
-    from test_store import _all_rows
-
-    toks, a0, a1 = (_all_rows(tiny_store, p) for p in ("tokens", H0, H1))
+    toks, a0, a1 = (tiny_store.read_all(p) for p in ("tokens", H0, H1))
     index = {tuple(t[1:]): i for i, t in enumerate(toks)}
     rows = [index[k] for k in _key(b)]
     np.testing.assert_array_equal(b[H0].view(np.uint16), a0[rows].view(np.uint16))
@@ -97,10 +95,8 @@ def test_bad_requests(tiny_store):
 
 
 def test_record_range_for_held_out_splits(tiny_store):
-    from test_store import _all_rows
-
     r = tiny_store.rows_per_record
-    toks = _all_rows(tiny_store, "tokens")
+    toks = tiny_store.read_all("tokens")
     held = {tuple(t[1:]) for t in toks[-4 * r :]}
     n = tiny_store.n_records
     ds = activation_dataset(tiny_store, [H0], 2 * r, seed=0, records=(n - 4, n), num_epochs=1, with_tokens=True)

@@ -41,20 +41,9 @@ def test_manifest_contract(tiny_store):
     assert tiny_store.verify() == []
 
 
-def _all_rows(store, part):
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    out = []
-    for f in store.files(part):
-        r = ArrayRecordReader(str(f))
-        out += [store.decode(part, b) for b in r.read_all()]
-        r.close()
-    return np.concatenate(out)
-
-
 def test_rows_are_the_model_activations(tiny_store, lm):
     """Each stored row is the model's activation at its (context, position), in bf16; BOS excluded."""
-    toks = _all_rows(tiny_store, "tokens")
+    toks = tiny_store.read_all("tokens")
     assert len(toks) == tiny_store.n_rows
     assert not np.isin(toks[:, 0], sorted(lm.special_ids)).any()
     assert (toks[:, 2] > 0).all()  # position 0 holds BOS
@@ -69,7 +58,7 @@ def test_rows_are_the_model_activations(tiny_store, lm):
     _, acts = jax.jit(lambda s, t: nnx.merge(gd, s)(t, hooks, logits=False))(state, jnp.asarray(ctxs[:16]))
     sel = toks[:, 1] < 16
     for h in HOOKS:
-        stored = _all_rows(tiny_store, h)[sel].astype(np.float32)
+        stored = tiny_store.read_all(h)[sel].astype(np.float32)
         want = np.asarray(acts[h])[toks[sel, 1], toks[sel, 2]].astype(ml_dtypes.bfloat16).astype(np.float32)
         # the harvest ran in batches of 8, this in one batch of 16: XLA's f32 sums may differ in
         # the last bit before the cast, which bf16 rounding turns into at most one bf16 ulp.
@@ -78,7 +67,7 @@ def test_rows_are_the_model_activations(tiny_store, lm):
 
 
 def test_rows_are_shuffled_across_contexts(tiny_store):
-    toks = _all_rows(tiny_store, "tokens")
+    toks = tiny_store.read_all("tokens")
     first = toks[: tiny_store.rows_per_record]  # the first record
     assert len(np.unique(first[:, 1])) >= 12  # of the 16 contexts in its shard
     assert not (np.diff(first[:, 2]) == 1).all()
@@ -86,7 +75,7 @@ def test_rows_are_shuffled_across_contexts(tiny_store):
 
 def test_statistics_match_the_rows(tiny_store):
     for h in HOOKS:
-        x = _all_rows(tiny_store, h).astype(np.float64)
+        x = tiny_store.read_all(h).astype(np.float64)
         meta = tiny_store.hooks[h]
         np.testing.assert_allclose(meta["mean"], x.mean(0), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(meta["mean_sq_norm"], (x**2).sum(1).mean(), rtol=1e-9)
@@ -94,7 +83,7 @@ def test_statistics_match_the_rows(tiny_store):
 
 def test_float32_store(tmp_path, lm):
     s = harvest(tiny_config(tmp_path / "f32", **{"harvest.dtype": "float32", "harvest.tokens": 1000}), lm=lm, **quiet)
-    assert s.dtype == np.float32 and _all_rows(s, HOOKS[0]).dtype == np.float32
+    assert s.dtype == np.float32 and s.read_all(HOOKS[0]).dtype == np.float32
 
 
 def test_rerun_of_complete_store_is_a_noop(tiny_store, lm):
@@ -203,6 +192,6 @@ def test_store_has_no_sink_rows(tiny_store):
     for shard in m["shards"]:
         assert shard["rows_outliers"] >= 0
     for h in HOOKS:
-        x = _all_rows(tiny_store, h).astype(np.float32)
+        x = tiny_store.read_all(h).astype(np.float32)
         sq = (x**2).sum(1)
         assert sq.max() <= 100 * np.median(sq) * 1.5  # the per-shard medians differ a little from the global one

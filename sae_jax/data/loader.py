@@ -26,14 +26,11 @@ class _ReadRecord:
     """Record index -> {part: array [R, width]} for the requested parts only."""
 
     def __init__(self, store: Store, parts: list[str]):
-        self.root = str(store.root)
-        self.manifest = store.manifest
-        self.parts = parts
+        self.store = store
         self.sources = {p: grain.sources.ArrayRecordDataSource([str(f) for f in store.files(p)]) for p in parts}
-        self._store = store
 
     def __call__(self, index: int) -> dict[str, np.ndarray]:
-        return {p: self._store.decode(p, self.sources[p][index]) for p in self.parts}
+        return {p: self.store.decode(p, src[index]) for p, src in self.sources.items()}
 
 
 class _RecordOrder:
@@ -96,6 +93,8 @@ def activation_dataset(
     if not 0 <= shard_index < shard_count:
         raise StoreError(f"data shard {shard_index} of {shard_count} does not exist")
     lo, hi = records if records is not None else (0, store.n_records)
+    if not 0 <= lo < hi <= store.n_records:
+        raise StoreError(f"record range {lo}..{hi} is outside the store's {store.n_records} records ({store.root})")
     n = hi - lo
     per_batch = batch_size // r
     if n // shard_count < per_batch:

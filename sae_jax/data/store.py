@@ -45,11 +45,8 @@ class StoreError(RuntimeError):
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def shard_file(index: int, part: str) -> str:
@@ -169,13 +166,20 @@ class Store:
             return np.frombuffer(record, dtype=np.int32).reshape(-1, len(TOKEN_FIELDS))
         return np.frombuffer(record, dtype=self.dtype).reshape(-1, self.hooks[part]["width"])
 
-    def verify(self, parts=None, workers: int = 4) -> list[str]:
-        """Checksum every listed file (of `parts`, default all). Returns the problems found."""
-        jobs = []
-        for s in self.shards:
-            for part, f in s["files"].items():
-                if parts is None or part in parts or part == "stats":
-                    jobs.append((self.root / f["name"], f))
+    def read_all(self, part: str) -> np.ndarray:
+        """Every row of `part` (a hook or 'tokens') in store order: for tests, tools and small stores."""
+        from array_record.python.array_record_module import ArrayRecordReader
+
+        out = []
+        for f in self.files(part):
+            r = ArrayRecordReader(str(f))
+            out += [self.decode(part, b) for b in r.read_all()]
+            r.close()
+        return np.concatenate(out) if out else np.zeros((0, self.width(part) if part != "tokens" else len(TOKEN_FIELDS)))
+
+    def verify(self, workers: int = 4) -> list[str]:
+        """Checksum every listed file and check the manifest statistics. Returns the problems found."""
+        jobs = [(self.root / f["name"], f) for s in self.shards for f in s["files"].values()]
 
         def check(job):
             path, f = job
@@ -190,7 +194,7 @@ class Store:
 
         with ThreadPoolExecutor(workers) as ex:
             problems = [p for p in ex.map(check, jobs) if p]
-        if not problems and parts is None:
+        if not problems:
             problems += self._check_stats()
         return problems
 

@@ -55,11 +55,8 @@ def embedded_model_path() -> Path:
 
 
 def file_digest(path: Path, algo: str = "sha256") -> str:
-    h = hashlib.new(algo)
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return f"{algo}:{h.hexdigest()}"
+        return f"{algo}:{hashlib.file_digest(f, algo).hexdigest()}"
 
 
 def hf_dir_digest(path: Path) -> str:
