@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import json
 import math
 import sys
 import time
@@ -86,9 +87,7 @@ def _diff_keys(a, b, prefix=""):
 
 
 def json_dumps(m: dict) -> str:
-    import json
-
-    return json.dumps(m, indent=1, sort_keys=False) + "\n"
+    return json.dumps(m, indent=1) + "\n"
 
 
 def make_forward(model, hooks, dtype):
@@ -117,6 +116,7 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
     body = d.ctx_len - (bos is not None)
     n_target = math.ceil(h.tokens / body)
     fingerprint = {**harvest_fingerprint_fields(c), "model": lm.identity["digest"], "source": src, "hooks": [x.name for x in hooks]}
+    fingerprint = json.loads(json.dumps(fingerprint))  # compared with the manifest's JSON copy
     header = {
         "format": st.FORMAT,
         "format_version": st.FORMAT_VERSION,
