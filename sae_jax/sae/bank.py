@@ -1,0 +1,154 @@
+"""A bank of TopK sparse autoencoders: parameters with a leading bank axis, forward, init.
+
+Parameters per member, SAELens orientation: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`,
+`W_dec [d_sae, d_in]` (unit-norm rows), `b_dec [d_in]`. Stacked over the bank: leading axis M.
+Members may differ in hook, width and k: every member is padded to the bank's widest width
+(rounded up to a multiple of the `model` mesh axis) and its padded latents are masked out of
+the top-k; each member selects its own k out of the bank's largest k. Padding costs
+`M * max_width / sum(widths)` of the encoder work (1.0 for equal widths; 2 hooks x widths
+{4608, 9216}: 1.33).
+
+The forward is written for one device's shard of a mesh with axes `data` (tokens) and
+`model` (latents): `forward_shard` runs inside `jax.shard_map`. Top-k over the latent axis split
+across `model` is exact: each shard takes its local top-k, the candidates are all-gathered over
+`model`, and the global top-k of the candidates is taken; each shard decodes the winners it owns
+and the partial reconstructions are summed over `model`. The decoder works from (values,
+indices): no dense [batch, d_sae] matrix is decoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@dataclass(frozen=True)
+class BankSpec:
+    hooks: tuple[str, ...]  # per member
+    widths: tuple[int, ...]
+    ks: tuple[int, ...]
+    d_in: int
+    width: int  # padded width (all members)
+    k_aux: int
+
+    @property
+    def size(self) -> int:
+        return len(self.hooks)
+
+    @property
+    def k_max(self) -> int:
+        return max(self.ks)
+
+    @property
+    def padding_cost(self) -> float:
+        return self.size * self.width / sum(self.widths)
+
+    def latent_mask(self) -> np.ndarray:
+        return np.arange(self.width)[None, :] < np.asarray(self.widths)[:, None]  # [M, S]
+
+    def k_mask(self) -> np.ndarray:
+        return np.arange(self.k_max)[None, :] < np.asarray(self.ks)[:, None]  # [M, K]
+
+    def name(self, m: int) -> str:
+        return f"{self.hooks[m]}.topk.w{self.widths[m]}.k{self.ks[m]}"
+
+
+class Output(NamedTuple):
+    x_hat: jax.Array  # [M, B, d_in]
+    values: jax.Array  # [M, B, K] (zero beyond each member's k)
+    indices: jax.Array  # [M, B, K] global latent ids
+    fvu: jax.Array  # [M]
+    auxk_loss: jax.Array  # [M]
+
+
+def init_params(spec: BankSpec, key, b_dec: jax.Array | None = None) -> dict:
+    """Decoder rows random unit vectors, encoder = decoder transpose, b_enc = 0."""
+    w = jax.random.normal(key, (spec.size, spec.width, spec.d_in), jnp.float32)
+    w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
+    return {
+        "W_enc": jnp.swapaxes(w, 1, 2),
+        "b_enc": jnp.zeros((spec.size, spec.width), jnp.float32),
+        "W_dec": w,
+        "b_dec": jnp.zeros((spec.size, spec.d_in), jnp.float32) if b_dec is None else b_dec.astype(jnp.float32),
+    }
+
+
+def _select(pre, k: int, n_model: int):
+    """Exact global top-k of `pre [M, B, S_local]` over the latent axis split across `model`."""
+    s_local = pre.shape[-1]
+    kl = min(k, s_local)
+    v, i = lax.top_k(pre, kl)
+    i = i + lax.axis_index("model") * s_local
+    if n_model > 1:
+        v = lax.all_gather(v, "model", axis=2, tiled=True)  # [M, B, n_model * kl]
+        i = lax.all_gather(i, "model", axis=2, tiled=True)
+        v, pos = lax.top_k(v, k)
+        i = jnp.take_along_axis(i, pos, axis=-1)
+    return v, i
+
+
+def _decode(values, indices, w_dec):
+    """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller."""
+    s_local = w_dec.shape[1]
+    off = lax.axis_index("model") * s_local
+    own = (indices >= off) & (indices < off + s_local)
+    local = jnp.where(own, indices - off, 0)
+    vals = jnp.where(own, values, 0.0)
+    rows = jax.vmap(lambda w, i: w[i])(w_dec, local)  # [M, B, K, d_in]
+    return jnp.einsum("mbk,mbkd->mbd", vals, rows), own, local
+
+
+def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int):
+    """One device's part of the bank forward (inside shard_map).
+
+    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
+    Returns x_hat, values, indices (global), auxk reconstruction of the residual, and this
+    shard's per-latent firing counts [M, S_local] (summed over `data`).
+    """
+    w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    pre = jnp.einsum("mbd,mds->mbs", x - b_dec[:, None, :], w_enc) + b_enc[:, None, :]
+    neg = jnp.asarray(-jnp.inf, pre.dtype)
+    v, idx = _select(jnp.where(latent_mask[:, None, :], pre, neg), k_mask.shape[-1], n_model)
+    vals = jax.nn.relu(v) * k_mask[:, None, :]
+    part, own, local = _decode(vals, idx, w_dec)
+    x_hat = lax.psum(part, "model") + b_dec[:, None, :]
+
+    fired = jax.vmap(
+        lambda o, loc, val: jnp.zeros(w_dec.shape[1], jnp.int32).at[loc.reshape(-1)].add(((val > 0) & o).reshape(-1).astype(jnp.int32))
+    )(own, local, vals)
+    fired = lax.psum(fired, "data")
+
+    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
+    dv, di = _select(jnp.where((dead & latent_mask)[:, None, :], pre, neg), k_aux, n_model)
+    aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
+    e_hat = lax.psum(aux_part, "model")
+    return x_hat, vals, idx, e_hat, fired
+
+
+def losses(x, x_hat, e_hat, dead_count, k_aux: int):
+    """FVU and AuxK loss per member (sparsify's definitions), over the global batch."""
+    centered = x - x.mean(axis=1, keepdims=True)
+    total_var = jnp.sum(centered**2, axis=(1, 2))
+    err = x - x_hat
+    fvu = jnp.sum(err**2, axis=(1, 2)) / total_var
+    e = lax.stop_gradient(err)
+    scale = jnp.minimum(dead_count / k_aux, 1.0)
+    auxk = scale * jnp.sum((e_hat - e) ** 2, axis=(1, 2)) / total_var
+    auxk = jnp.where(dead_count > 0, auxk, 0.0)
+    return fvu, auxk
+
+
+def geometric_median(x: jax.Array, iters: int = 64, eps: float = 1e-6) -> jax.Array:
+    """Weiszfeld's algorithm for `x [N, d]` (float32)."""
+    x = x.astype(jnp.float32)
+
+    def body(_, y):
+        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), eps)
+        return (w[:, None] * x).sum(0) / w.sum()
+
+    return lax.fori_loop(0, iters, body, x.mean(0))
