@@ -1,0 +1,87 @@
+"""TopK bank: forward contract, agreement across meshes, recovery of known features."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sae_jax import parallel
+from sae_jax.data.synthetic import SparseFeatures
+from sae_jax.sae.bank import BankSpec
+from sae_jax.train.step import _sharded_forward, init_state, make_optimizer, make_train_step
+
+SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
+
+
+def _run(shape, x, steps=5):
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    tx, sched = make_optimizer(SPEC, np.array([1e-3, 2e-3]), 100, 5, 0.2)
+    st = init_state(SPEC, mesh, tx, jax.random.key(0), jnp.asarray(x[:, :32]))
+    step = make_train_step(SPEC, mesh, tx, sched, np.ones(2), 10**7, 1 / 32)
+    for _ in range(steps):
+        st, m = step(st, jnp.asarray(x))
+    return jax.device_get(st["params"]), jax.device_get(m)
+
+
+def test_forward_matches_dense_reference():
+    """Sharded sparse forward == a dense numpy TopK SAE on the same params (2x4 mesh)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 16, 32)).astype(np.float32)
+    mesh = parallel.make_mesh(2, 4, devices=jax.devices()[:8])
+    tx, _ = make_optimizer(SPEC, np.array([1e-3, 1e-3]), 10, 1, 0.2)
+    st = init_state(SPEC, mesh, tx, jax.random.key(1), None)
+    p = jax.device_get(st["params"])
+    p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
+    fwd = _sharded_forward(SPEC, mesh)
+    lat = jnp.asarray(SPEC.latent_mask())
+    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))
+    for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
+        pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
+        top = np.argsort(-pre, axis=1)[:, :k]
+        acts = np.zeros_like(pre)
+        np.put_along_axis(acts, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+        want = acts @ p["W_dec"][m][:w] + p["b_dec"][m]
+        np.testing.assert_allclose(np.asarray(x_hat[m]), want, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(np.sort(np.asarray(idx[m, :, :k]), 1), np.sort(top, 1))
+        assert (np.asarray(vals[m, :, k:]) == 0).all()
+        assert int(np.asarray(fired[m]).sum()) == int((acts > 0).sum())
+
+
+def test_meshes_agree():
+    x = np.random.default_rng(0).normal(size=(2, 64, 32)).astype(np.float32)
+    base, mb = _run((1, 1), x)
+    for shape in [(8, 1), (4, 2), (2, 4), (1, 8)]:
+        p, m = _run(shape, x)
+        for k in base:
+            # same math, different summation order across devices: float32 rounding only
+            np.testing.assert_allclose(p[k], base[k], rtol=0, atol=1e-6, err_msg=f"{shape} {k}")
+        np.testing.assert_allclose(m["fvu"], mb["fvu"], rtol=1e-5)
+        np.testing.assert_array_equal(m["l0"], mb["l0"])
+
+
+def test_bad_mesh():
+    with pytest.raises(parallel.MeshError, match="needs 6 devices, there are 8"):
+        parallel.make_mesh(3, 2)
+
+
+def test_recovers_known_features():
+    """512 unit features in d=64, ~4 active per token with frequencies varying 30x.
+
+    Measured: mean max cosine 0.989 after 1500 steps (about 0.3 at init). Bound 0.9 as the issue asks.
+    """
+    sf = SparseFeatures.make(512, 64, mean_active=4, seed=0)
+    spec = BankSpec(hooks=("syn",), widths=(1024,), ks=(6,), d_in=64, width=1024, k_aux=32)
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    rng = np.random.default_rng(1)
+    steps, B = 1500, 512
+    tx, sched = make_optimizer(spec, np.array([2e-3]), steps, 50, 0.2)
+    sample = sf.sample(4096, rng)
+    scale = 1 / np.sqrt((sample**2).sum(1).mean())
+    st = init_state(spec, mesh, tx, jax.random.key(0), jnp.asarray(sample[None] * scale))
+    step = make_train_step(spec, mesh, tx, sched, np.array([scale]), 100_000, 1 / 32)
+    data = sf.sample(steps * B, rng).reshape(steps, 1, B, 64)
+    for i in range(steps):
+        st, m = step(st, jnp.asarray(data[i]))
+    mmc = sf.mean_max_cosine(np.asarray(st["params"]["W_dec"][0]))
+    print("mean max cosine", mmc, "fvu", float(m["fvu"][0]))
+    assert mmc >= 0.9, mmc
