@@ -1,6 +1,7 @@
 """`sae-jax`: one entry point, one subcommand per job.
 
     sae-jax harvest [--config=configs/default.py] [--config.harvest.out=DIR ...]
+    sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
     sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]
     sae-jax info    STORE
     sae-jax verify  STORE
@@ -60,6 +61,14 @@ def cmd_harvest(argv, default_file="default.py") -> int:
     return 0
 
 
+def cmd_train(argv) -> int:
+    from sae_jax.train.loop import summary, train
+
+    cfg = _load_config(argv, "default.py")
+    print(summary(train(cfg)))
+    return 0
+
+
 def cmd_info(argv) -> int:
     from sae_jax.data.store import open_store
     from sae_jax.harvest import summary
@@ -87,6 +96,7 @@ def cmd_verify(argv) -> int:
 COMMANDS = {
     "harvest": cmd_harvest,
     "demo": lambda argv: cmd_harvest(argv, "demo.py"),
+    "train": cmd_train,
     "info": cmd_info,
     "verify": cmd_verify,
 }

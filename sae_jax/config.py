@@ -41,6 +41,31 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.outlier_ratio = 100.0
     c.harvest.seed = 0  # row shuffle within shards
     c.harvest.progress = True
+
+    # Train: a bank of TopK SAEs, one member per (hook, width, k) in the product of the lists.
+    c.train = ml_collections.ConfigDict()
+    c.train.store = "runs/store"
+    c.train.run_dir = "runs/train"
+    c.train.hooks = ""  # comma-separated; empty: every hook of the store
+    c.train.widths = "4608"  # d_sae per member
+    c.train.ks = "32"
+    c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
+    c.train.steps = 200
+    c.train.lr = 0.0  # 0: 2e-4 / sqrt(width / 2^14) per member
+    c.train.warmup_steps = 20
+    c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
+    c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
+    c.train.aux_coef = 1 / 32
+    c.train.k_aux = 0  # 0: d_in // 2 (at most the smallest width)
+    c.train.mesh_data = 0  # 0: every device not on the model axis
+    c.train.mesh_model = 1
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 3
+    c.train.log_every = 10
+    c.train.seed = 0
+    c.train.max_nan_streak = 5  # stop after this many non-finite batches in a row
+    c.train.verify_store = True  # checksum the store's files before training
+    c.train.progress = True
     return c
 
 

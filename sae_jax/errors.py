@@ -7,5 +7,7 @@ from sae_jax.harvest import HarvestError
 from sae_jax.model.hooks import HookError
 from sae_jax.model.loading import ModelLoadError
 from sae_jax.model.tokenizer import TokenizerError
+from sae_jax.parallel import MeshError
+from sae_jax.train.loop import TrainError
 
-USER_ERRORS = (EmptyCorpusError, StoreError, TextSourceError, HarvestError, HookError, ModelLoadError, TokenizerError)
+USER_ERRORS = (EmptyCorpusError, StoreError, TextSourceError, HarvestError, HookError, ModelLoadError, TokenizerError, MeshError, TrainError)

@@ -17,7 +17,8 @@ def _run(shape, x, steps=5):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
     tx, sched = make_optimizer(SPEC, np.array([1e-3, 2e-3]), 100, 5, 0.2)
     st = init_state(SPEC, mesh, tx, jax.random.key(0), jnp.asarray(x[:, :32]))
-    step = make_train_step(SPEC, mesh, tx, sched, np.ones(2), 10**7, 1 / 32)
+    # latents unfired for 100 tokens count as dead, so AuxK is live from the third step on
+    step = make_train_step(SPEC, mesh, tx, sched, np.ones(2), 100, 1 / 32)
     for _ in range(steps):
         st, m = step(st, jnp.asarray(x))
     return jax.device_get(st["params"]), jax.device_get(m)
@@ -34,7 +35,7 @@ def test_forward_matches_dense_reference():
     p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
     fwd = _sharded_forward(SPEC, mesh)
     lat = jnp.asarray(SPEC.latent_mask())
-    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))
+    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat), jnp.asarray(False))
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]
@@ -57,6 +58,8 @@ def test_meshes_agree():
             np.testing.assert_allclose(p[k], base[k], rtol=0, atol=1e-6, err_msg=f"{shape} {k}")
         np.testing.assert_allclose(m["fvu"], mb["fvu"], rtol=1e-5)
         np.testing.assert_array_equal(m["l0"], mb["l0"])
+        np.testing.assert_allclose(m["auxk_loss"], mb["auxk_loss"], rtol=1e-5)
+    assert (mb["dead_frac"] > 0).all() and (mb["auxk_loss"] > 0).all()
 
 
 def test_bad_mesh():

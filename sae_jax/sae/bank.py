@@ -93,20 +93,33 @@ def _select(pre, k: int, n_model: int):
 
 
 def _decode(values, indices, w_dec):
-    """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller."""
+    """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller.
+
+    A scan over the k slots: each step gathers one [B, d_in] slab of decoder rows, so neither a
+    dense [B, d_sae] activation matrix nor a [B, k, d_in] gather is ever materialised; its
+    gradient is a scatter-add into the k selected rows per token.
+    """
     s_local = w_dec.shape[1]
     off = lax.axis_index("model") * s_local
     own = (indices >= off) & (indices < off + s_local)
     local = jnp.where(own, indices - off, 0)
     vals = jnp.where(own, values, 0.0)
-    rows = jax.vmap(lambda w, i: w[i])(w_dec, local)  # [M, B, K, d_in]
-    return jnp.einsum("mbk,mbkd->mbd", vals, rows), own, local
+
+    def slot(acc, vi):
+        v, i = vi  # [M, B], [M, B]
+        rows = jax.vmap(lambda w, ii: w[ii])(w_dec, i)  # [M, B, d_in]
+        return acc + v[..., None] * rows, None
+
+    zero = jnp.zeros(values.shape[:2] + (w_dec.shape[-1],), w_dec.dtype)
+    out, _ = lax.scan(slot, zero, (jnp.moveaxis(vals, -1, 0), jnp.moveaxis(local, -1, 0)))
+    return out, own, local
 
 
-def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int):
+def forward_shard(params, x, latent_mask, k_mask, dead, any_dead, *, k_aux: int, n_model: int):
     """One device's part of the bank forward (inside shard_map).
 
-    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
+    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local];
+    any_dead: a replicated scalar, whether any member has a dead latent.
     Returns x_hat, values, indices (global), auxk reconstruction of the residual, and this
     shard's per-latent firing counts [M, S_local] (summed over `data`).
     """
@@ -123,10 +136,14 @@ def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: 
     )(own, local, vals)
     fired = lax.psum(fired, "data")
 
-    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
-    dv, di = _select(jnp.where((dead & latent_mask)[:, None, :], pre, neg), k_aux, n_model)
-    aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
-    e_hat = lax.psum(aux_part, "model")
+    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left; not
+    # computed at all while no latent is dead (`any_dead` is the same on every device).
+    def auxk(pre):
+        dv, di = _select(jnp.where((dead & latent_mask)[:, None, :], pre, neg), k_aux, n_model)
+        aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
+        return lax.psum(aux_part, "model")
+
+    e_hat = lax.cond(any_dead, auxk, lambda pre: jnp.zeros_like(x), pre)
     return x_hat, vals, idx, e_hat, fired
 
 

@@ -56,7 +56,7 @@ def _sharded_forward(spec: BankSpec, mesh):
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=({k: S(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, S("x"), S("latents"), parallel.P(), S("latents")),
+        in_specs=({k: S(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, S("x"), S("latents"), parallel.P(), S("latents"), parallel.P()),
         out_specs=(S("x"), S("topk"), S("topk"), S("x"), S("latents")),
         check_vma=False,
     )
@@ -113,7 +113,7 @@ def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, de
         dead_count = dead.sum(axis=1)
 
         def loss_fn(params):
-            x_hat, vals, idx, e_hat, fired = fwd(params, x, lat_mask, k_mask, dead)
+            x_hat, vals, idx, e_hat, fired = fwd(params, x, lat_mask, k_mask, dead, dead_count.sum() > 0)
             fvu, auxk = losses(x, x_hat, e_hat, dead_count, spec.k_aux)
             return jnp.sum(fvu + aux_coef * auxk), (fvu, auxk, vals, fired)
 

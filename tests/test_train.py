@@ -1,0 +1,92 @@
+"""`sae-jax train` end to end: a real process killed with SIGKILL resumes bit-identically."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO, run_cli
+
+STEPS = 40
+
+
+def _args(store, run, **kw):
+    c = {
+        "train.store": str(store.root),
+        "train.run_dir": str(run),
+        "train.widths": "64,128",
+        "train.ks": "4",
+        "train.batch_size": 256,
+        "train.steps": STEPS,
+        "train.checkpoint_every": 4,
+        "train.log_every": 4,
+        "train.warmup_steps": 5,
+        "train.dead_tokens": 2048,
+        "train.progress": False,
+    }
+    c.update(kw)
+    return [f"--config.{k}={v}" for k, v in c.items()]
+
+
+def _final_params(run):
+    mngr = ocp.CheckpointManager((run / "checkpoints").absolute(), item_names=("state", "data"))
+    step = mngr.latest_step()
+    st = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    mngr.close()
+    return step, {k: np.asarray(v) for k, v in st["params"].items()}
+
+
+def _steps_logged(run):
+    try:
+        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+
+
+@pytest.mark.parametrize("devices,mesh", [(1, (1, 1)), (8, (4, 2))])
+def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh):
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    extra = {"train.mesh_data": mesh[0], "train.mesh_model": mesh[1]}
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    r = run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    p = subprocess.Popen([sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, killed, **extra)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    target = random.Random().randrange(8, STEPS - 8)
+    deadline = time.time() + 300
+    while (max(_steps_logged(killed), default=0) < target) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "training finished before it could be killed"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    r = run_cli("train", *_args(tiny_store, killed, **extra), env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from step" in r.stdout + r.stderr
+
+    s_ref, p_ref = _final_params(ref)
+    s_k, p_k = _final_params(killed)
+    assert s_ref == s_k == STEPS
+    for k in p_ref:
+        np.testing.assert_array_equal(p_ref[k], p_k[k], err_msg=k)
+
+
+def test_train_bad_input(tiny_store, tmp_path):
+    r = run_cli("train", *_args(tiny_store, tmp_path / "a", **{"train.ks": "65"}))
+    assert r.returncode == 1 and "k=65 must be between 1 and the width" in r.stderr
+    r = run_cli("train", *_args(tiny_store, tmp_path / "b", **{"train.hooks": "blocks.5.hook_mlp_out"}))
+    assert r.returncode == 1 and "hook 'blocks.5.hook_mlp_out' is not in this store" in r.stderr
+    r = run_cli("train", *_args(tiny_store, tmp_path / "c", **{"train.batch_sise": 3}))
+    assert r.returncode == 2 and "batch_sise" in r.stderr
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run_cli("train", *_args(tiny_store, blocker / "run"))
+    assert r.returncode == 1 and "is not writable" in r.stderr
+    r = run_cli("train", *_args(tiny_store, tmp_path / "d", **{"train.mesh_data": 3, "train.mesh_model": 2}))
+    assert r.returncode == 1 and "needs 6 devices" in r.stderr
