@@ -10,4 +10,14 @@ from sae_jax.model.tokenizer import TokenizerError
 from sae_jax.parallel import MeshError
 from sae_jax.train.loop import TrainError
 
-USER_ERRORS = (EmptyCorpusError, StoreError, TextSourceError, HarvestError, HookError, ModelLoadError, TokenizerError, MeshError, TrainError)
+USER_ERRORS = (
+    EmptyCorpusError,
+    StoreError,
+    TextSourceError,
+    HarvestError,
+    HookError,
+    ModelLoadError,
+    TokenizerError,
+    MeshError,
+    TrainError,
+)

@@ -35,7 +35,7 @@ def test_forward_matches_dense_reference():
     p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
     fwd = _sharded_forward(SPEC, mesh)
     lat = jnp.asarray(SPEC.latent_mask())
-    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat), jnp.asarray(False))
+    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]

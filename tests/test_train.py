@@ -11,7 +11,6 @@ import time
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
 from conftest import REPO, run_cli
 
 STEPS = 40
@@ -58,7 +57,13 @@ def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh):
     r = run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    p = subprocess.Popen([sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, killed, **extra)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, killed, **extra)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     target = random.Random().randrange(8, STEPS - 8)
     deadline = time.time() + 300
     while (max(_steps_logged(killed), default=0) < target) and p.poll() is None and time.time() < deadline:

@@ -115,11 +115,12 @@ def _decode(values, indices, w_dec):
     return out, own, local
 
 
-def forward_shard(params, x, latent_mask, k_mask, dead, any_dead, *, k_aux: int, n_model: int):
+def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int, with_aux: bool):
     """One device's part of the bank forward (inside shard_map).
 
-    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local];
-    any_dead: a replicated scalar, whether any member has a dead latent.
+    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
+    `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with `lax.cond`
+    at its top level, since a `cond` inside the differentiated function ran both branches.
     Returns x_hat, values, indices (global), auxk reconstruction of the residual, and this
     shard's per-latent firing counts [M, S_local] (summed over `data`).
     """
@@ -136,14 +137,12 @@ def forward_shard(params, x, latent_mask, k_mask, dead, any_dead, *, k_aux: int,
     )(own, local, vals)
     fired = lax.psum(fired, "data")
 
-    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left; not
-    # computed at all while no latent is dead (`any_dead` is the same on every device).
-    def auxk(pre):
+    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
+    e_hat = jnp.zeros_like(x)
+    if with_aux:
         dv, di = _select(jnp.where((dead & latent_mask)[:, None, :], pre, neg), k_aux, n_model)
         aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
-        return lax.psum(aux_part, "model")
-
-    e_hat = lax.cond(any_dead, auxk, lambda pre: jnp.zeros_like(x), pre)
+        e_hat = lax.psum(aux_part, "model")
     return x_hat, vals, idx, e_hat, fired
 
 

@@ -101,7 +101,24 @@ def train(c, log=print) -> dict:
     if t.batch_size % mesh.shape["data"]:
         raise TrainError(f"train.batch_size={t.batch_size} does not divide over {mesh.shape['data']} data-parallel devices")
     run = Path(t.run_dir).expanduser()
-    identity = {k: t[k] for k in ("store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens", "aux_coef", "k_aux", "seed")}
+    identity = {
+        k: t[k]
+        for k in (
+            "store",
+            "hooks",
+            "widths",
+            "ks",
+            "batch_size",
+            "steps",
+            "lr",
+            "warmup_steps",
+            "decay_frac",
+            "dead_tokens",
+            "aux_coef",
+            "k_aux",
+            "seed",
+        )
+    }
     _prepare_run_dir(run, json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1))
 
     lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
@@ -122,7 +139,9 @@ def train(c, log=print) -> dict:
     )
     start = mngr.latest_step() or 0
     if start:
-        restored = mngr.restore(start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it)))
+        restored = mngr.restore(
+            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it))
+        )
         state = restored["state"]
         log(f"{run}: resumed from step {start}")
     step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef)
@@ -154,8 +173,14 @@ def train(c, log=print) -> dict:
                 t0, tok0 = time.perf_counter(), done
                 last = rec
                 if streak >= t.max_nan_streak:
-                    raise TrainError(f"{streak} batches in a row gave non-finite loss or gradients (step {done}); stopping. Parameters were not updated by them; the last checkpoint is intact.")
-            mngr.save(done, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)), force=stop["sigterm"] or done == t.steps)
+                    raise TrainError(
+                        f"{streak} batches in a row gave non-finite loss or gradients (step {done}); stopping. Parameters were not updated by them; the last checkpoint is intact."
+                    )
+            mngr.save(
+                done,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)),
+                force=stop["sigterm"] or done == t.steps,
+            )
             if stop["sigterm"]:
                 log(f"SIGTERM: saved step {done}; exiting")
                 break
@@ -177,4 +202,3 @@ def summary(result: dict) -> str:
     for m in range(spec.size):
         lines.append(f"  {spec.name(m):<48} FVU {last['fvu'][m]:.4f}  L0 {last['l0'][m]:5.1f}  dead {100 * last['dead_frac'][m]:5.1f}%")
     return "\n".join(lines)
-

@@ -49,14 +49,14 @@ def make_optimizer(spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, dec
     ), sched
 
 
-def _sharded_forward(spec: BankSpec, mesh):
+def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True):
     n_model = mesh.shape["model"]
     S = parallel.spec
-    fn = partial(forward_shard, k_aux=spec.k_aux, n_model=n_model)
+    fn = partial(forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux)
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=({k: S(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, S("x"), S("latents"), parallel.P(), S("latents"), parallel.P()),
+        in_specs=({k: S(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, S("x"), S("latents"), parallel.P(), S("latents")),
         out_specs=(S("x"), S("topk"), S("topk"), S("x"), S("latents")),
         check_vma=False,
     )
@@ -101,7 +101,7 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
 
 def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, dead_tokens: int, aux_coef: float):
     """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations."""
-    fwd = _sharded_forward(spec, mesh)
+    fwd = {aux: _sharded_forward(spec, mesh, aux) for aux in (False, True)}
     lat_mask = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
     k_mask = jnp.asarray(spec.k_mask(), jnp.float32)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
@@ -112,12 +112,14 @@ def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, de
         dead = (state["tokens_since_fired"] >= dead_tokens) & lat_mask
         dead_count = dead.sum(axis=1)
 
-        def loss_fn(params):
-            x_hat, vals, idx, e_hat, fired = fwd(params, x, lat_mask, k_mask, dead, dead_count.sum() > 0)
+        def loss_fn(params, with_aux):
+            x_hat, vals, idx, e_hat, fired = fwd[with_aux](params, x, lat_mask, k_mask, dead)
             fvu, auxk = losses(x, x_hat, e_hat, dead_count, spec.k_aux)
             return jnp.sum(fvu + aux_coef * auxk), (fvu, auxk, vals, fired)
 
-        (loss, (fvu, auxk, vals, fired)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+        # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs
+        branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, True)]
+        (loss, (fvu, auxk, vals, fired)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
         grads["W_dec"] = _project_out_parallel(grads["W_dec"], state["params"]["W_dec"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
