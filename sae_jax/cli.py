@@ -2,7 +2,8 @@
 
     sae-jax harvest [--config=configs/default.py] [--config.harvest.out=DIR ...]
     sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
-    sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]
+    sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, then train
+    sae-jax plot    RUN
     sae-jax info    STORE
     sae-jax verify  STORE
 
@@ -69,6 +70,30 @@ def cmd_train(argv) -> int:
     return 0
 
 
+def cmd_demo(argv) -> int:
+    """Harvest (configs/demo.py), then train its bank on the store, then print the results."""
+    from sae_jax.harvest import harvest, summary
+    from sae_jax.train.loop import summary as train_summary
+    from sae_jax.train.loop import train
+
+    cfg = _load_config(argv, "demo.py")
+    t0 = time.perf_counter()
+    print(summary(harvest(cfg)))
+    t1 = time.perf_counter()
+    print(f"harvest    {t1 - t0:.1f} s\n")
+    print(train_summary(train(cfg)))
+    print(f"train      {time.perf_counter() - t1:.1f} s")
+    return 0
+
+
+def cmd_plot(argv) -> int:
+    from sae_jax.train.plots import plot_run
+
+    for p in plot_run(_positional_store(argv, "plot")):
+        print(p)
+    return 0
+
+
 def cmd_info(argv) -> int:
     from sae_jax.data.store import open_store
     from sae_jax.harvest import summary
@@ -95,7 +120,8 @@ def cmd_verify(argv) -> int:
 
 COMMANDS = {
     "harvest": cmd_harvest,
-    "demo": lambda argv: cmd_harvest(argv, "demo.py"),
+    "demo": cmd_demo,
+    "plot": cmd_plot,
     "train": cmd_train,
     "info": cmd_info,
     "verify": cmd_verify,

@@ -88,3 +88,15 @@ def test_recovers_known_features():
     mmc = sf.mean_max_cosine(np.asarray(st["params"]["W_dec"][0]))
     print("mean max cosine", mmc, "fvu", float(m["fvu"][0]))
     assert mmc >= 0.9, mmc
+
+
+def test_geometric_median():
+    from sae_jax.sae.bank import geometric_median
+
+    # three corners and a far outlier: the median stays near the cluster, the mean does not
+    x = np.array([[0, 0], [1, 0], [0, 1], [1, 1], [100, 100]], np.float32)
+    gm = np.asarray(geometric_median(jnp.asarray(x)))
+    assert np.linalg.norm(gm - [0.5, 0.5]) < 0.5 and x.mean(0)[0] > 20
+    with_nan = np.concatenate([x, np.full((3, 2), np.nan, np.float32)])
+    np.testing.assert_allclose(np.asarray(geometric_median(jnp.asarray(with_nan))), gm, rtol=1e-5)
+    assert (np.asarray(geometric_median(jnp.full((4, 2), np.nan))) == 0).all()

@@ -56,6 +56,11 @@ def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     r = run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "FVU" in r.stdout and "curves.png" in r.stdout
+    for f in ("curves.png", "latent_density.png", "latent_density.npz", "members.json", "config.json"):
+        assert (ref / f).is_file(), f
+    assert list((ref / "tb").glob("events.out.tfevents.*"))
+    assert [json.loads(x)["step"] for x in (ref / "metrics.jsonl").read_text().splitlines()] == list(range(4, STEPS + 1, 4))
 
     p = subprocess.Popen(
         [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, killed, **extra)],
@@ -95,3 +100,36 @@ def test_train_bad_input(tiny_store, tmp_path):
     assert r.returncode == 1 and "is not writable" in r.stderr
     r = run_cli("train", *_args(tiny_store, tmp_path / "d", **{"train.mesh_data": 3, "train.mesh_model": 2}))
     assert r.returncode == 1 and "needs 6 devices" in r.stderr
+
+
+def _poison(store, hook, tmp_path):
+    """A copy of the store whose `hook` rows are all NaN (checksums updated: a valid store)."""
+    import shutil
+
+    from sae_jax.data import store as st
+
+    d = tmp_path / "nan_store"
+    shutil.copytree(store.root, d)
+    m = json.loads((d / "manifest.json").read_text())
+    for s in m["shards"]:
+        rows = np.full((s["rows"], store.width(hook)), np.nan, dtype=store.dtype)
+        tmp = tmp_path / "tmpshard"
+        tmp.mkdir(exist_ok=True)
+        e = st.write_shard(tmp, s["index"], {hook: rows}, np.zeros((s["rows"], 3), np.int32), {}, store.rows_per_record)
+        shutil.move(tmp / e["files"][hook]["name"], d / e["files"][hook]["name"])
+        s["files"][hook] = e["files"][hook]
+    (d / "manifest.json").write_text(json.dumps(m))
+    return st.open_store(d, verify=True)
+
+
+def test_nan_batches_are_skipped_then_stop(tiny_store, tmp_path):
+    bad = _poison(tiny_store, "blocks.1.hook_resid_post", tmp_path)
+    run = tmp_path / "run"
+    r = run_cli("train", *_args(bad, run, **{"train.hooks": "blocks.1.hook_resid_post", "train.max_nan_streak": 3}))
+    assert r.returncode == 1 and "batches in a row gave non-finite loss or gradients" in r.stderr, r.stderr[-2000:]
+    step, params = _final_params(run)
+    assert step < 4  # the stop comes before step 4 is saved; earlier checkpoints stay
+    for k, v in params.items():
+        assert np.isfinite(v).all(), k
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["nan_skips"] == 4 and rec["finite"] is False

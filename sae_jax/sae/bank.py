@@ -160,11 +160,14 @@ def losses(x, x_hat, e_hat, dead_count, k_aux: int):
 
 
 def geometric_median(x: jax.Array, iters: int = 64, eps: float = 1e-6) -> jax.Array:
-    """Weiszfeld's algorithm for `x [N, d]` (float32)."""
+    """Weiszfeld's algorithm for `x [N, d]` (float32) over its finite rows (zeros if none)."""
     x = x.astype(jnp.float32)
+    ok = jnp.all(jnp.isfinite(x), axis=-1)
+    x = jnp.where(ok[:, None], x, 0.0)
+    n = jnp.maximum(ok.sum(), 1)
 
     def body(_, y):
-        w = 1.0 / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), eps)
-        return (w[:, None] * x).sum(0) / w.sum()
+        w = ok / jnp.maximum(jnp.linalg.norm(x - y, axis=-1), eps)
+        return (w[:, None] * x).sum(0) / jnp.maximum(w.sum(), eps)
 
-    return lax.fori_loop(0, iters, body, x.mean(0))
+    return lax.fori_loop(0, iters, body, x.sum(0) / n)

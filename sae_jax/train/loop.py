@@ -150,6 +150,10 @@ def train(c, log=print) -> dict:
     prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     from tqdm import tqdm
 
+    (run / "members.json").write_text(json.dumps([spec.name(m) for m in range(spec.size)]))
+    from tensorboardX import SummaryWriter
+
+    tb = SummaryWriter(str(run / "tb"))
     bar = tqdm(total=t.steps, initial=start, unit="step", desc="train", disable=not t.progress, file=sys.stderr, dynamic_ncols=True)
     metrics_file = open(run / "metrics.jsonl", "a")
     last = None
@@ -169,6 +173,10 @@ def train(c, log=print) -> dict:
                 rec["nan_skips"] = int(state["nan_skips"])
                 metrics_file.write(json.dumps(rec) + "\n")
                 metrics_file.flush()
+                for key, val in rec.items():
+                    if key not in ("step", "finite"):
+                        for j, v in enumerate(np.atleast_1d(val)):
+                            tb.add_scalar(f"{key}/{spec.name(j)}" if np.ndim(val) else key, float(v), done)
                 bar.set_postfix(fvu=f"{np.mean(m['fvu']):.3f}", l0=f"{np.mean(m['l0']):.1f}", tok_s=f"{rec['tok_s']:,.0f}")
                 t0, tok0 = time.perf_counter(), done
                 last = rec
@@ -185,12 +193,20 @@ def train(c, log=print) -> dict:
                 log(f"SIGTERM: saved step {done}; exiting")
                 break
         mngr.wait_until_finished()
+        done_steps = int(state["step"])
+        if done_steps == t.steps:
+            counts = np.asarray(jax.device_get(state["fire_counts"]))
+            np.savez(run / "latent_density.npz", density=counts / (done_steps * t.batch_size), widths=np.asarray(spec.widths))
     finally:
         bar.close()
+        tb.close()
         metrics_file.close()
         signal.signal(signal.SIGTERM, prev)
         mngr.close()
-    return {"spec": spec, "state": state, "last": last, "run": run}
+    from sae_jax.train.plots import plot_run
+
+    plots = plot_run(run) if (run / "metrics.jsonl").is_file() else []
+    return {"spec": spec, "state": state, "last": last, "run": run, "plots": plots}
 
 
 def summary(result: dict) -> str:
@@ -201,4 +217,5 @@ def summary(result: dict) -> str:
     lines.append(f"step       {last['step']} ({last['tokens']:,} tokens, {last['tok_s']:,.0f} tok/s)")
     for m in range(spec.size):
         lines.append(f"  {spec.name(m):<48} FVU {last['fvu'][m]:.4f}  L0 {last['l0'][m]:5.1f}  dead {100 * last['dead_frac'][m]:5.1f}%")
+    lines += [f"plot       {p}" for p in result.get("plots", [])]
     return "\n".join(lines)

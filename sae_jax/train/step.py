@@ -84,6 +84,7 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
             "tokens_since_fired": jnp.zeros((spec.size, spec.width), jnp.int32),
+            "fire_counts": jnp.zeros((spec.size, spec.width), jnp.float32),  # for the density histogram
             "nan_skips": jnp.zeros((), jnp.int32),
             "nan_streak": jnp.zeros((), jnp.int32),
         }
@@ -92,6 +93,7 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
     shardings = jax.tree.map(lambda _: rep, abstract)
     shardings["params"] = pshard
     shardings["tokens_since_fired"] = parallel.sharding(mesh, "latents")
+    shardings["fire_counts"] = parallel.sharding(mesh, "latents")
     # optimiser moments mirror the params' shardings; counts are replicated
     shardings["opt_state"] = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract["opt_state"], pshard, transform_non_params=lambda _: rep
@@ -134,6 +136,7 @@ def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, de
             "opt_state": keep(opt_state, state["opt_state"]),
             "step": state["step"] + 1,
             "tokens_since_fired": jnp.where(finite, since, state["tokens_since_fired"]),
+            "fire_counts": state["fire_counts"] + jnp.where(finite, fired, 0).astype(jnp.float32),
             "nan_skips": state["nan_skips"] + (~finite),
             "nan_streak": jnp.where(finite, 0, state["nan_streak"] + 1),
         }
