@@ -1,0 +1,103 @@
+"""Train-step throughput against the encoder matmul alone, on several meshes.
+
+    .venv/bin/python benchmarks/train_step_bench.py [--d-sae 18432] [--steps 3]
+
+One TopK SAE, d_in=576, d_sae=18432 (32x), k=32, B=4096, on 1 CPU device and on 8 simulated
+CPU devices in the meshes 8x1 and 2x4 (each configuration in its own process, since the
+device count is fixed when jax starts). In each process the step and the encoder matmul
+(`x @ W_enc` with the same shardings) are timed after a warm-up; the ratio says what the rest
+of the step costs. Prints a table, writes runs/bench/train_step_bench.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CONFIGS = [(1, 1, 1), (8, 8, 1), (8, 2, 4)]  # (devices, data, model)
+
+
+def measure(devices: int, data: int, model: int, d_sae: int, steps: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from sae_jax import parallel
+    from sae_jax.sae.bank import BankSpec
+    from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
+
+    d_in, k, B = 576, 32, 4096
+    spec = BankSpec(("h",), (d_sae,), (k,), d_in, d_sae, d_in // 2)
+    mesh = parallel.make_mesh(data, model)
+    tx, sched = make_optimizer(spec, np.array([default_lr(d_sae)]), 1000, 10, 0.2)
+    state = init_state(spec, mesh, tx, jax.random.key(0), None)
+    step = make_train_step(spec, mesh, tx, sched, np.array([0.05]), 10**7, 1 / 32)
+    x = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(1, B, d_in)), jnp.bfloat16), parallel.sharding(mesh, "x"))
+
+    def timed(fn, n):
+        out = fn()
+        jax.block_until_ready(out)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn()
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t0) / n
+
+    holder = {"s": state}
+
+    def one_step():
+        holder["s"], m = step(holder["s"], x)
+        return m["loss"]
+
+    t_step = timed(one_step, steps)
+    w = holder["s"]["params"]["W_enc"]
+    enc = jax.jit(lambda x, w: jnp.einsum("mbd,mds->mbs", x.astype(jnp.float32), w), out_shardings=parallel.NamedSharding(mesh, parallel.P(None, "data", "model")))
+    t_enc = timed(lambda: enc(x, w), steps)
+    return {
+        "devices": devices,
+        "mesh": f"{data}x{model}",
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "k": k,
+        "batch": B,
+        "step_s": t_step,
+        "tok_s": B / t_step,
+        "encoder_matmul_s": t_enc,
+        "step_over_encoder": t_step / t_enc,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d-sae", type=int, default=18432)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--one", default="", help=argparse.SUPPRESS)  # devices,data,model: run one config here
+    args = ap.parse_args()
+    if args.one:
+        d, a, b = (int(v) for v in args.one.split(","))
+        print(json.dumps(measure(d, a, b, args.d_sae, args.steps)))
+        return
+    rows = []
+    for d, a, b in CONFIGS:
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={d}"}
+        r = subprocess.run([sys.executable, __file__, "--one", f"{d},{a},{b}", "--d-sae", str(args.d_sae), "--steps", str(args.steps)], env=env, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(r.stderr)
+        rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print(f"\nTopK step, d_in=576, d_sae={args.d_sae}, k=32, B=4096 ({os.cpu_count()} CPU cores)")
+    print(f"  {'devices':>7} {'mesh':>5} {'step s':>8} {'tok/s':>8} {'enc matmul s':>13} {'step / matmul':>14}")
+    for r in rows:
+        print(f"  {r['devices']:>7} {r['mesh']:>5} {r['step_s']:>8.2f} {r['tok_s']:>8,.0f} {r['encoder_matmul_s']:>13.3f} {r['step_over_encoder']:>14.2f}")
+    out = Path("runs/bench")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_step_bench.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'train_step_bench.json'}")
+
+
+if __name__ == "__main__":
+    main()
