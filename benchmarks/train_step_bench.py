@@ -56,7 +56,10 @@ def measure(devices: int, data: int, model: int, d_sae: int, steps: int) -> dict
 
     t_step = timed(one_step, steps)
     w = holder["s"]["params"]["W_enc"]
-    enc = jax.jit(lambda x, w: jnp.einsum("mbd,mds->mbs", x.astype(jnp.float32), w), out_shardings=parallel.NamedSharding(mesh, parallel.P(None, "data", "model")))
+    enc = jax.jit(
+        lambda x, w: jnp.einsum("mbd,mds->mbs", x.astype(jnp.float32), w),
+        out_shardings=parallel.NamedSharding(mesh, parallel.P(None, "data", "model")),
+    )
     t_enc = timed(lambda: enc(x, w), steps)
     return {
         "devices": devices,
@@ -85,14 +88,21 @@ def main() -> None:
     rows = []
     for d, a, b in CONFIGS:
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={d}"}
-        r = subprocess.run([sys.executable, __file__, "--one", f"{d},{a},{b}", "--d-sae", str(args.d_sae), "--steps", str(args.steps)], env=env, capture_output=True, text=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--one", f"{d},{a},{b}", "--d-sae", str(args.d_sae), "--steps", str(args.steps)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             sys.exit(r.stderr)
         rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
     print(f"\nTopK step, d_in=576, d_sae={args.d_sae}, k=32, B=4096 ({os.cpu_count()} CPU cores)")
     print(f"  {'devices':>7} {'mesh':>5} {'step s':>8} {'tok/s':>8} {'enc matmul s':>13} {'step / matmul':>14}")
     for r in rows:
-        print(f"  {r['devices']:>7} {r['mesh']:>5} {r['step_s']:>8.2f} {r['tok_s']:>8,.0f} {r['encoder_matmul_s']:>13.3f} {r['step_over_encoder']:>14.2f}")
+        print(
+            f"  {r['devices']:>7} {r['mesh']:>5} {r['step_s']:>8.2f} {r['tok_s']:>8,.0f} {r['encoder_matmul_s']:>13.3f} {r['step_over_encoder']:>14.2f}"
+        )
     out = Path("runs/bench")
     out.mkdir(parents=True, exist_ok=True)
     (out / "train_step_bench.json").write_text(json.dumps(rows, indent=1))

@@ -8,7 +8,7 @@ import pytest
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec
-from sae_jax.train.step import _sharded_forward, init_state, make_optimizer, make_train_step
+from sae_jax.train.step import _sharded_forward, init_state, make_forward, make_optimizer, make_train_step
 
 SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
 
@@ -33,9 +33,10 @@ def test_forward_matches_dense_reference():
     st = init_state(SPEC, mesh, tx, jax.random.key(1), None)
     p = jax.device_get(st["params"])
     p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
-    fwd = _sharded_forward(SPEC, mesh)
+    out = make_forward(SPEC, mesh)(p, jnp.asarray(x))
+    x_hat, vals, idx = out.x_hat, out.values, out.indices
     lat = jnp.asarray(SPEC.latent_mask())
-    x_hat, vals, idx, _, fired = jax.jit(fwd)(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))
+    fired = jax.jit(_sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))[-1]
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]
@@ -46,6 +47,9 @@ def test_forward_matches_dense_reference():
         np.testing.assert_array_equal(np.sort(np.asarray(idx[m, :, :k]), 1), np.sort(top, 1))
         assert (np.asarray(vals[m, :, k:]) == 0).all()
         assert int(np.asarray(fired[m]).sum()) == int((acts > 0).sum())
+        fvu = ((x[m] - want) ** 2).sum() / ((x[m] - x[m].mean(0)) ** 2).sum()
+        np.testing.assert_allclose(float(out.fvu[m]), fvu, rtol=1e-4)
+    assert (np.asarray(out.auxk_loss) == 0).all()  # no dead latents given
 
 
 def test_meshes_agree():

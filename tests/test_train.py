@@ -133,3 +133,34 @@ def test_nan_batches_are_skipped_then_stop(tiny_store, tmp_path):
         assert np.isfinite(v).all(), k
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert rec["nan_skips"] == 4 and rec["finite"] is False
+
+
+def test_sigterm_saves_and_exits_then_resumes(tiny_store, tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    # long enough that SIGTERM lands mid-run (tiny steps take milliseconds)
+    extra = {"train.mesh_data": 1, "train.mesh_model": 1, "train.checkpoint_every": 1000, "train.steps": 150}
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    assert run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600).returncode == 0
+    p = subprocess.Popen(
+        [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, run, **extra)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while max(_steps_logged(run), default=0) < 12 and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert p.poll() is None, "training finished before SIGTERM"
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 0, out[-2000:]
+    assert "SIGTERM: saved step" in out
+    saved, _ = _final_params(run)
+    assert 12 <= saved < 150  # saved at the step it stopped, not at a checkpoint_every multiple
+    r = run_cli("train", *_args(tiny_store, run, **extra), env=env, timeout=600)
+    assert r.returncode == 0 and f"resumed from step {saved}" in r.stdout + r.stderr
+    (_, a), (_, b) = _final_params(ref), _final_params(run)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
-from sae_jax.sae.bank import BankSpec, forward_shard, geometric_median, init_params, losses
+from sae_jax.sae.bank import BankSpec, Output, forward_shard, geometric_median, init_params, losses
 
 
 def default_lr(width: int) -> float:
@@ -60,6 +60,23 @@ def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True):
         out_specs=(S("x"), S("topk"), S("topk"), S("x"), S("latents")),
         check_vma=False,
     )
+
+
+def make_forward(spec: BankSpec, mesh):
+    """`forward(params, x, dead=None) -> Output` for inputs `x [M, B, d_in]` (already scaled):
+    reconstruction, latent values and global indices, FVU and AuxK loss per member."""
+    fwd = _sharded_forward(spec, mesh, True)
+    lat = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
+    k_mask = jnp.asarray(spec.k_mask(), jnp.float32)
+
+    @jax.jit
+    def apply(params, x, dead):
+        x = x.astype(jnp.float32)
+        x_hat, vals, idx, e_hat, _ = fwd(params, x, lat, k_mask, dead & lat)
+        fvu, auxk = losses(x, x_hat, e_hat, (dead & lat).sum(1), spec.k_aux)
+        return Output(x_hat, vals, idx, fvu, auxk)
+
+    return lambda params, x, dead=None: apply(params, x, jnp.zeros_like(lat) if dead is None else dead)
 
 
 def _project_out_parallel(g_dec, w_dec):
