@@ -24,9 +24,11 @@ def default_lr(width: int) -> float:
     return 2e-4 / float(np.sqrt(width / 2**14))
 
 
-def make_optimizer(spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, decay_frac: float) -> optax.GradientTransformation:
+def make_optimizer(
+    spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, decay_frac: float
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam; linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
-    Each member has its own learning rate (leading bank axis)."""
+    Each member has its own learning rate (leading bank axis). Returns (optimiser, schedule)."""
     decay_start = int(steps * (1 - decay_frac))
     sched = optax.join_schedules(
         [
@@ -62,12 +64,17 @@ def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True):
     )
 
 
+def _masks(spec: BankSpec, mesh):
+    """(latent mask [M, S] sharded like the latents, k mask [M, K] replicated)."""
+    lat = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
+    return lat, jnp.asarray(spec.k_mask(), jnp.float32)
+
+
 def make_forward(spec: BankSpec, mesh):
     """`forward(params, x, dead=None) -> Output` for inputs `x [M, B, d_in]` (already scaled):
     reconstruction, latent values and global indices, FVU and AuxK loss per member."""
     fwd = _sharded_forward(spec, mesh, True)
-    lat = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
-    k_mask = jnp.asarray(spec.k_mask(), jnp.float32)
+    lat, k_mask = _masks(spec, mesh)
 
     @jax.jit
     def apply(params, x, dead):
@@ -121,8 +128,7 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
 def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, dead_tokens: int, aux_coef: float):
     """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations."""
     fwd = {aux: _sharded_forward(spec, mesh, aux) for aux in (False, True)}
-    lat_mask = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
-    k_mask = jnp.asarray(spec.k_mask(), jnp.float32)
+    lat_mask, k_mask = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
 
