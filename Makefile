@@ -4,8 +4,11 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+# The peers (SAELens, sparsify) that the export tests load exports with: torch wants Python 3.11.
+PEER_PYTHON ?= $(shell command -v /usr/bin/python3.11 || PYENV_VERSION=3.11.7 pyenv which python3.11)
+PEER_VENV   := .peer-venv
 
-.PHONY: demo test lint install install-dev clean-demo
+.PHONY: demo test lint install install-dev peer-venv chromium clean-demo
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "sae_jax needs Python >= 3.12 (set PYTHON=python3.12)")'
@@ -21,13 +24,25 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
+$(PEER_VENV)/.installed: tests/peers/requirements.txt
+	$(PEER_PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/pip install -q -r tests/peers/requirements.txt
+	touch $@
+
+# headless Chromium for the latent atlas page's browser test (Debian's package)
+chromium:
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
 demo: $(VENV)/.installed
 	$(BIN)/sae-jax demo
 
-test: $(VENV)/.installed-dev
+peer-venv: $(PEER_VENV)/.installed
+
+test: $(VENV)/.installed-dev $(PEER_VENV)/.installed chromium
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-dev

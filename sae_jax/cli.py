@@ -3,6 +3,9 @@
     sae-jax harvest [--config=configs/default.py] [--config.harvest.out=DIR ...]
     sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
     sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, then train
+    sae-jax eval    RUN [--store DIR] [--tokens N] [--contexts N] [--out DIR]
+    sae-jax export  RUN --format saelens|sparsify|npz --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
+    sae-jax atlas   RUN [--member NAME] [--contexts N] [--top N] [--out DIR]
     sae-jax plot    RUN
     sae-jax info    STORE
     sae-jax verify  STORE
@@ -86,6 +89,102 @@ def cmd_demo(argv) -> int:
     return 0
 
 
+def _argparser(cmd: str, **kw):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"sae-jax {cmd}", **kw)  # a bad flag: usage, exit 2
+    p.add_argument("run", help="a run directory written by `sae-jax train`")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    return p
+
+
+def cmd_export(argv) -> int:
+    from sae_jax.export import DTYPES, FORMATS, export_run
+    from sae_jax.runs import open_run
+
+    p = _argparser("export", description="Write a run's dictionaries for SAELens, sparsify or numpy.")
+    p.add_argument("--format", required=True, help=" | ".join(FORMATS))
+    p.add_argument("--out", required=True, help="output directory (one folder per bank member)")
+    p.add_argument("--dtype", default="float32", help=" | ".join(DTYPES))
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    a = p.parse_args(argv[1:])
+    from sae_jax.export import ExportError
+
+    if a.format not in FORMATS:  # before loading anything
+        raise ExportError(f"unknown export format {a.format!r} (choose from {', '.join(FORMATS)})")
+    if a.dtype not in DTYPES:
+        raise ExportError(f"--dtype {a.dtype!r} is not supported ({', '.join(DTYPES)})")
+    run = open_run(a.run, a.step)
+    folders = export_run(run, a.format, a.out, a.dtype, a.overwrite)
+    state = "finished" if run.finished else f"NOT finished: {run.steps} planned"
+    print(f"exported step {run.step} ({state}) of {run.root} as {a.format} ({a.dtype}):")
+    for f in folders:
+        print(f"  {f}")
+    return 0
+
+
+def cmd_eval(argv) -> int:
+    from sae_jax.eval.core import evaluate, write_report
+
+    p = _argparser("eval", description="Reconstruction metrics on held-out store rows and downstream loss with each dictionary spliced in.")
+    p.add_argument("--store", default=None, help="a store of the same model to evaluate on (default: the run's store, its held-out shards)")
+    p.add_argument("--tokens", type=int, default=200_000, help="held-out rows to evaluate reconstruction on, at most")
+    p.add_argument("--contexts", type=int, default=64, help="held-out text contexts for the downstream losses")
+    p.add_argument("--split", default="heldout", help="split of the store's text source for the downstream losses")
+    p.add_argument("--text", default=None, help="held-out text (file, directory or glob; .jsonl as JSONL) instead of the source's split")
+    p.add_argument("--model", default=None, help="the run's model, if it moved (checked by digest)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
+    p.add_argument("--out", default=None, help="report directory (default RUN/eval)")
+    a = p.parse_args(argv[1:])
+    report = evaluate(
+        a.run,
+        step=a.step,
+        store=a.store,
+        tokens=a.tokens,
+        contexts=a.contexts,
+        split=a.split,
+        batch_size=a.batch_size,
+        text=a.text,
+        model_path=a.model,
+    )
+    text, paths = write_report(report, a.out)
+    print(text)
+    for f in paths:
+        print(f"wrote {f}")
+    return 0
+
+
+def cmd_atlas(argv) -> int:
+    from sae_jax.eval.atlas import build_atlas
+
+    p = _argparser("atlas", description="Top activating contexts and quantile samples of every latent (JSONL + an HTML page).")
+    p.add_argument("--member", default=None, help="bank member name (default: every member)")
+    p.add_argument("--contexts", type=int, default=512, help="text contexts to stream")
+    p.add_argument("--top", type=int, default=20, help="top activating contexts kept per latent")
+    p.add_argument("--samples", type=int, default=20, help="random activations kept per latent, reported across quantiles")
+    p.add_argument("--split", default="heldout", help="split of the store's text source to read")
+    p.add_argument("--text", default=None, help="text to read instead (file, directory or glob; .jsonl as JSONL)")
+    p.add_argument("--model", default=None, help="the run's model, if it moved (checked by digest)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
+    p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
+    a = p.parse_args(argv[1:])
+    for line in build_atlas(
+        a.run,
+        step=a.step,
+        member=a.member,
+        contexts=a.contexts,
+        top=a.top,
+        samples=a.samples,
+        split=a.split,
+        text=a.text,
+        model_path=a.model,
+        batch_size=a.batch_size,
+        out=a.out,
+    ):
+        print(line)
+    return 0
+
+
 def cmd_plot(argv) -> int:
     from sae_jax.train.plots import plot_run
 
@@ -122,6 +221,9 @@ COMMANDS = {
     "harvest": cmd_harvest,
     "demo": cmd_demo,
     "plot": cmd_plot,
+    "eval": cmd_eval,
+    "export": cmd_export,
+    "atlas": cmd_atlas,
     "train": cmd_train,
     "info": cmd_info,
     "verify": cmd_verify,

@@ -63,6 +63,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.log_every = 10
     c.train.seed = 0
+    c.train.holdout_shards = 1  # the store's last shards, left out of training for `sae-jax eval`
     c.train.max_nan_streak = 5  # stop after this many non-finite batches in a row
     c.train.verify_store = True  # checksum the store's files before training
     c.train.progress = True

@@ -3,11 +3,14 @@
 from sae_jax.data.contexts import EmptyCorpusError
 from sae_jax.data.store import StoreError
 from sae_jax.data.text import TextSourceError
+from sae_jax.eval.errors import EvalError
+from sae_jax.export import ExportError
 from sae_jax.harvest import HarvestError
 from sae_jax.model.hooks import HookError
 from sae_jax.model.loading import ModelLoadError
 from sae_jax.model.tokenizer import TokenizerError
 from sae_jax.parallel import MeshError
+from sae_jax.runs import RunError
 from sae_jax.train.loop import TrainError
 
 USER_ERRORS = (
@@ -20,4 +23,7 @@ USER_ERRORS = (
     TokenizerError,
     MeshError,
     TrainError,
+    RunError,
+    ExportError,
+    EvalError,
 )

@@ -62,3 +62,19 @@ def run_cli(*args, **kw):
     import subprocess
 
     return subprocess.run([sys.executable, "-m", "sae_jax.cli", *args], capture_output=True, text=True, cwd=REPO, **kw)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_store, tmp_path_factory):
+    """A finished run on the tiny store: 2 hooks x widths {64, 96} x k {4, 8}, trained on 8
+    devices with latents split over `model` (2); the store's last shard is held out."""
+    from sae_jax.config import default_config
+    from sae_jax.train.loop import train
+
+    c = default_config()
+    t = c.train
+    t.store, t.run_dir = str(tiny_store.root), str(tmp_path_factory.mktemp("runs") / "run")
+    t.widths, t.ks, t.batch_size, t.steps = "64,96", "4,8", 256, 24
+    t.mesh_model, t.checkpoint_every, t.log_every, t.dead_tokens, t.progress = 2, 12, 12, 2048, False
+    train(c, log=lambda *a: None)
+    return Path(t.run_dir)

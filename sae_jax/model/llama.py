@@ -84,13 +84,25 @@ class Block(nnx.Module):
         self.w_up = _param(w["up_proj"], dtype)
         self.w_down = _param(w["down_proj"], dtype)
 
-    def __call__(self, x, positions, want: frozenset[str]):
-        """Returns (resid_post, {point: activation}) for the points in `want`."""
+    def __call__(self, x, positions, want: frozenset[str], edits: dict | None = None):
+        """Returns (resid_post, {point: activation}) for the points in `want`.
+
+        `edits` maps a point to a function of its activation whose result replaces it in the rest
+        of the forward (a dictionary spliced in, a zero ablation); recorded activations are the
+        edited ones."""
         cfg = self.cfg
         b, t, _ = x.shape
         out = {}
-        if "resid_pre" in want:
-            out["resid_pre"] = x
+        edits = edits or {}
+
+        def at(name, val):
+            if name in edits:
+                val = edits[name](val)
+            if name in want:
+                out[name] = val
+            return val
+
+        x = at("resid_pre", x)
         h = self.input_norm(x)
         q, k, v = h @ self.wq[...], h @ self.wk[...], h @ self.wv[...]
         if cfg.attn_bias:
@@ -98,22 +110,12 @@ class Block(nnx.Module):
         q = rope(q.reshape(b, t, cfg.n_heads, cfg.head_dim), positions, cfg.rope_theta)
         k = rope(k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
         v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        z = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_heads * cfg.head_dim)
-        attn_out = z @ self.wo[...]
-        mid = x + attn_out
-        m_in = self.post_attn_norm(mid)
-        mlp_out = (jax.nn.silu(m_in @ self.w_gate[...]) * (m_in @ self.w_up[...])) @ self.w_down[...]
-        post = mid + mlp_out
-        for name, val in (
-            ("attn_z", z),
-            ("attn_out", attn_out),
-            ("resid_mid", mid),
-            ("mlp_in", m_in),
-            ("mlp_out", mlp_out),
-            ("resid_post", post),
-        ):
-            if name in want:
-                out[name] = val
+        z = at("attn_z", jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_heads * cfg.head_dim))
+        attn_out = at("attn_out", z @ self.wo[...])
+        mid = at("resid_mid", x + attn_out)
+        m_in = at("mlp_in", self.post_attn_norm(mid))
+        mlp_out = at("mlp_out", (jax.nn.silu(m_in @ self.w_gate[...]) * (m_in @ self.w_up[...])) @ self.w_down[...])
+        post = at("resid_post", mid + mlp_out)
         return post, out
 
 
@@ -132,11 +134,13 @@ class Llama(nnx.Module):
         w = self.embed[...].T if self.cfg.tie_embeddings else self.lm_head[...]
         return (self.final_norm(x) @ w).astype(jnp.float32)
 
-    def __call__(self, tokens, hooks: tuple[Hook, ...] = (), *, logits: bool = True):
+    def __call__(self, tokens, hooks: tuple[Hook, ...] = (), *, logits: bool = True, edits: dict | None = None):
         """Run the model on `tokens [B, T]`.
 
         Returns (logits [B, T, V] or None, {hook name: activation [B, T, width]}). With
         `logits=False` the forward stops after the last layer a requested hook needs.
+        `edits` maps hooks to functions that replace their activation ([B, T, width] -> same)
+        for the rest of the forward: how a dictionary is spliced in for evaluation.
         """
         b, t = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -144,11 +148,14 @@ class Llama(nnx.Module):
         by_layer: dict[int, set[str]] = {}
         for h in hooks:
             by_layer.setdefault(h.layer, set()).add(h.point)
+        edit_layer: dict[int, dict] = {}
+        for h, fn in (edits or {}).items():
+            edit_layer.setdefault(h.layer, {})[h.point] = fn
         last = self.cfg.n_layers - 1 if logits else max(by_layer, default=-1)
         acts = {}
         for i in range(last + 1):
             want = frozenset(by_layer.get(i, ()))
-            x, out = self.blocks[i](x, positions, want)
+            x, out = self.blocks[i](x, positions, want, edit_layer.get(i))
             for point, val in out.items():
                 acts[Hook(i, point).name] = val
         return (self.unembed(x) if logits else None), acts

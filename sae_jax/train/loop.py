@@ -62,6 +62,47 @@ def bank_spec(c, store) -> BankSpec:
     return BankSpec(tuple(m[0] for m in members), tuple(m[1] for m in members), tuple(m[2] for m in members), d_in, width, k_aux)
 
 
+def train_records(store, holdout_shards: int) -> tuple[int, int]:
+    """The record range training reads: every shard but the last `holdout_shards` (kept for eval)."""
+    n = len(store.shards)
+    if not 0 <= holdout_shards < n:
+        raise TrainError(
+            f"train.holdout_shards={holdout_shards}: the store {store.root} has {n} shard(s); at least one must remain for "
+            "training (set train.holdout_shards=0 to train on all of them, leaving eval no held-out rows)"
+        )
+    return 0, sum(s["records"] for s in store.shards[: n - holdout_shards])
+
+
+def write_bank_json(run: Path, spec: BankSpec, store, scale: np.ndarray, records: tuple[int, int]) -> None:
+    """What eval and export need to know of the bank without the config machinery: the members,
+    the input scale each was trained with, the store's model and the held-out records."""
+    m = store.manifest
+    meta = {
+        "architecture": "topk",
+        "d_in": spec.d_in,
+        "width": spec.width,
+        "k_aux": spec.k_aux,
+        "members": [
+            {"name": spec.name(i), "hook": spec.hooks[i], "width": spec.widths[i], "k": spec.ks[i], "input_scale": float(scale[i])}
+            for i in range(spec.size)
+        ],
+        "store": {
+            "root": str(Path(store.root).absolute()),
+            "model": m["model"],
+            "tokenizer": m["tokenizer"],
+            "source": m["source"],
+            "ctx_len": m["ctx_len"],
+            "bos_prepended": m["bos_prepended"],
+            "exclude_special": m["exclude_special"],
+            "outlier_ratio": m["outlier_ratio"],
+            "dtype": m["dtype"],
+            "train_records": list(records),
+            "n_records": store.n_records,
+        },
+    }
+    (run / "bank.json").write_text(json.dumps(meta, indent=1))
+
+
 def _mesh(t):
     n = jax.device_count()
     model = t.mesh_model
@@ -117,6 +158,7 @@ def train(c, log=print) -> dict:
             "aux_coef",
             "k_aux",
             "seed",
+            "holdout_shards",
         )
     }
     _prepare_run_dir(run, json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1))
@@ -124,11 +166,13 @@ def train(c, log=print) -> dict:
     lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
     tx, sched = make_optimizer(spec, lrs, t.steps, t.warmup_steps, t.decay_frac)
     scale = np.asarray([1.0 / np.sqrt(store.hooks[h]["mean_sq_norm"]) for h in spec.hooks], np.float32)
-    ds = activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed)
+    records = train_records(store, t.holdout_shards)
+    ds = activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed, records=records)
     it = iterator(ds)
 
     # b_dec from the geometric median of a sample drawn apart from the training stream
-    sample = _stack(next(iterator(activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed + 1), num_threads=0)), spec)
+    sample_ds = activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed + 1, records=records)
+    sample = _stack(next(iterator(sample_ds, num_threads=0)), spec)
     sample = jnp.asarray(sample[:, :4096].astype(np.float32) * scale[:, None, None])
     state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample)
 
@@ -151,6 +195,7 @@ def train(c, log=print) -> dict:
     from tqdm import tqdm
 
     (run / "members.json").write_text(json.dumps([spec.name(m) for m in range(spec.size)]))
+    write_bank_json(run, spec, store, scale, records)
     from tensorboardX import SummaryWriter
 
     tb = SummaryWriter(str(run / "tb"))

@@ -1,0 +1,265 @@
+"""`sae-jax atlas RUN`: for every latent, its top activating contexts and random samples across
+its activation quantiles, from one streaming pass over text, in bounded memory.
+
+Memory is O(d_sae x (top + samples) x window), whatever the amount of text: each batch's firings
+are merged into two per-latent tables, the `top` largest activations and `samples` activations of
+uniform random priority (a bottom-k sample, which is a uniform sample of the latent's firings).
+Only firings that beat a latent's current last entry are merged, and only the latents they touch.
+
+Output, in `RUN/atlas/` (or `--out`):
+- `<member>.jsonl`: one JSON object per latent, sorted by latent id:
+    latent, count (firings), frequency (firings / positions read), max_activation, mean_activation,
+    top: [example], quantiles: [{"range": [q_lo, q_hi], "examples": [example]}] (the random
+    sample split into quartiles of its own activations; empty for latents that never fired),
+    head_attribution (attn_z members: ||W_dec row restricted to each head's slice||, per head).
+  An example: {"activation", "context" (index in the text stream), "position" (in the context),
+  "index" (of the activating token in `tokens`), "tokens" (decoded strings of the window),
+  "token_ids", "activations" (this latent's activation at each window token)}.
+- `<member>.meta.json`: settings, model, text, token counts; `index.html`: a self-contained page
+  to browse the latents (search by id, contexts highlighted by activation).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.eval.errors import EvalError
+from sae_jax.eval.inputs import load_run_model, splice_mask, text_contexts
+from sae_jax.model.hooks import parse_hook
+from sae_jax.sae import folded
+
+LEFT, RIGHT = 24, 8  # window around the activating token
+WINDOW = LEFT + 1 + RIGHT
+
+
+class LatentTable:
+    """Per latent, the `n` entries with the largest keys seen so far (descending), with payloads."""
+
+    def __init__(self, width: int, n: int):
+        self.n = n
+        self.key = np.full((width, n), -np.inf, np.float32)
+        self.act = np.zeros((width, n), np.float32)
+        self.where = np.full((width, n, 2), -1, np.int32)  # (context, position)
+        self.tokens = np.zeros((width, n, WINDOW), np.int32)
+        self.window = np.zeros((width, n, WINDOW), np.float16)
+
+    def threshold(self, latents: np.ndarray) -> np.ndarray:
+        return self.key[latents, -1]
+
+    def merge(self, lat, key, act, where, tokens, window) -> None:
+        """Merge candidates (arrays over candidates) into the rows of the latents they touch."""
+        if len(lat) == 0:
+            return
+        rows, inv = np.unique(lat, return_inverse=True)
+        n_old = len(rows) * self.n
+        all_lat = np.concatenate([np.repeat(np.arange(len(rows)), self.n), inv])
+        all_key = np.concatenate([self.key[rows].reshape(-1), key])
+        order = np.lexsort((-all_key, all_lat))
+        grp = all_lat[order]
+        start = np.searchsorted(grp, np.arange(len(rows)))
+        rank = np.arange(len(order)) - start[grp]
+        sel = order[rank < self.n]
+        dst_r, dst_c = all_lat[sel], rank[rank < self.n]
+
+        def pick(old, new):
+            both = np.concatenate([old[rows].reshape((n_old,) + old.shape[2:]), new])
+            out = old[rows].copy()
+            out[dst_r, dst_c] = both[sel]
+            old[rows] = out
+
+        pick(self.act, act)
+        pick(self.where, where)
+        pick(self.tokens, tokens)
+        pick(self.window, window)
+        pick(self.key, key)
+
+
+def _encoder(lm, hook, k: int, outlier_ratio: float):
+    from flax import nnx
+
+    graphdef, state = nnx.split(lm.model)
+    special = lm.special_ids
+
+    @jax.jit
+    def run(state, p, tokens):
+        _, acts = nnx.merge(graphdef, state)(tokens, (hook,), logits=False)
+        a = acts[hook.name]
+        keep = splice_mask(tokens, a, special, outlier_ratio)
+        v, i = folded.encode(p, a.reshape(-1, a.shape[-1]), k)
+        v = jnp.where(keep.reshape(-1, 1), v, 0.0)
+        return v.reshape(*tokens.shape, k), i.reshape(*tokens.shape, k), keep
+
+    return lambda p, tokens: run(state, p, tokens)
+
+
+def _windows(tok, v, i, ctx_idx, pos, lat):
+    """Token windows [C, W] (-1 outside the context) and the latent's activations over them."""
+    t = tok.shape[1]
+    q = pos[:, None] + np.arange(-LEFT, RIGHT + 1)[None, :]
+    ok = (q >= 0) & (q < t)
+    qc = np.clip(q, 0, t - 1)
+    ids = np.where(ok, tok[ctx_idx[:, None], qc], -1)
+    hit = i[ctx_idx[:, None], qc] == lat[:, None, None]  # [C, W, k]
+    acts = np.where(ok, np.sum(np.where(hit, v[ctx_idx[:, None], qc], 0.0), -1), 0.0)
+    return ids.astype(np.int32), acts.astype(np.float16)
+
+
+def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, samples: int, seed: int = 0, progress=None):
+    """One streaming pass; returns (top table, sample table, counts, sums, positions read)."""
+    width = p["W_enc"].shape[1]
+    tops, samp = LatentTable(width, top), LatentTable(width, samples)
+    counts, sums = np.zeros(width, np.int64), np.zeros(width, np.float64)
+    rng = np.random.default_rng(seed)
+    pj = {key: jnp.asarray(a) for key, a in p.items()}
+    positions = 0
+    for s in range(0, len(ctx), batch_size):
+        tok = ctx[s : s + batch_size]
+        m = len(tok)
+        padded = np.concatenate([tok, np.repeat(tok[-1:], batch_size - m, 0)]) if m < batch_size else tok
+        v, i, keep = (np.asarray(a)[:m] for a in encode(pj, jnp.asarray(padded)))
+        positions += int(keep.sum())
+        c_idx, pos, slot = np.nonzero(v > 0)
+        lat, val = i[c_idx, pos, slot], v[c_idx, pos, slot]
+        np.add.at(counts, lat, 1)
+        np.add.at(sums, lat, val)
+        for table, key in ((tops, val), (samp, rng.random(len(val), dtype=np.float32))):
+            better = key > table.threshold(lat)
+            if better.any():
+                cb, pb, lb = c_idx[better], pos[better], lat[better]
+                ids, win = _windows(tok, v, i, cb, pb, lb)
+                where = np.stack([cb + s, pb], -1).astype(np.int32)
+                table.merge(lb, key[better], val[better], where, ids, win)
+        if progress:
+            progress(m)
+    return tops, samp, counts, sums, positions
+
+
+def _examples(table: LatentTable, lat: int, decode) -> list[dict]:
+    out = []
+    for j in np.nonzero(np.isfinite(table.key[lat]))[0]:
+        ids = table.tokens[lat, j]
+        valid = ids >= 0
+        first = int(np.argmax(valid))
+        ids_v = ids[valid]
+        out.append(
+            {
+                "activation": float(table.act[lat, j]),
+                "context": int(table.where[lat, j, 0]),
+                "position": int(table.where[lat, j, 1]),
+                "index": LEFT - first,
+                "tokens": [decode(int(t)) for t in ids_v],
+                "token_ids": ids_v.tolist(),
+                "activations": [round(float(a), 4) for a in table.window[lat, j][valid]],
+            }
+        )
+    return out
+
+
+def _quantiles(examples: list[dict], bins: int = 4) -> list[dict]:
+    ex = sorted(examples, key=lambda e: e["activation"])
+    if not ex:
+        return []
+    edges = np.linspace(0, len(ex), bins + 1).round().astype(int)
+    return [{"range": [b / bins, (b + 1) / bins], "examples": ex[edges[b] : edges[b + 1]]} for b in range(bins)]
+
+
+def head_attribution(w_dec: np.ndarray, n_heads: int) -> np.ndarray:
+    """[w, n_heads]: the norm of each decoder row restricted to each head's slice of hook_z."""
+    w, d = w_dec.shape
+    return np.linalg.norm(w_dec.reshape(w, n_heads, d // n_heads), axis=-1)
+
+
+def build_atlas(
+    run_dir,
+    *,
+    step=None,
+    member=None,
+    contexts=512,
+    top=20,
+    samples=20,
+    split="heldout",
+    text=None,
+    model_path=None,
+    batch_size=8,
+    out=None,
+    log=None,
+):
+    """Write the atlas of the run's members; yields one summary line per member, then the page."""
+    from sae_jax.eval.html import write_page
+    from sae_jax.runs import open_run
+
+    if contexts < 1 or top < 1 or samples < 1 or batch_size < 1:
+        raise EvalError("--contexts, --top, --samples and --batch-size must be positive")
+    run = open_run(run_dir, step)
+    names = [m.name for m in run.members]
+    if member is not None and member not in names:
+        raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
+    out = Path(out or run.root / "atlas")
+    out.mkdir(parents=True, exist_ok=True)
+    lm = load_run_model(run.store_meta, model_path)
+    ctx = text_contexts(run.store_meta, lm, contexts, split, text)
+    vocab = {}
+
+    def decode(t: int) -> str:
+        if t not in vocab:
+            vocab[t] = lm.tokenizer.decode([t], skip_special_tokens=False)
+        return vocab[t]
+
+    written = []
+    for m, mem in enumerate(run.members):
+        if member is not None and mem.name != member:
+            continue
+        hook = parse_hook(mem.hook, lm.cfg.n_layers)
+        p = run.folded(m)
+        t0 = time.perf_counter()
+        enc = _encoder(lm, hook, mem.k, float(run.store_meta["outlier_ratio"] or 0))
+        tops, samp, counts, sums, positions = scan_member(p, mem.k, enc, ctx, batch_size, top, samples, seed=m)
+        secs = time.perf_counter() - t0
+        heads = head_attribution(p["W_dec"], lm.cfg.n_heads) if hook.point == "attn_z" else None
+        path = out / f"{mem.name}.jsonl"
+        tmp = path.with_suffix(".jsonl.tmp")
+        with open(tmp, "w") as f:
+            for lat in range(mem.width):
+                rec = {
+                    "latent": lat,
+                    "count": int(counts[lat]),
+                    "frequency": float(counts[lat] / max(positions, 1)),
+                    "max_activation": float(tops.act[lat, 0]) if counts[lat] else 0.0,
+                    "mean_activation": float(sums[lat] / counts[lat]) if counts[lat] else 0.0,
+                    "top": _examples(tops, lat, decode),
+                    "quantiles": _quantiles(_examples(samp, lat, decode)),
+                }
+                if heads is not None:
+                    rec["head_attribution"] = [round(float(h), 5) for h in heads[lat]]
+                f.write(json.dumps(rec) + "\n")
+        tmp.rename(path)
+        tok_s = len(ctx) * ctx.shape[1] / secs
+        meta = {
+            "member": mem.name,
+            "hook": mem.hook,
+            "width": mem.width,
+            "k": mem.k,
+            "run": str(run.root.absolute()),
+            "step": run.step,
+            "model": run.store_meta["model"]["name"],
+            "text": {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+            "positions_read": positions,
+            "top": top,
+            "samples": samples,
+            "window": [LEFT, RIGHT],
+            "n_heads": lm.cfg.n_heads if heads is not None else None,
+            "seconds": round(secs, 2),
+            "tokens_per_s": round(tok_s, 1),
+            "fired": int(np.sum(counts > 0)),
+        }
+        (out / f"{mem.name}.meta.json").write_text(json.dumps(meta, indent=1))
+        written.append(mem.name)
+        yield f"{path}: {mem.width} latents, {meta['fired']} fired on {positions:,} positions ({tok_s:,.0f} tok/s)"
+    page = write_page(out, written)
+    yield f"{page}: open in a browser"

@@ -1,0 +1,241 @@
+"""`sae-jax eval RUN`: reconstruction on held-out store rows, and the model's loss with each
+dictionary spliced in. Field names follow SAEBench's core evaluation.
+
+Reconstruction (per member, over held-out rows x, reconstructions x_hat, latents a):
+- `explained_variance` = 1 - FVU, FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (mean over the rows)
+- `mse` (mean over rows and dims), `cossim` (mean cos(x, x_hat)); `l2_norm_in`, `l2_norm_out`
+  (mean norms), `l2_ratio` (mean ||x_hat|| / ||x||), `relative_reconstruction_bias`
+  = sum ||x_hat||^2 / sum <x_hat, x> (the gated-SAE paper's gamma; 1 is unbiased, < 1 shrinkage)
+- `l0`, `l1` (mean count and sum of activations; activations in raw units, as exported)
+- `frac_alive`, `dead_frac` (no firing on the held-out rows), `dense_frac` (firing on > 10%),
+  `freq_over_1_percent`, `freq_over_10_percent`, a log10 density histogram.
+
+Downstream, on held-out text contexts, the dictionary replaces the hook's activation at every
+position the store keeps (not BOS/special tokens, not outlier rows: `inputs.splice_mask`):
+- `ce_loss_without_sae`, `ce_loss_with_sae`, `ce_loss_with_ablation` (zeros at those positions),
+  `ce_loss_score` = (ablation - sae) / (ablation - clean) ("loss recovered")
+- `kl_div_with_sae`, `kl_div_with_ablation` (mean over positions of KL(clean || edited)),
+  `kl_div_score` = (kl_ablation - kl_sae) / kl_ablation.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sae_jax.eval.errors import EvalError
+from sae_jax.eval.inputs import heldout_rows, load_run_model, splice_mask, text_contexts
+from sae_jax.model.hooks import parse_hook
+from sae_jax.sae import folded
+
+CHUNK = 2048
+
+
+def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
+    """SAEBench-named reconstruction and sparsity metrics of dictionary `p` on rows `x`."""
+    n, d = x.shape
+    w = p["W_enc"].shape[1]
+    pj = {key: jnp.asarray(v) for key, v in p.items()}
+    acc = {key: 0.0 for key in ("err2", "x2", "cos", "nin", "nout", "ratio", "dot", "xh2", "l0", "l1")}
+    sum_x = np.zeros(d, np.float64)
+    counts = np.zeros(w, np.int64)
+    for s in range(0, n, CHUNK):
+        xc = x[s : s + CHUNK]
+        m = len(xc)
+        pad = np.zeros((CHUNK, d), np.float32)
+        pad[:m] = xc
+        x_hat, v, i = folded.reconstruct(pj, jnp.asarray(pad), k=k)
+        x_hat, v, i = np.asarray(x_hat[:m], np.float64), np.asarray(v[:m]), np.asarray(i[:m])
+        xd = xc.astype(np.float64)
+        nin, nout = np.linalg.norm(xd, axis=1), np.linalg.norm(x_hat, axis=1)
+        dot = np.sum(xd * x_hat, axis=1)
+        acc["err2"] += float(np.sum((xd - x_hat) ** 2))
+        acc["x2"] += float(np.sum(xd**2))
+        acc["cos"] += float(np.sum(dot / np.maximum(nin * nout, 1e-12)))
+        acc["nin"] += float(nin.sum())
+        acc["nout"] += float(nout.sum())
+        acc["ratio"] += float(np.sum(nout / np.maximum(nin, 1e-12)))
+        acc["dot"] += float(dot.sum())
+        acc["xh2"] += float(np.sum(x_hat**2))
+        fired = v > 0
+        acc["l0"] += float(fired.sum())
+        acc["l1"] += float(v.sum())
+        sum_x += xd.sum(0)
+        np.add.at(counts, i[fired], 1)
+    total_var = acc["x2"] - float(sum_x @ sum_x) / n
+    fvu = acc["err2"] / total_var
+    density = counts / n
+    hist_edges = np.arange(-8.0, 0.5, 0.5)
+    log_d = np.log10(np.maximum(density, 1e-10))
+    hist, _ = np.histogram(log_d[density > 0], bins=hist_edges)
+    return {
+        "reconstruction_quality": {"explained_variance": 1 - fvu, "mse": acc["err2"] / (n * d), "cossim": acc["cos"] / n},
+        "shrinkage": {
+            "l2_norm_in": acc["nin"] / n,
+            "l2_norm_out": acc["nout"] / n,
+            "l2_ratio": acc["ratio"] / n,
+            "relative_reconstruction_bias": acc["xh2"] / acc["dot"],
+        },
+        "sparsity": {"l0": acc["l0"] / n, "l1": acc["l1"] / n},
+        "latents": {
+            "fvu": fvu,
+            "frac_alive": float(np.mean(counts > 0)),
+            "dead_frac": float(np.mean(counts == 0)),
+            "dense_frac": float(np.mean(density > 0.1)),
+            "freq_over_1_percent": float(np.mean(density > 0.01)),
+            "freq_over_10_percent": float(np.mean(density > 0.1)),
+            "density_log10_hist": {"edges": hist_edges.tolist(), "counts": hist.tolist(), "never_fired": int(np.sum(counts == 0))},
+        },
+        "token_stats": {"total_tokens_eval_sparsity_variance": int(n)},
+        "_density": density,
+    }
+
+
+def _splice_fn(lm, hook, k: int, outlier_ratio: float):
+    """jit(state, p, tokens) -> per-position (nll clean, nll sae, nll ablation, kl sae, kl ablation, spliced mask)."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(lm.model)
+    special = lm.special_ids
+
+    @jax.jit
+    def run(state, p, tokens):
+        model = nnx.merge(graphdef, state)
+        logits, acts = model(tokens, (hook,))
+        mask = splice_mask(tokens, acts[hook.name], special, outlier_ratio)
+
+        def sae(a):
+            flat = a.reshape(-1, a.shape[-1])
+            v, i = folded.encode(p, flat, k)
+            return jnp.where(mask[..., None], folded.decode(p, v, i).reshape(a.shape).astype(a.dtype), a)
+
+        def ablate(a):
+            return jnp.where(mask[..., None], jnp.zeros_like(a), a)
+
+        lp_clean = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), -1)
+        tgt = tokens[:, 1:, None]
+        outs = [-jnp.take_along_axis(lp_clean, tgt, -1)[..., 0]]
+        kls = []
+        for fn in (sae, ablate):
+            lg, _ = model(tokens, edits={hook: fn})
+            lp = jax.nn.log_softmax(lg[:, :-1].astype(jnp.float32), -1)
+            outs.append(-jnp.take_along_axis(lp, tgt, -1)[..., 0])
+            kls.append(jnp.sum(jnp.exp(lp_clean) * (lp_clean - lp), -1))
+        return (*outs, *kls, mask)
+
+    return partial(run, state)
+
+
+def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, batch_size: int, outlier_ratio: float) -> dict:
+    fn = _splice_fn(lm, parse_hook(hook_name, lm.cfg.n_layers), k, outlier_ratio)
+    pj = {key: jnp.asarray(v) for key, v in p.items()}
+    sums = np.zeros(5)
+    n_pred, n_spliced, n_kept_positions = 0, 0, 0
+    for s in range(0, len(ctx), batch_size):
+        tok = ctx[s : s + batch_size]
+        m = len(tok)
+        if m < batch_size:  # one compiled shape: pad with repeats, count only the real rows
+            tok = np.concatenate([tok, np.repeat(tok[-1:], batch_size - m, 0)])
+        res = [np.asarray(r[:m], np.float64) for r in fn(pj, jnp.asarray(tok))]
+        sums += [r.sum() for r in res[:5]]
+        n_pred += res[0].size
+        n_spliced += int(res[5].sum())
+        n_kept_positions += res[5].size
+    clean, with_sae, abl, kl_sae, kl_abl = sums / n_pred
+    return {
+        "model_performance_preservation": {
+            "ce_loss_score": (abl - with_sae) / (abl - clean),
+            "ce_loss_with_ablation": abl,
+            "ce_loss_with_sae": with_sae,
+            "ce_loss_without_sae": clean,
+        },
+        "model_behavior_preservation": {
+            "kl_div_score": (kl_abl - kl_sae) / kl_abl,
+            "kl_div_with_ablation": kl_abl,
+            "kl_div_with_sae": kl_sae,
+        },
+        "token_stats": {"total_tokens_eval_reconstruction": int(n_pred), "spliced_positions": n_spliced, "positions": n_kept_positions},
+    }
+
+
+def evaluate(
+    run_dir, *, step=None, store=None, tokens=200_000, contexts=64, split="heldout", batch_size=8, text=None, model_path=None, log=print
+) -> dict:
+    from sae_jax.data.store import open_store
+    from sae_jax.runs import open_run
+
+    if tokens < 1 or contexts < 1 or batch_size < 1:
+        raise EvalError("--tokens, --contexts and --batch-size must be positive")
+    run = open_run(run_dir, step)
+    st = open_store(store or run.store_meta["root"])
+    lm = load_run_model(run.store_meta, model_path)
+    t0 = time.perf_counter()
+    ctx = text_contexts(run.store_meta, lm, contexts, split, text)
+    report = {
+        "run": str(run.root.absolute()),
+        "step": run.step,
+        "finished": run.finished,
+        "model": run.store_meta["model"]["name"],
+        "downstream_text": {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+        "members": {},
+    }
+    rows_cache = {}
+    for m, mem in enumerate(run.members):
+        if mem.hook not in rows_cache:
+            rows_cache[mem.hook] = heldout_rows(run, st, mem.hook, tokens)
+        x, where = rows_cache[mem.hook]
+        p = run.folded(m)
+        rec = reconstruction_metrics(p, x, mem.k)
+        rec.pop("_density")
+        down = downstream_metrics(lm, p, mem.hook, mem.k, ctx, batch_size, float(run.store_meta["outlier_ratio"] or 0))
+        tok_stats = {**rec.pop("token_stats"), **down.pop("token_stats")}
+        report["members"][mem.name] = {
+            "hook": mem.hook,
+            "width": mem.width,
+            "k": mem.k,
+            "rows_from": where,
+            **down,
+            **rec,
+            "token_stats": tok_stats,
+        }
+        log(f"evaluated {mem.name}")
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Evaluation of {report['run']} (step {report['step']}{'' if report['finished'] else ', unfinished'})",
+        "",
+        f"Model {report['model']}; downstream on {report['downstream_text']['contexts']} held-out contexts of {report['downstream_text']['ctx_len']} tokens.",
+        "",
+        "| member | FVU | expl. var | cos | L0 | dead % | CE clean | CE sae | CE zero | loss recovered | KL sae |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, r in report["members"].items():
+        q, lat, ce, kl = r["reconstruction_quality"], r["latents"], r["model_performance_preservation"], r["model_behavior_preservation"]
+        lines.append(
+            f"| {name} | {lat['fvu']:.4f} | {q['explained_variance']:.4f} | {q['cossim']:.4f} | {r['sparsity']['l0']:.1f} | "
+            f"{100 * lat['dead_frac']:.1f} | {ce['ce_loss_without_sae']:.4f} | {ce['ce_loss_with_sae']:.4f} | "
+            f"{ce['ce_loss_with_ablation']:.4f} | {ce['ce_loss_score']:.4f} | {kl['kl_div_with_sae']:.4f} |"
+        )
+    lines += ["", "Rows: " + "; ".join(sorted({r["rows_from"] for r in report["members"].values()}))]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out=None) -> tuple[str, list[Path]]:
+    out = Path(out or Path(report["run"]) / "eval")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"cannot write the report to {out}: {e}") from None
+    text = markdown(report)
+    (out / "eval.json").write_text(json.dumps(report, indent=1))
+    (out / "eval.md").write_text(text + "\n")
+    return text, [out / "eval.json", out / "eval.md"]

@@ -1,0 +1,197 @@
+"""`sae-jax export RUN --format saelens|sparsify|npz --out DIR`: a run's dictionaries for PyTorch.
+
+One folder per bank member, named like the member (`blocks.6.hook_resid_post.topk.w4608.k32`):
+
+| format     | files in the member folder                                   | loads with |
+| ---------- | ------------------------------------------------------------ | ---------- |
+| `saelens`  | `cfg.json`, `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec) | `sae_lens.SAE.load_from_disk(folder)` |
+| `sparsify` | `<hookpoint>/cfg.json`, `<hookpoint>/sae.safetensors` (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec) | `sparsify.SparseCoder.load_from_disk(folder/<hookpoint>)` |
+| `npz`      | `params.npz` in the Gemma Scope layout (W_enc, W_dec, b_enc, b_dec; `threshold` for JumpReLU-type dictionaries, `k` for TopK) and `cfg.json` | `numpy.load(..., allow_pickle=False)` |
+
+The input normalisation used in training is folded in (see `sae_jax.runs`): every export maps raw
+activations of the hook to the same latents and reconstruction as our model. sparsify's
+`<hookpoint>` is the Hugging Face module whose output the hook is (`layers.6` for
+`blocks.6.hook_resid_post`, `layers.6.mlp` for `hook_mlp_out`, ...), or the TransformerLens name
+where no module outputs it (`attn.hook_z`, `hook_resid_mid`). A TopK dictionary is written to npz
+with its `k`, never with a zero threshold (that would make it a ReLU SAE).
+
+The export is written to a temporary folder beside `--out` and renamed into place: an existing
+`--out` is refused unless `--overwrite`, and a failure leaves no partial export behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from sae_jax.model.hooks import parse_hook
+from sae_jax.runs import Run, RunError
+
+FORMATS = ("saelens", "sparsify", "npz")
+DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
+SAELENS_VERSION = "6.0.0"  # the config layout written (sae_lens >= 6 reads it)
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def hf_module(hook: str) -> str | None:
+    """The Hugging Face (Llama-family) module path whose output a hook is, or None."""
+    h = parse_hook(hook)
+    return {
+        "resid_post": f"layers.{h.layer}",
+        "resid_pre": f"layers.{h.layer - 1}" if h.layer > 0 else "embed_tokens",
+        "attn_out": f"layers.{h.layer}.self_attn",
+        "mlp_in": f"layers.{h.layer}.post_attention_layernorm",
+        "mlp_out": f"layers.{h.layer}.mlp",
+    }.get(h.point)
+
+
+def _cast(arrays: dict[str, np.ndarray], dtype: str) -> dict:
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        return {k: np.ascontiguousarray(v.astype(ml_dtypes.bfloat16)) for k, v in arrays.items()}
+    return {k: np.ascontiguousarray(v.astype(DTYPES[dtype])) for k, v in arrays.items()}
+
+
+def _metadata(run: Run, m: int) -> dict:
+    mem, st = run.members[m], run.store_meta
+    return {
+        "sae_lens_version": SAELENS_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": st["model"]["name"],
+        "hook_name": mem.hook,
+        "hook_head_index": None,
+        "hf_hook_name": hf_module(mem.hook),
+        "context_size": st["ctx_len"],
+        "prepend_bos": st["bos_prepended"],
+        "exclude_special_tokens": st["exclude_special"],
+        "dataset_path": json.dumps(st["source"]),
+        "model_from_pretrained_kwargs": {},
+        "seqpos_slice": [None],
+        "trained_with": {
+            "library": "sae_jax",
+            "run": str(run.root.absolute()),
+            "step": run.step,
+            "steps_planned": run.steps,
+            "model_digest": st["model"]["digest"],
+            "input_scale_folded": mem.input_scale,
+        },
+    }
+
+
+def _save_safetensors(path: Path, arrays: dict) -> None:
+    from safetensors.numpy import save_file
+
+    save_file(arrays, str(path), metadata={"format": "pt"})
+
+
+def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
+    mem, p = run.members[m], run.folded(m)
+    cfg = {
+        "architecture": "topk",
+        "d_in": run.meta["d_in"],
+        "d_sae": mem.width,
+        "k": mem.k,
+        "rescale_acts_by_decoder_norm": False,
+        "dtype": dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "hook_z" if parse_hook(mem.hook).point == "attn_z" else "none",
+        "metadata": _metadata(run, m),
+    }
+    folder.mkdir(parents=True)
+    _save_safetensors(folder / "sae_weights.safetensors", _cast(p, dtype))
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
+
+
+def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:
+    mem, p = run.members[m], run.folded(m)
+    sub = folder / (hf_module(mem.hook) or mem.hook)
+    sub.mkdir(parents=True)
+    cfg = {
+        "activation": "topk",
+        "expansion_factor": max(1, mem.width // run.meta["d_in"]),
+        "normalize_decoder": True,
+        "num_latents": mem.width,
+        "k": mem.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": run.meta["d_in"],
+    }
+    arrays = {"encoder.weight": p["W_enc"].T, "encoder.bias": p["b_enc"], "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+    _save_safetensors(sub / "sae.safetensors", _cast(arrays, dtype))
+    (sub / "cfg.json").write_text(json.dumps(cfg, indent=1))
+    # sparsify's cfg.json takes only its own fields: where the dictionary came from goes beside it
+    (folder / "sae_jax.json").write_text(json.dumps({"hook_name": mem.hook, "hookpoint": sub.name, **_metadata(run, m)}, indent=1))
+
+
+def write_npz(run: Run, m: int, folder: Path, dtype: str) -> None:
+    if dtype == "bfloat16":
+        raise ExportError("npz export: bfloat16 is not a numpy dtype other tools read; use float32 or float16")
+    mem, p = run.members[m], run.folded(m)
+    folder.mkdir(parents=True)
+    arrays = {**_cast(p, dtype), "k": np.asarray(mem.k, np.int64)}
+    np.savez(folder / "params.npz", **arrays)
+    cfg = {"architecture": "topk", "d_in": run.meta["d_in"], "d_sae": mem.width, "k": mem.k, "hook_name": mem.hook, **_metadata(run, m)}
+    (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
+
+
+WRITERS = {"saelens": write_saelens, "sparsify": write_sparsify, "npz": write_npz}
+
+
+def export_run(run: Run, fmt: str, out, dtype: str = "float32", overwrite: bool = False) -> list[Path]:
+    """Write every member of `run` in `fmt` under `out`; returns the member folders."""
+    if fmt not in WRITERS:
+        raise ExportError(f"unknown export format {fmt!r} (choose from {', '.join(FORMATS)})")
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype {dtype!r} is not supported ({', '.join(DTYPES)})")
+    out = Path(out).expanduser()
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        folders = []
+        for m, mem in enumerate(run.members):
+            WRITERS[fmt](run, m, tmp / mem.name, dtype)
+            folders.append(out / mem.name)
+        (tmp / "export.json").write_text(
+            json.dumps(
+                {
+                    "format": fmt,
+                    "dtype": dtype,
+                    "run": str(run.root.absolute()),
+                    "step": run.step,
+                    "members": [m.name for m in run.members],
+                },
+                indent=1,
+            )
+        )
+        if out.exists():
+            old = out.parent / f".old-export-{out.name}-{os.getpid()}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except OSError as e:
+        raise ExportError(f"cannot write the export to {out}: {e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folders
+
+
+__all__ = ["FORMATS", "ExportError", "RunError", "export_run", "hf_module"]
