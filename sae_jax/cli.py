@@ -2,8 +2,8 @@
 
     sae-jax harvest [--config=configs/default.py] [--config.harvest.out=DIR ...]
     sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
-    sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, then train
-    sae-jax eval    RUN [--store DIR] [--tokens N] [--contexts N] [--out DIR]
+    sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, train, eval
+    sae-jax eval    RUN [--member NAME] [--store DIR] [--tokens N] [--contexts N] [--out DIR]
     sae-jax export  RUN --format saelens|sparsify|npz --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
     sae-jax atlas   RUN [--member NAME] [--contexts N] [--top N] [--out DIR]
     sae-jax plot    RUN
@@ -74,7 +74,8 @@ def cmd_train(argv) -> int:
 
 
 def cmd_demo(argv) -> int:
-    """Harvest (configs/demo.py), then train its bank on the store, then print the results."""
+    """Harvest (configs/demo.py), train its bank on the store, evaluate it; print the results."""
+    from sae_jax.eval.core import evaluate, write_report
     from sae_jax.harvest import harvest, summary
     from sae_jax.train.loop import summary as train_summary
     from sae_jax.train.loop import train
@@ -85,7 +86,13 @@ def cmd_demo(argv) -> int:
     t1 = time.perf_counter()
     print(f"harvest    {t1 - t0:.1f} s\n")
     print(train_summary(train(cfg)))
-    print(f"train      {time.perf_counter() - t1:.1f} s")
+    t2 = time.perf_counter()
+    print(f"train      {t2 - t1:.1f} s\n")
+    text, paths = write_report(evaluate(cfg.train.run_dir, log=lambda *a: None))
+    print(text)
+    print(f"eval       {time.perf_counter() - t2:.1f} s ({paths[0]})")
+    print(f"next       sae-jax export {cfg.train.run_dir} --format saelens --out {cfg.train.run_dir}/export/saelens")
+    print(f"           sae-jax atlas {cfg.train.run_dir}")
     return 0
 
 
@@ -127,6 +134,7 @@ def cmd_eval(argv) -> int:
     from sae_jax.eval.core import evaluate, write_report
 
     p = _argparser("eval", description="Reconstruction metrics on held-out store rows and downstream loss with each dictionary spliced in.")
+    p.add_argument("--member", default=None, help="bank member name (default: every member)")
     p.add_argument("--store", default=None, help="a store of the same model to evaluate on (default: the run's store, its held-out shards)")
     p.add_argument("--tokens", type=int, default=200_000, help="held-out rows to evaluate reconstruction on, at most")
     p.add_argument("--contexts", type=int, default=64, help="held-out text contexts for the downstream losses")

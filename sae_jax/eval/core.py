@@ -97,22 +97,38 @@ def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
     }
 
 
-def _splice_fn(lm, hook, k: int, outlier_ratio: float):
-    """jit(state, p, tokens) -> per-position (nll clean, nll sae, nll ablation, kl sae, kl ablation, spliced mask)."""
+def pad_width(p: dict, width: int) -> dict:
+    """Pad a dictionary to `width` latents that never fire (b_enc -1e30, zero rows), so members of
+    one hook with different widths share one compiled forward."""
+    extra = width - p["W_enc"].shape[1]
+    if extra == 0:
+        return p
+    return {
+        "W_enc": np.pad(p["W_enc"], ((0, 0), (0, extra))),
+        "b_enc": np.pad(p["b_enc"], (0, extra), constant_values=-1e30),
+        "W_dec": np.pad(p["W_dec"], ((0, extra), (0, 0))),
+        "b_dec": p["b_dec"],
+    }
+
+
+def splice_fn(lm, hook, k_max: int, outlier_ratio: float):
+    """jit(p, k, tokens) -> per-position (nll clean, nll sae, nll ablation, kl sae, kl ablation,
+    spliced mask). One compilation per hook and padded width: k (<= k_max) is an argument."""
     from flax import nnx
 
     graphdef, state = nnx.split(lm.model)
     special = lm.special_ids
 
     @jax.jit
-    def run(state, p, tokens):
+    def run(state, p, k, tokens):
         model = nnx.merge(graphdef, state)
         logits, acts = model(tokens, (hook,))
         mask = splice_mask(tokens, acts[hook.name], special, outlier_ratio)
 
         def sae(a):
             flat = a.reshape(-1, a.shape[-1])
-            v, i = folded.encode(p, flat, k)
+            v, i = folded.encode(p, flat, k_max)
+            v = v * (jnp.arange(k_max) < k)
             return jnp.where(mask[..., None], folded.decode(p, v, i).reshape(a.shape).astype(a.dtype), a)
 
         def ablate(a):
@@ -132,8 +148,9 @@ def _splice_fn(lm, hook, k: int, outlier_ratio: float):
     return partial(run, state)
 
 
-def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, batch_size: int, outlier_ratio: float) -> dict:
-    fn = _splice_fn(lm, parse_hook(hook_name, lm.cfg.n_layers), k, outlier_ratio)
+def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, batch_size: int, outlier_ratio: float, fn=None) -> dict:
+    """Losses with dictionary `p` (top `k`) spliced in at `hook_name` (`fn`: a `splice_fn` to reuse)."""
+    fn = fn or splice_fn(lm, parse_hook(hook_name, lm.cfg.n_layers), k, outlier_ratio)
     pj = {key: jnp.asarray(v) for key, v in p.items()}
     sums = np.zeros(5)
     n_pred, n_spliced, n_kept_positions = 0, 0, 0
@@ -142,7 +159,7 @@ def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, bat
         m = len(tok)
         if m < batch_size:  # one compiled shape: pad with repeats, count only the real rows
             tok = np.concatenate([tok, np.repeat(tok[-1:], batch_size - m, 0)])
-        res = [np.asarray(r[:m], np.float64) for r in fn(pj, jnp.asarray(tok))]
+        res = [np.asarray(r[:m], np.float64) for r in fn(pj, k, jnp.asarray(tok))]
         sums += [r.sum() for r in res[:5]]
         n_pred += res[0].size
         n_spliced += int(res[5].sum())
@@ -165,7 +182,18 @@ def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, bat
 
 
 def evaluate(
-    run_dir, *, step=None, store=None, tokens=200_000, contexts=64, split="heldout", batch_size=8, text=None, model_path=None, log=print
+    run_dir,
+    *,
+    step=None,
+    member=None,
+    store=None,
+    tokens=200_000,
+    contexts=64,
+    split="heldout",
+    batch_size=8,
+    text=None,
+    model_path=None,
+    log=print,
 ) -> dict:
     from sae_jax.data.store import open_store
     from sae_jax.runs import open_run
@@ -185,15 +213,25 @@ def evaluate(
         "downstream_text": {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
         "members": {},
     }
-    rows_cache = {}
-    for m, mem in enumerate(run.members):
+    names = [mem.name for mem in run.members]
+    if member is not None and member not in names:
+        raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
+    chosen = [m for m, mem in enumerate(run.members) if member in (None, mem.name)]
+    outlier = float(run.store_meta["outlier_ratio"] or 0)
+    rows_cache, fns = {}, {}
+    for m in chosen:
+        mem = run.members[m]
+        group = [run.members[j] for j in chosen if run.members[j].hook == mem.hook]
         if mem.hook not in rows_cache:
             rows_cache[mem.hook] = heldout_rows(run, st, mem.hook, tokens)
+            k_max, w_max = max(g.k for g in group), max(g.width for g in group)
+            fns[mem.hook] = (splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier), w_max)
         x, where = rows_cache[mem.hook]
+        fn, w_max = fns[mem.hook]
         p = run.folded(m)
         rec = reconstruction_metrics(p, x, mem.k)
         rec.pop("_density")
-        down = downstream_metrics(lm, p, mem.hook, mem.k, ctx, batch_size, float(run.store_meta["outlier_ratio"] or 0))
+        down = downstream_metrics(lm, pad_width(p, w_max), mem.hook, mem.k, ctx, batch_size, outlier, fn=fn)
         tok_stats = {**rec.pop("token_stats"), **down.pop("token_stats")}
         report["members"][mem.name] = {
             "hook": mem.hook,

@@ -54,13 +54,14 @@ def splice_mask(tokens, acts, special_ids, outlier_ratio: float):
     """Positions a dictionary is spliced into (and ablated at): those the store keeps.
 
     Special tokens (BOS, ...) and rows the harvest would drop as outliers (squared norm above
-    `outlier_ratio` times the batch's median) keep their clean activation, as the dictionary
-    never saw such rows."""
+    `outlier_ratio` times the median of their context's other rows; the harvest used the shard's
+    median) keep their clean activation, as the dictionary never saw such rows. Per context, so
+    the mask does not depend on how contexts are batched."""
     special = jnp.isin(tokens, jnp.asarray(sorted(special_ids) or [-1], jnp.int32))
     keep = ~special
     if outlier_ratio > 0:
         sq = jnp.sum(acts.astype(jnp.float32) ** 2, axis=-1)
-        med = jnp.nanmedian(jnp.where(keep, sq, jnp.nan))
+        med = jnp.nanmedian(jnp.where(keep, sq, jnp.nan), axis=-1, keepdims=True)
         keep &= sq <= outlier_ratio * med
     return keep
 

@@ -1,0 +1,103 @@
+"""The latent atlas: the streaming tables equal a brute-force pass, the JSONL is as documented,
+and the HTML page renders a latent in a real headless browser (Debian's chromium)."""
+
+import json
+import shutil
+import subprocess
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import run_cli
+
+
+def test_streaming_tables_equal_brute_force(lm, tiny_run):
+    from sae_jax.eval.atlas import LEFT, _encoder, scan_member
+    from sae_jax.eval.inputs import text_contexts
+    from sae_jax.model.hooks import parse_hook
+    from sae_jax.runs import open_run
+
+    run = open_run(tiny_run)
+    m = 3
+    mem = run.members[m]
+    p = run.folded(m)
+    ctx = text_contexts(run.store_meta, lm, 20, "heldout")
+    enc = _encoder(lm, parse_hook(mem.hook, lm.cfg.n_layers), mem.k, 100.0)
+    top, samples = 5, 7
+    tops, samp, counts, sums, positions = scan_member(p, mem.k, enc, ctx, 3, top, samples)  # 7 batches, the last short
+
+    # brute force: every firing of every latent over all contexts at once
+    v, i, keep = (np.asarray(a) for a in enc({k: jnp.asarray(a) for k, a in p.items()}, jnp.asarray(ctx)))
+    assert positions == keep.sum()
+    firings = {}
+    for c, t, s in zip(*np.nonzero(v > 0), strict=True):
+        firings.setdefault(int(i[c, t, s]), []).append((float(v[c, t, s]), c, t))
+    assert counts.sum() == sum(len(f) for f in firings.values())
+    for lat in range(mem.width):
+        f = sorted(firings.get(lat, []), reverse=True)
+        assert counts[lat] == len(f)
+        want = [a for a, _, _ in f[:top]]
+        got = tops.act[lat][np.isfinite(tops.key[lat])]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+        for j in range(len(want)):  # the stored window is the context around the firing
+            c, t = tops.where[lat, j]
+            assert v[c, t][i[c, t] == lat][0] == pytest.approx(tops.act[lat, j])
+            assert tops.tokens[lat, j, LEFT] == ctx[c, t]
+            assert float(tops.window[lat, j, LEFT]) == pytest.approx(tops.act[lat, j], rel=1e-3)
+        # the random sample: min(samples, firings) genuine firings, no repeats
+        n_s = int(np.isfinite(samp.key[lat]).sum())
+        assert n_s == min(samples, len(f))
+        spots = {(int(c), int(t)) for c, t in samp.where[lat][:n_s]}
+        assert len(spots) == n_s and spots <= {(c, t) for _, c, t in f}
+        assert sums[lat] == pytest.approx(sum(a for a, _, _ in f), rel=1e-5)
+
+
+def _chromium():
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe, "Debian's chromium is needed for the atlas page test (`make chromium` installs it)"
+    return exe
+
+
+def _dump_dom(url, tmp_path):
+    flags = "--headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking --disable-component-update --disable-sync"
+    cmd = [_chromium(), *flags.split(), f"--user-data-dir={tmp_path / 'chromium'}", "--virtual-time-budget=3000", "--dump-dom", url]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout
+
+
+def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
+    out = tmp_path / "atlas"
+    r = run_cli("atlas", str(tiny_run), "--contexts", "12", "--top", "4", "--samples", "8", "--batch-size", "4", "--out", str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    members = json.loads((tiny_run / "members.json").read_text())
+    z_member = next(i for i, n in enumerate(members) if "hook_z" in n)
+    recs = [json.loads(line) for line in (out / f"{members[z_member]}.jsonl").read_text().splitlines()]
+    meta = json.loads((out / f"{members[z_member]}.meta.json").read_text())
+    assert [r["latent"] for r in recs] == list(range(meta["width"]))
+    fired = [r for r in recs if r["count"] > 0]
+    assert len(fired) == meta["fired"] > 0
+    rec = max(fired, key=lambda r: r["count"])
+    assert len(rec["head_attribution"]) == meta["n_heads"] == 9
+    ex = rec["top"][0]
+    assert ex["activation"] == rec["max_activation"] and ex["activations"][ex["index"]] == pytest.approx(ex["activation"], rel=1e-3)
+    assert len(ex["tokens"]) == len(ex["token_ids"]) == len(ex["activations"])
+    acts = sorted(e["activation"] for q in rec["quantiles"] for e in q["examples"])
+    assert len(acts) == min(8, rec["count"]) and acts[-1] <= rec["max_activation"]
+
+    page = out / "index.html"
+    assert page.is_file()
+    dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l={rec['latent']}", tmp_path)
+    card = dom.split('<div id="card">')[1].split("<script")[0]  # the rendered card, not the page's script
+    assert f'<h2 id="latent-title">Latent {rec["latent"]}</h2>' in card
+    assert card.count('class="head"') == 9
+    hit = card.split('class="tok hit"')[1]
+    assert f'data-act="{ex["activations"][ex["index"]]}"' in hit.split(">")[0] + ">" or "rgba(255,120,0,1.000)" in hit.split(">")[0]
+    assert card.count('class="ctx"') == len(rec["top"]) + len(acts)
+    dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l=99999", tmp_path)
+    assert "No latent 99999" in dom
+
+
+def test_atlas_bad_member(tiny_run, tmp_path):
+    r = run_cli("atlas", str(tiny_run), "--member", "blocks.9.nothing", "--out", str(tmp_path / "a"))
+    assert r.returncode == 1 and "blocks.9.nothing" in r.stderr and "members:" in r.stderr
