@@ -88,7 +88,7 @@ def cmd_demo(argv) -> int:
     print(train_summary(train(cfg)))
     t2 = time.perf_counter()
     print(f"train      {t2 - t1:.1f} s\n")
-    text, paths = write_report(evaluate(cfg.train.run_dir, log=lambda *a: None))
+    text, paths = write_report(evaluate(cfg.train.run_dir, contexts=32, log=lambda *a: None))
     print(text)
     print(f"eval       {time.perf_counter() - t2:.1f} s ({paths[0]})")
     print(f"next       sae-jax export {cfg.train.run_dir} --format saelens --out {cfg.train.run_dir}/export/saelens")

@@ -159,10 +159,10 @@ def export_run(run: Run, fmt: str, out, dtype: str = "float32", overwrite: bool 
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".tmp-export-{out.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         folders = []
         for m, mem in enumerate(run.members):

@@ -1,0 +1,130 @@
+"""TopK encoders: every implementation equals the dense reference on awkward shapes, and the
+sparse custom VJP equals dense autodiff of the reference (ReLU-clipped selections included)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from sae_jax.kernels.topk import topk_encode, topk_pre
+
+# (batch, d_in, d_sae, k, block): d_sae not a multiple of the block, k bigger than a block, batch 1
+SHAPES = [(7, 16, 100, 5, 32), (1, 8, 70, 12, 8), (33, 24, 256, 40, 64), (16, 12, 50, 50, 16)]
+IMPLS = ["stream", "pallas_gpu", "pallas_tpu"]
+
+
+def _data(shape, dtype, seed=0):
+    b, d, s, k, _ = shape
+    kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(kx, (b, d), jnp.float32).astype(dtype)
+    w = (jax.random.normal(kw, (d, s), jnp.float32) / np.sqrt(d)).astype(dtype)
+    bias = (0.5 * jax.random.normal(kb, (s,), jnp.float32) - 1.0).astype(dtype)  # ~19% of pre > 0: some rows have < k
+    return x, w, bias
+
+
+def _ref(x, w, b, k):
+    pre = jnp.dot(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32)
+    return lax.top_k(jax.nn.relu(pre), k)
+
+
+def _check_same(v, i, rv, ri, x, w, b, tol):
+    np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=tol, atol=tol)
+    # indices up to ties: the chosen latents must carry the reference's values
+    pre = np.asarray(jnp.dot(x, w, preferred_element_type=jnp.float32) + b.astype(jnp.float32))
+    got = np.maximum(np.take_along_axis(pre, np.asarray(i), 1), 0)
+    np.testing.assert_allclose(got, np.asarray(rv), rtol=tol, atol=tol)
+    for r in range(v.shape[0]):  # no latent twice in a row
+        assert len(set(np.asarray(i)[r].tolist())) == i.shape[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_forward_equals_dense_reference(impl, shape, dtype):
+    x, w, b = _data(shape, dtype)
+    k, block = shape[3], shape[4]
+    v, i = topk_encode(x, w, b, k, impl=impl, block=block)
+    rv, ri = _ref(x, w, b, k)
+    assert v.shape == (shape[0], k) and i.dtype == jnp.int32
+    _check_same(v, i, rv, ri, x, w, b, 1e-5 if dtype == jnp.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("impl", ["dense", *IMPLS])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sparse_vjp_equals_dense_autodiff(impl, shape):
+    x, w, b = _data(shape, jnp.float32, seed=1)
+    k, block = shape[3], shape[4]
+    tgt = jax.random.normal(jax.random.key(9), (shape[0], k))
+
+    def loss_ours(x, w, b):
+        v, _ = topk_encode(x, w, b, k, impl=impl, block=block)
+        return jnp.sum((v - tgt) ** 2 * jnp.arange(1, k + 1))
+
+    def loss_ref(x, w, b):
+        v, _ = _ref(x, w, b, k)
+        return jnp.sum((v - tgt) ** 2 * jnp.arange(1, k + 1))
+
+    clipped = np.mean(np.asarray(_ref(x, w, b, k)[0]) == 0)
+    if 4 * shape[3] >= shape[2]:
+        assert clipped > 0  # the case where selected values are clipped by ReLU is exercised
+    got = jax.grad(loss_ours, argnums=(0, 1, 2))(x, w, b)
+    want = jax.grad(loss_ref, argnums=(0, 1, 2))(x, w, b)
+    for g, r, name in zip(got, want, ("dx", "dW_enc", "db_enc"), strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_aux_selection_shares_the_pass(impl):
+    """AuxK's top-k over dead latents (aux bias -inf on live ones) equals its dense reference, and
+    the gradients of both selections together equal dense autodiff."""
+    shape = (9, 16, 90, 6, 32)
+    x, w, b = _data(shape, jnp.float32, seed=2)
+    dead = jnp.arange(90) % 3 == 0
+    aux_b = jnp.where(dead, b, -jnp.inf)
+
+    def ours(x, w, b):
+        v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, impl=impl, block=32)
+        return jnp.sum(jax.nn.relu(v) ** 2) + jnp.sum(jax.nn.relu(av) * 3.0), (i, ai)
+
+    def ref(x, w, b):
+        pre = x @ w + b
+        v, i = lax.top_k(pre, 6)
+        av, ai = lax.top_k(jnp.where(dead, pre, -jnp.inf), 4)
+        return jnp.sum(jax.nn.relu(v) ** 2) + jnp.sum(jax.nn.relu(av) * 3.0), (i, ai)
+
+    (lo, (i, ai)), go = jax.value_and_grad(ours, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+    (lr, (ri, rai)), gr = jax.value_and_grad(ref, argnums=(0, 1, 2), has_aux=True)(x, w, b)
+    assert np.all(np.asarray(dead)[np.asarray(ai)])
+    np.testing.assert_allclose(lo, lr, rtol=1e-5)
+    for g, r in zip(go, gr, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+    del aux_b
+
+
+def test_streaming_has_no_dense_buffer():
+    """The compiled streaming encoder (forward and backward) holds no [B, d_sae] buffer."""
+    B, d, S, k = 1024, 16, 1 << 15, 16  # gradient buffers are [d, S]: far below [B, S]
+    x = jax.ShapeDtypeStruct((B, d), jnp.float32)
+    w = jax.ShapeDtypeStruct((d, S), jnp.float32)
+    b = jax.ShapeDtypeStruct((S,), jnp.float32)
+
+    def step(impl):
+        def loss(x, w, b):
+            return jnp.sum(topk_encode(x, w, b, k, impl=impl, block=1024)[0])
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().memory_analysis().temp_size_in_bytes
+
+    dense, stream = step("dense"), step("stream")
+    assert dense >= B * S * 4  # the reference does hold one
+    assert stream < B * S * 4 / 8, (dense, stream)
+
+
+def test_bad_arguments():
+    x, w, b = _data((4, 8, 20, 3, 8), jnp.float32)
+    with pytest.raises(ValueError, match="k=21"):
+        topk_encode(x, w, b, 21)
+    with pytest.raises(ValueError, match="unknown TopK encoder"):
+        topk_encode(x, w, b, 3, impl="cuda")
+    with pytest.raises(ValueError, match=r"\[B, d\]"):
+        topk_encode(x, w.T, b, 3)
