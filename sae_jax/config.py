@@ -57,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
     c.train.aux_coef = 1 / 32
     c.train.k_aux = 0  # 0: d_in // 2 (at most the smallest width)
+    # TopK encoder: auto (Pallas on GPU/TPU, streaming XLA elsewhere) | stream | dense | pallas_gpu | pallas_tpu
+    c.train.encoder = "auto"
+    c.train.encoder_block = 4096  # latents per streamed block
     c.train.mesh_data = 0  # 0: every device not on the model axis
     c.train.mesh_model = 1
     c.train.checkpoint_every = 50

@@ -128,3 +128,56 @@ def test_bad_arguments():
         topk_encode(x, w, b, 3, impl="cuda")
     with pytest.raises(ValueError, match=r"\[B, d\]"):
         topk_encode(x, w.T, b, 3)
+
+
+def test_sparse_decode_and_its_vjp_equal_dense():
+    from sae_jax.kernels.topk import sparse_decode
+
+    B, S, d, k = 11, 40, 6, 5
+    key = jax.random.split(jax.random.key(3), 3)
+    vals = jax.nn.relu(jax.random.normal(key[0], (B, k)))
+    idx = jax.random.randint(key[1], (B, k), 0, S)  # repeats within a row allowed: they add up
+    w = jax.random.normal(key[2], (S, d))
+    tgt = jnp.arange(B * d, dtype=jnp.float32).reshape(B, d) / (B * d)
+
+    def dense(vals, w):
+        acts = jnp.zeros((B, S)).at[jnp.arange(B)[:, None], idx].add(vals)
+        return acts @ w
+
+    np.testing.assert_allclose(sparse_decode(vals, idx, w), dense(vals, w), rtol=1e-5, atol=1e-6)
+    got = jax.grad(lambda v, w: jnp.sum((sparse_decode(v, idx, w) - tgt) ** 2), argnums=(0, 1))(vals, w)
+    want = jax.grad(lambda v, w: jnp.sum((dense(v, w) - tgt) ** 2), argnums=(0, 1))(vals, w)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_train_step_memory_has_no_batch_by_latents_buffer():
+    """The compiled bank train step (streaming encoder, sparse decode, AuxK branch included) holds
+    no buffer of B x d_sae or B x k_aux x d_in elements; the dense encoder's step does."""
+    import re
+
+    from sae_jax import parallel
+    from sae_jax.sae.bank import BankSpec
+    from sae_jax.train.step import init_state, make_optimizer, make_train_step
+
+    n = jax.device_count()
+    B, d, S, k, k_aux = 512 * n, 16, 1 << 14, 8, 8
+    spec = BankSpec(("h",), (S,), (k,), d, S, k_aux)
+    mesh = parallel.make_mesh(n, 1)
+    B_local = B // n  # shapes in the partitioned program are per device
+    tx, sched = make_optimizer(spec, np.array([1e-3]), 100, 1, 0.2)
+    abstract = jax.eval_shape(lambda: init_state(spec, mesh, tx, jax.random.key(0), None))
+    x = jax.ShapeDtypeStruct((1, B, d), jnp.float32)
+
+    def compiled(encoder):
+        step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 100, 1 / 32, encoder=encoder, block=1024)
+        return step.lower(abstract, x).compile()
+
+    def sizes(c):
+        return [np.prod([int(v) for v in dims.split(",")]) for dims in re.findall(r"\[([0-9,]+)\]", c.as_text()) if dims]
+
+    stream, dense = compiled("stream"), compiled("dense")
+    assert max(sizes(dense)) >= B_local * S  # the reference builds the [B, d_sae] pre-activation
+    # the largest: parameter-sized (d x S) or one streamed block of pre-activations (B x 1024)
+    assert max(sizes(stream)) <= max(d * S, B_local * 1024) < B_local * S / 4, max(sizes(stream))
+    assert stream.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes / 2

@@ -174,3 +174,41 @@ def topk_encode(x, W_enc, b_enc, k: int, *, impl: str = "auto", block: int = DEF
     pre-activations, without a dense [B, d_sae] matrix (except `impl='dense'`)."""
     v, i = topk_pre(x, W_enc, b_enc, k, impl=impl, block=block)
     return jax.nn.relu(v), i
+
+
+@jax.custom_vjp
+def sparse_decode(values, indices, w_dec):
+    """sum_s values[:, s] * w_dec[indices[:, s]] -> [B, d]: a scan over the k slots, one [B, d]
+    gather per slot, so neither a dense [B, d_sae] activation nor a [B, k, d] gather exists, in
+    the forward or (custom VJP: nothing saved but the inputs) the backward."""
+    return _decode_fwd_only(values, indices, w_dec)
+
+
+def _decode_fwd_only(values, indices, w_dec):
+    def slot(acc, vi):
+        v, i = vi
+        return acc + v[:, None].astype(jnp.float32) * w_dec[i].astype(jnp.float32), None
+
+    zero = jnp.zeros((values.shape[0], w_dec.shape[1]), jnp.float32)
+    out, _ = lax.scan(slot, zero, (values.T, indices.T))
+    return out.astype(w_dec.dtype)
+
+
+def _decode_fwd(values, indices, w_dec):
+    return _decode_fwd_only(values, indices, w_dec), (values, indices, w_dec)
+
+
+def _decode_bwd(res, g):
+    values, indices, w_dec = res
+    g32 = g.astype(jnp.float32)
+
+    def slot(dw, vi):
+        v, i = vi
+        dv = jnp.sum(g32 * w_dec[i].astype(jnp.float32), axis=-1)
+        return dw.at[i].add(v[:, None].astype(jnp.float32) * g32), dv
+
+    dw, dv = lax.scan(slot, jnp.zeros(w_dec.shape, jnp.float32), (values.T, indices.T))
+    return dv.T.astype(values.dtype), None, dw.astype(w_dec.dtype)
+
+
+sparse_decode.defvjp(_decode_fwd, _decode_bwd)

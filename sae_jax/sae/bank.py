@@ -10,21 +10,25 @@ the top-k; each member selects its own k out of the bank's largest k. Padding co
 
 The forward is written for one device's shard of a mesh with axes `data` (tokens) and
 `model` (latents): `forward_shard` runs inside `jax.shard_map`. Top-k over the latent axis split
-across `model` is exact: each shard takes its local top-k, the candidates are all-gathered over
-`model`, and the global top-k of the candidates is taken; each shard decodes the winners it owns
-and the partial reconstructions are summed over `model`. The decoder works from (values,
-indices): no dense [batch, d_sae] matrix is decoded.
+across `model` is exact: each shard streams its own latents through the TopK encoder
+(`sae_jax.kernels.topk`: no dense [batch, d_sae] pre-activation, a sparse backward), the
+candidates are all-gathered over `model`, and the global top-k of the candidates is taken; each
+shard decodes the winners it owns and the partial reconstructions are summed over `model`. The
+decoder works from (values, indices): no dense [batch, d_sae] matrix anywhere.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from sae_jax.kernels.topk import sparse_decode, topk_pre
 
 
 @dataclass(frozen=True)
@@ -78,12 +82,8 @@ def init_params(spec: BankSpec, key, b_dec: jax.Array | None = None) -> dict:
     }
 
 
-def _select(pre, k: int, n_model: int):
-    """Exact global top-k of `pre [M, B, S_local]` over the latent axis split across `model`."""
-    s_local = pre.shape[-1]
-    kl = min(k, s_local)
-    v, i = lax.top_k(pre, kl)
-    i = i + lax.axis_index("model") * s_local
+def _global_topk(v, i, k: int, n_model: int):
+    """Exact global top-k from each `model` shard's local candidates `v, i [M, B, kl]` (global ids)."""
     if n_model > 1:
         v = lax.all_gather(v, "model", axis=2, tiled=True)  # [M, B, n_model * kl]
         i = lax.all_gather(i, "model", axis=2, tiled=True)
@@ -92,12 +92,31 @@ def _select(pre, k: int, n_model: int):
     return v, i
 
 
+def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int, with_aux: bool, impl: str, block: int):
+    """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
+    backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
+    the pass. Returns (v, i) and, with_aux, (dead v, dead i): pre-activations, global ids."""
+    s_local = w_enc.shape[-1]
+    off = lax.axis_index("model") * s_local
+    neg = jnp.asarray(-jnp.inf, b_enc.dtype)
+    b_main = jnp.where(latent_mask, b_enc, neg)
+    kl, kal = min(k, s_local), min(k_aux, s_local)
+    if with_aux:
+        b_aux = jnp.where(dead & latent_mask, b_enc, neg)
+        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block)
+        v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
+        return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
+    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block))(x, w_enc, b_main)
+    return _global_topk(v, i + off, k, n_model), None
+
+
 def _decode(values, indices, w_dec):
     """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller.
 
-    A scan over the k slots: each step gathers one [B, d_in] slab of decoder rows, so neither a
-    dense [B, d_sae] activation matrix nor a [B, k, d_in] gather is ever materialised; its
-    gradient is a scatter-add into the k selected rows per token.
+    `kernels.topk.sparse_decode`: a scan over the k slots, each gathering one [B, d_in] slab of
+    decoder rows, with a custom VJP (gather-dot for the values, scatter-add into the selected
+    rows for W_dec) that saves nothing but its inputs: no dense [B, d_sae] activation matrix and
+    no [B, k, d_in] gather, forward or backward.
     """
     s_local = w_dec.shape[1]
     off = lax.axis_index("model") * s_local
@@ -105,29 +124,22 @@ def _decode(values, indices, w_dec):
     local = jnp.where(own, indices - off, 0)
     vals = jnp.where(own, values, 0.0)
 
-    def slot(acc, vi):
-        v, i = vi  # [M, B], [M, B]
-        rows = jax.vmap(lambda w, ii: w[ii])(w_dec, i)  # [M, B, d_in]
-        return acc + v[..., None] * rows, None
-
-    zero = jnp.zeros(values.shape[:2] + (w_dec.shape[-1],), w_dec.dtype)
-    out, _ = lax.scan(slot, zero, (jnp.moveaxis(vals, -1, 0), jnp.moveaxis(local, -1, 0)))
+    out = jax.vmap(sparse_decode)(vals, local, w_dec)
     return out, own, local
 
 
-def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int, with_aux: bool):
+def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int, with_aux: bool, impl: str = "auto", block: int = 4096):
     """One device's part of the bank forward (inside shard_map).
 
     x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
     `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with `lax.cond`
     at its top level, since a `cond` inside the differentiated function ran both branches.
-    Returns x_hat, values, indices (global), auxk reconstruction of the residual, and this
-    shard's per-latent firing counts [M, S_local] (summed over `data`).
+    `impl`/`block`: the TopK encoder (`kernels.topk`). Returns x_hat, values, indices (global),
+    auxk reconstruction of the residual, and this shard's per-latent firing counts [M, S_local]
+    (summed over `data`).
     """
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    pre = jnp.einsum("mbd,mds->mbs", x - b_dec[:, None, :], w_enc) + b_enc[:, None, :]
-    neg = jnp.asarray(-jnp.inf, pre.dtype)
-    v, idx = _select(jnp.where(latent_mask[:, None, :], pre, neg), k_mask.shape[-1], n_model)
+    (v, idx), aux = _encode(x - b_dec[:, None, :], w_enc, b_enc, latent_mask, dead, k_mask.shape[-1], k_aux, n_model, with_aux, impl, block)
     vals = jax.nn.relu(v) * k_mask[:, None, :]
     part, own, local = _decode(vals, idx, w_dec)
     x_hat = lax.psum(part, "model") + b_dec[:, None, :]
@@ -140,7 +152,7 @@ def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: 
     # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
     e_hat = jnp.zeros_like(x)
     if with_aux:
-        dv, di = _select(jnp.where((dead & latent_mask)[:, None, :], pre, neg), k_aux, n_model)
+        dv, di = aux
         aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
         e_hat = lax.psum(aux_part, "model")
     return x_hat, vals, idx, e_hat, fired

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from sae_jax import parallel
 from sae_jax.data.loader import activation_dataset, iterator
 from sae_jax.data.store import open_store
+from sae_jax.kernels.topk import resolve_impl
 from sae_jax.sae.bank import BankSpec
 from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
 
@@ -188,7 +189,11 @@ def train(c, log=print) -> dict:
         )
         state = restored["state"]
         log(f"{run}: resumed from step {start}")
-    step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef)
+    try:
+        encoder = resolve_impl(t.encoder)
+    except ValueError as e:
+        raise TrainError(f"train.encoder: {e}") from None
+    step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef, encoder, t.encoder_block)
 
     stop = {"sigterm": False}
     prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))

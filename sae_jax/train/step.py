@@ -51,10 +51,10 @@ def make_optimizer(
     ), sched
 
 
-def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True):
+def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096):
     n_model = mesh.shape["model"]
     S = parallel.spec
-    fn = partial(forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux)
+    fn = partial(forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux, impl=encoder, block=block)
     return jax.shard_map(
         fn,
         mesh=mesh,
@@ -70,10 +70,10 @@ def _masks(spec: BankSpec, mesh):
     return lat, jnp.asarray(spec.k_mask(), jnp.float32)
 
 
-def make_forward(spec: BankSpec, mesh):
+def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096):
     """`forward(params, x, dead=None) -> Output` for inputs `x [M, B, d_in]` (already scaled):
     reconstruction, latent values and global indices, FVU and AuxK loss per member."""
-    fwd = _sharded_forward(spec, mesh, True)
+    fwd = _sharded_forward(spec, mesh, True, encoder, block)
     lat, k_mask = _masks(spec, mesh)
 
     @jax.jit
@@ -125,9 +125,12 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
     return jax.jit(make, out_shardings=shardings)(key, sample)
 
 
-def make_train_step(spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, dead_tokens: int, aux_coef: float):
-    """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations."""
-    fwd = {aux: _sharded_forward(spec, mesh, aux) for aux in (False, True)}
+def make_train_step(
+    spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, dead_tokens: int, aux_coef: float, encoder: str = "auto", block: int = 4096
+):
+    """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations.
+    `encoder`: the TopK encoder implementation (`kernels.topk.IMPLS`), `block` its latent block."""
+    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block) for aux in (False, True)}
     lat_mask, k_mask = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
