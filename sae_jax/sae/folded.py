@@ -1,8 +1,7 @@
 """One TopK dictionary on raw activations (folded, as exported), for eval, splicing and the atlas.
 
-`p` holds W_enc [d_in, w], b_enc [w], W_dec [w, d_in], b_dec [d_in] (`Run.folded`). Rows are
-encoded in chunks so the dense pre-activation never exceeds [chunk, w]; the decode works from
-(values, indices) like the trainer's.
+`p` holds W_enc [d_in, w], b_enc [w], W_dec [w, d_in], b_dec [d_in] (`Run.folded`). The encoder
+is the trainer's (`kernels.topk.topk_encode`, streaming); the decode works from (values, indices).
 """
 
 from __future__ import annotations
@@ -13,12 +12,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from sae_jax.kernels.topk import topk_encode
+
 
 def encode(p, x, k: int):
-    """x [N, d_in] -> (values [N, k] >= 0, indices [N, k]), the k largest of relu(pre), descending."""
-    pre = (x.astype(jnp.float32) - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
-    v, i = lax.top_k(pre, k)
-    return jax.nn.relu(v), i
+    """x [N, d_in] -> (values [N, k] >= 0, indices [N, k]), the k largest of relu(pre), descending;
+    the streaming / fused encoder of `kernels.topk` (no [N, w] pre-activation)."""
+    return topk_encode(x.astype(jnp.float32) - p["b_dec"], p["W_enc"], p["b_enc"], k)
 
 
 def decode(p, values, indices):

@@ -1,0 +1,140 @@
+"""TopK encoder kernels on one GPU (or TPU chip): fused vs dense, encoder alone and full step, MFU.
+
+    python benchmarks/gpu_kernels.py                 # d_in=2304, k=64, B=8192, bf16, d_sae 2^16, 2^18, 2^20
+    python benchmarks/gpu_kernels.py --smoke         # tiny shapes, any backend (checks the script runs)
+
+For each d_sae: the encoder alone (`topk_encode`, forward) and the full train step (forward,
+sparse backward, Adam, decoder renormalisation) with the dense reference and with the fused
+kernel (`auto`: Pallas on GPU/TPU). MFU as DESIGN.md defines it: (2 B d_in d_sae + the sparse
+terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
+alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
+Goals: encoder MFU >= 50%; the step >= 2x faster than dense at 2^18; 2^20 trains on one H100.
+Writes runs/bench/gpu_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEAK_BF16 = {  # dense bf16 FLOP/s per chip
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak(device) -> float | None:
+    kind = device.device_kind
+    for name, p in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return p
+    return None
+
+
+def timed(fn, n):
+    jax.block_until_ready(fn())
+    t0 = time.perf_counter()
+    for _ in range(n):
+        out = fn()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - t0) / n
+
+
+def encoder_time(B, d, S, k, impl, reps):
+    from sae_jax.kernels.topk import topk_encode
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (B, d), jnp.bfloat16)
+    w = (jax.random.normal(kw, (d, S), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    b = jnp.zeros((S,), jnp.bfloat16)
+    f = jax.jit(lambda x, w, b: topk_encode(x, w, b, k, impl=impl))
+    return timed(lambda: f(x, w, b), reps)
+
+
+def step_time(B, d, S, k, impl, reps):
+    from sae_jax import parallel
+    from sae_jax.sae.bank import BankSpec
+    from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
+
+    spec = BankSpec(("h",), (S,), (k,), d, S, min(d // 2, 512))
+    mesh = parallel.make_mesh(jax.device_count(), 1)
+    tx, sched = make_optimizer(spec, np.array([default_lr(S)]), 1000, 10, 0.2)
+    state = init_state(spec, mesh, tx, jax.random.key(0), None)
+    step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 10**9, 1 / 32, encoder=impl)
+    x = jax.random.normal(jax.random.key(1), (1, B, d), jnp.bfloat16)
+    holder = {"s": state}
+
+    def one():
+        holder["s"], m = step(holder["s"], x)
+        return m["loss"]
+
+    return timed(one, reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--widths", default="16,18,20")
+    ap.add_argument("--d-in", type=int, default=2304)
+    ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes: check the script on any backend")
+    a = ap.parse_args()
+    if a.smoke:
+        a.widths, a.d_in, a.k, a.batch, a.reps = "10,11", 64, 8, 64, 1
+    dev = jax.devices()[0]
+    pk = peak(dev)
+    B, d, k = a.batch, a.d_in, a.k
+    print(f"{dev.device_kind} ({jax.default_backend()}), peak bf16 {pk / 1e12 if pk else float('nan'):.0f} TFLOP/s; B={B}, d_in={d}, k={k}")
+    print(f"  {'d_sae':>7} {'path':>6} {'encoder ms':>11} {'enc MFU':>8} {'step ms':>9} {'step MFU':>9} {'tok/s':>10}")
+    rows = []
+    for lg in (int(v) for v in a.widths.split(",")):
+        S = 1 << lg
+        flops_enc = 2 * B * d * S
+        flops_step = flops_enc + 3 * 2 * B * k * d
+        for impl in ("dense", "auto"):
+            r = {"d_sae": S, "path": impl, "device": dev.device_kind}
+            for what, fn in (("encoder", encoder_time), ("step", step_time)):
+                try:
+                    t = fn(B, d, S, k, impl, a.reps)
+                    r[f"{what}_s"] = t
+                    r[f"{what}_mfu"] = ((flops_enc if what == "encoder" else flops_step) / t / pk) if pk else None
+                except Exception as e:  # out of memory, or a lowering the backend lacks
+                    r[f"{what}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    traceback.print_exc(limit=1)
+            rows.append(r)
+
+            def cell(key, scale=1.0, fmt="{:.1f}"):
+                v = r.get(key)
+                return "fail" if v is None and f"{key.split('_')[0]}_error" in r else ("-" if v is None else fmt.format(v * scale))
+
+            print(
+                f"  {'2^' + str(lg):>7} {impl:>6} {cell('encoder_s', 1e3):>11} {cell('encoder_mfu', 100, '{:.0f}%'):>8} "
+                f"{cell('step_s', 1e3):>9} {cell('step_mfu', 100, '{:.0f}%'):>9} {cell('step_s', 1, '{:.0f}') if 'step_s' not in r else f'{B / r["step_s"]:,.0f}':>10}"
+            )
+    by = {(r["d_sae"], r["path"]): r for r in rows}
+    s18 = by.get((1 << 18, "dense"), {}), by.get((1 << 18, "auto"), {})
+    if "step_s" in s18[0] and "step_s" in s18[1]:
+        print(f"step speed-up over dense at 2^18: {s18[0]['step_s'] / s18[1]['step_s']:.2f}x (goal >= 2)")
+    out = Path("runs/bench")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu_kernels.json").write_text(json.dumps(rows, indent=1))
+    print(f"wrote {out / 'gpu_kernels.json'}")
+
+
+if __name__ == "__main__":
+    main()
