@@ -3,9 +3,10 @@
     python benchmarks/gpu_kernels.py                 # d_in=2304, k=64, B=8192, bf16, d_sae 2^16, 2^18, 2^20
     python benchmarks/gpu_kernels.py --smoke         # tiny shapes, any backend (checks the script runs)
 
-For each d_sae: the encoder alone (`topk_encode`, forward) and the full train step (forward,
-sparse backward, Adam, decoder renormalisation) with the dense reference and with the fused
-kernel (`auto`: Pallas on GPU/TPU). MFU as DESIGN.md defines it: (2 B d_in d_sae + the sparse
+For each d_sae: the encoder alone (`topk_encode`, forward, bf16 inputs) and the full train step
+(forward with bf16 encoder matmuls, `train.encoder_dtype=bfloat16`; sparse backward; Adam;
+decoder renormalisation; float32 parameters) with the dense reference and with the fused kernel
+(`auto`: Pallas on GPU/TPU). MFU as DESIGN.md defines it: (2 B d_in d_sae + the sparse
 terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
 alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
 Goals: encoder MFU >= 50%; the step >= 2x faster than dense at 2^18; 2^20 trains on one H100.
@@ -74,7 +75,7 @@ def step_time(B, d, S, k, impl, reps):
     mesh = parallel.make_mesh(jax.device_count(), 1)
     tx, sched = make_optimizer(spec, np.array([default_lr(S)]), 1000, 10, 0.2)
     state = init_state(spec, mesh, tx, jax.random.key(0), None)
-    step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 10**9, 1 / 32, encoder=impl)
+    step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 10**9, 1 / 32, encoder=impl, compute_dtype="bfloat16")
     x = jax.random.normal(jax.random.key(1), (1, B, d), jnp.bfloat16)
     holder = {"s": state}
 

@@ -60,6 +60,7 @@ def default_config() -> ml_collections.ConfigDict:
     # TopK encoder: auto (Pallas on GPU/TPU, streaming XLA elsewhere) | stream | dense | pallas_gpu | pallas_tpu
     c.train.encoder = "auto"
     c.train.encoder_block = 4096  # latents per streamed block
+    c.train.encoder_dtype = "float32"  # the encoder matmul's inputs: float32 or bfloat16 (accumulation float32)
     c.train.mesh_data = 0  # 0: every device not on the model axis
     c.train.mesh_model = 1
     c.train.checkpoint_every = 50

@@ -78,6 +78,24 @@ def _read_json(path: Path) -> dict:
         raise RunError(f"{path}: not valid JSON ({e})") from None
 
 
+def _single_device_target(path: Path):
+    """The saved tree's shapes and dtypes on this process's first device, whatever mesh (and how
+    many devices) wrote it: eval and export run anywhere."""
+    import jax
+    import orbax.checkpoint as ocp
+    from absl import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)  # orbax warns that a per-item metadata file is absent; the tree metadata is there
+    try:
+        md = ocp.StandardCheckpointer().metadata(path.absolute())
+    finally:
+        logging.set_verbosity(level)
+    tree = getattr(md, "item_metadata", md)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), tree)
+
+
 def open_run(root, step: int | None = None) -> Run:
     """Open a run directory at its latest committed checkpoint (or `step`)."""
     import orbax.checkpoint as ocp
@@ -99,7 +117,8 @@ def open_run(root, step: int | None = None) -> Run:
     elif step not in steps_done:
         raise RunError(f"{root}: no checkpoint for step {step} (have {sorted(steps_done)})")
     try:
-        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+        target = _single_device_target(ckpt / str(step) / "state")
+        state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     finally:
         mngr.close()
     params = {k: np.asarray(v, np.float32) for k, v in state["params"].items()}

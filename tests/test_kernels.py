@@ -181,3 +181,24 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
     # the largest: parameter-sized (d x S) or one streamed block of pre-activations (B x 1024)
     assert max(sizes(stream)) <= max(d * S, B_local * 1024) < B_local * S / 4, max(sizes(stream))
     assert stream.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes / 2
+
+
+@pytest.mark.parametrize("impl", ["dense", *IMPLS])
+def test_bfloat16_compute_dtype(impl):
+    """compute_dtype='bfloat16' rounds the matmul inputs only: values within bf16 rounding of the
+    float32 reference, and the backward still uses the float32 parameters (same sparse grads)."""
+    shape = (16, 32, 300, 8, 64)
+    x, w, b = _data(shape, jnp.float32, seed=4)
+    v, i = topk_encode(x, w, b, 8, impl=impl, block=64, compute_dtype="bfloat16")
+    xr, wr = x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32)
+    rv, _ = _ref(xr, wr, b, 8)
+    np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b, 8, impl=impl, block=64, compute_dtype="bfloat16")[0]))(w)
+    # gradient wrt W_enc column j = sum of x rows that selected j (float32 x)
+    want = np.zeros(w.shape, np.float32)
+    sel = np.asarray(v) > 0
+    for r in range(x.shape[0]):
+        for s_ in range(8):
+            if sel[r, s_]:
+                want[:, int(i[r, s_])] += np.asarray(x[r])
+    np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)

@@ -53,8 +53,8 @@ def _merge(v, i, bv, bi, k):
     return top, jnp.take_along_axis(alli, pos, axis=-1)
 
 
-def _dense(x, w, biases, k):
-    pre = jnp.dot(x, w, preferred_element_type=jnp.float32)
+def _dense(x, w, biases, k, cd=None):
+    pre = jnp.dot(x, w if cd is None else w.astype(cd), preferred_element_type=jnp.float32)
     out = []
     for b in biases:
         v, i = lax.top_k(pre + b.astype(jnp.float32), k)
@@ -62,7 +62,7 @@ def _dense(x, w, biases, k):
     return out
 
 
-def _stream(x, w, biases, k, block):
+def _stream(x, w, biases, k, block, cd=None):
     """Scan over latent blocks; each keeps the running top-k of every bias variant."""
     d, s = w.shape
     block = min(block, s)
@@ -73,7 +73,7 @@ def _stream(x, w, biases, k, block):
 
     def blk(carry, start, width):
         wb = lax.dynamic_slice_in_dim(w, start, width, axis=1)
-        pre = jnp.dot(x, wb, preferred_element_type=jnp.float32)
+        pre = jnp.dot(x, wb if cd is None else wb.astype(cd), preferred_element_type=jnp.float32)
         out = []
         for (v, i), b in zip(carry, biases, strict=True):
             pb = pre + lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32)
@@ -90,15 +90,18 @@ def _stream(x, w, biases, k, block):
     return carry
 
 
-def _forward(x, w, biases, k, impl, block):
+def _forward(x, w, biases, k, impl, block, cd=None):
+    """`cd`: the matmul's input dtype (None: as given); accumulation is always float32."""
+    if cd is not None:
+        x = x.astype(cd)
     if impl == "dense":
-        return _dense(x, w, biases, k)
+        return _dense(x, w, biases, k, cd)
     if impl == "stream":
-        return _stream(x, w, biases, k, block)
+        return _stream(x, w, biases, k, block, cd)
     if impl in ("pallas_gpu", "pallas_tpu"):
         from sae_jax.kernels import pallas
 
-        return pallas.topk_candidates(x, w, biases, k, block, backend=impl.removeprefix("pallas_"))
+        return pallas.topk_candidates(x, w if cd is None else w.astype(cd), biases, k, block, backend=impl.removeprefix("pallas_"))
     raise ValueError(f"unknown TopK encoder implementation {impl!r}")
 
 
@@ -121,10 +124,10 @@ def _sparse_grads(x, w, idx, g):
     return dx.astype(x.dtype), dwt.T.astype(w.dtype), db
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd):
     biases = (b,) if aux_b is None else (b, aux_b)
-    out = _forward(x, w, biases, k if aux_b is None else max(k, k_aux), impl, block)
+    out = _forward(x, w, biases, k if aux_b is None else max(k, k_aux), impl, block, cd)
     (v, i) = out[0]
     v, i = v[:, :k], i[:, :k]
     if aux_b is None:
@@ -133,12 +136,12 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block):
     return v, i, av[:, :k_aux], ai[:, :k_aux]
 
 
-def _fwd(x, w, b, aux_b, k, k_aux, impl, block):
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block)
+def _fwd(x, w, b, aux_b, k, k_aux, impl, block, cd):
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd)
     return (v, i, av, ai), (x, w, i, ai, b is not None, aux_b)
 
 
-def _bwd(k, k_aux, impl, block, res, cts):
+def _bwd(k, k_aux, impl, block, cd, res, cts):
     x, w, i, ai, _, aux_b = res
     gv, _, gav, _ = cts
     if aux_b is None:
@@ -156,23 +159,26 @@ def _bwd(k, k_aux, impl, block, res, cts):
 _topk_pre.defvjp(_fwd, _bwd)
 
 
-def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto", block: int = DEFAULT_BLOCK):
+def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None):
     """(values [B, k], indices [B, k]) of the largest `x @ w + b` per row, descending; with `aux_b`
-    also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP)."""
+    also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP,
+    computed from the parameters as given). `compute_dtype` ('bfloat16') casts the matmul's inputs
+    (w block by block when streaming); accumulation stays float32."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or b.shape != (w.shape[1],):
         raise ValueError(f"topk_pre: x {x.shape}, w {w.shape}, b {b.shape}: expected [B, d], [d, S], [S]")
     if not 0 < k <= w.shape[1]:
         raise ValueError(f"topk_pre: k={k} must be in 1..{w.shape[1]} (the number of latents)")
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, resolve_impl(impl), block)
+    cd = None if compute_dtype in (None, "", "float32") else jnp.dtype(compute_dtype).name
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, resolve_impl(impl), block, cd)
     return (v, i) if aux_b is None else (v, i, av, ai)
 
 
-def topk_encode(x, W_enc, b_enc, k: int, *, impl: str = "auto", block: int = DEFAULT_BLOCK):
+def topk_encode(x, W_enc, b_enc, k: int, *, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None):
     """(values, indices) of a TopK encoder on `x` (already minus b_dec): relu of the k largest
     pre-activations, without a dense [B, d_sae] matrix (except `impl='dense'`)."""
-    v, i = topk_pre(x, W_enc, b_enc, k, impl=impl, block=block)
+    v, i = topk_pre(x, W_enc, b_enc, k, impl=impl, block=block, compute_dtype=compute_dtype)
     return jax.nn.relu(v), i
 
 

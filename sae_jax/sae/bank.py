@@ -92,7 +92,7 @@ def _global_topk(v, i, k: int, n_model: int):
     return v, i
 
 
-def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int, with_aux: bool, impl: str, block: int):
+def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int, with_aux: bool, impl: str, block: int, cd=None):
     """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
     backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
     the pass. Returns (v, i) and, with_aux, (dead v, dead i): pre-activations, global ids."""
@@ -103,10 +103,10 @@ def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int
     kl, kal = min(k, s_local), min(k_aux, s_local)
     if with_aux:
         b_aux = jnp.where(dead & latent_mask, b_enc, neg)
-        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block)
+        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block, compute_dtype=cd)
         v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
         return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
-    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block))(x, w_enc, b_main)
+    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block, compute_dtype=cd))(x, w_enc, b_main)
     return _global_topk(v, i + off, k, n_model), None
 
 
@@ -128,18 +128,33 @@ def _decode(values, indices, w_dec):
     return out, own, local
 
 
-def forward_shard(params, x, latent_mask, k_mask, dead, *, k_aux: int, n_model: int, with_aux: bool, impl: str = "auto", block: int = 4096):
+def forward_shard(
+    params,
+    x,
+    latent_mask,
+    k_mask,
+    dead,
+    *,
+    k_aux: int,
+    n_model: int,
+    with_aux: bool,
+    impl: str = "auto",
+    block: int = 4096,
+    compute_dtype=None,
+):
     """One device's part of the bank forward (inside shard_map).
 
     x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
     `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with `lax.cond`
     at its top level, since a `cond` inside the differentiated function ran both branches.
-    `impl`/`block`: the TopK encoder (`kernels.topk`). Returns x_hat, values, indices (global),
+    `impl`/`block`/`compute_dtype`: the TopK encoder (`kernels.topk`). Returns x_hat, values, indices (global),
     auxk reconstruction of the residual, and this shard's per-latent firing counts [M, S_local]
     (summed over `data`).
     """
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    (v, idx), aux = _encode(x - b_dec[:, None, :], w_enc, b_enc, latent_mask, dead, k_mask.shape[-1], k_aux, n_model, with_aux, impl, block)
+    (v, idx), aux = _encode(
+        x - b_dec[:, None, :], w_enc, b_enc, latent_mask, dead, k_mask.shape[-1], k_aux, n_model, with_aux, impl, block, compute_dtype
+    )
     vals = jax.nn.relu(v) * k_mask[:, None, :]
     part, own, local = _decode(vals, idx, w_dec)
     x_hat = lax.psum(part, "model") + b_dec[:, None, :]

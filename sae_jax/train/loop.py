@@ -193,7 +193,9 @@ def train(c, log=print) -> dict:
         encoder = resolve_impl(t.encoder)
     except ValueError as e:
         raise TrainError(f"train.encoder: {e}") from None
-    step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef, encoder, t.encoder_block)
+    if t.encoder_dtype not in ("float32", "bfloat16"):
+        raise TrainError(f"train.encoder_dtype={t.encoder_dtype!r}: float32 or bfloat16")
+    step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef, encoder, t.encoder_block, t.encoder_dtype)
 
     stop = {"sigterm": False}
     prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))

@@ -51,10 +51,12 @@ def make_optimizer(
     ), sched
 
 
-def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096):
+def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None):
     n_model = mesh.shape["model"]
     S = parallel.spec
-    fn = partial(forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux, impl=encoder, block=block)
+    fn = partial(
+        forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype
+    )
     return jax.shard_map(
         fn,
         mesh=mesh,
@@ -126,11 +128,21 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
 
 
 def make_train_step(
-    spec: BankSpec, mesh, tx, sched, input_scale: np.ndarray, dead_tokens: int, aux_coef: float, encoder: str = "auto", block: int = 4096
+    spec: BankSpec,
+    mesh,
+    tx,
+    sched,
+    input_scale: np.ndarray,
+    dead_tokens: int,
+    aux_coef: float,
+    encoder: str = "auto",
+    block: int = 4096,
+    compute_dtype=None,
 ):
     """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations.
-    `encoder`: the TopK encoder implementation (`kernels.topk.IMPLS`), `block` its latent block."""
-    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block) for aux in (False, True)}
+    `encoder`: the TopK encoder implementation (`kernels.topk.IMPLS`), `block` its latent block,
+    `compute_dtype` its matmul input dtype (None: the parameters' float32)."""
+    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block, compute_dtype) for aux in (False, True)}
     lat_mask, k_mask = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
