@@ -46,6 +46,13 @@ def peak(device) -> float | None:
     return None
 
 
+def cell(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
+    v = r.get(key)
+    if v is None:
+        return "fail" if f"{key.split('_')[0]}_error" in r else "-"
+    return fmt.format(v * scale)
+
+
 def timed(fn, n):
     jax.block_until_ready(fn())
     t0 = time.perf_counter()
@@ -119,13 +126,10 @@ def main() -> None:
                     traceback.print_exc(limit=1)
             rows.append(r)
 
-            def cell(key, scale=1.0, fmt="{:.1f}"):
-                v = r.get(key)
-                return "fail" if v is None and f"{key.split('_')[0]}_error" in r else ("-" if v is None else fmt.format(v * scale))
-
+            tok_s = f"{B / r['step_s']:,.0f}" if "step_s" in r else "-"
             print(
-                f"  {'2^' + str(lg):>7} {impl:>6} {cell('encoder_s', 1e3):>11} {cell('encoder_mfu', 100, '{:.0f}%'):>8} "
-                f"{cell('step_s', 1e3):>9} {cell('step_mfu', 100, '{:.0f}%'):>9} {cell('step_s', 1, '{:.0f}') if 'step_s' not in r else f'{B / r["step_s"]:,.0f}':>10}"
+                f"  {'2^' + str(lg):>7} {impl:>6} {cell(r, 'encoder_s', 1e3):>11} {cell(r, 'encoder_mfu', 100, '{:.0f}%'):>8} "
+                f"{cell(r, 'step_s', 1e3):>9} {cell(r, 'step_mfu', 100, '{:.0f}%'):>9} {tok_s:>10}"
             )
     by = {(r["d_sae"], r["path"]): r for r in rows}
     s18 = by.get((1 << 18, "dense"), {}), by.get((1 << 18, "auto"), {})
