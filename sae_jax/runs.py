@@ -119,6 +119,8 @@ def open_run(root, step: int | None = None) -> Run:
     try:
         target = _single_device_target(ckpt / str(step) / "state")
         state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{ckpt / str(step)}: the checkpoint cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from None
     finally:
         mngr.close()
     params = {k: np.asarray(v, np.float32) for k, v in state["params"].items()}

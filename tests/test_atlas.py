@@ -97,6 +97,16 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
     dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l=99999", tmp_path)
     assert "No latent 99999" in dom
 
+    # a page capped to the 2 most frequent latents says so for the others
+    from sae_jax.eval.html import write_page
+
+    small = tmp_path / "small"
+    small.mkdir()
+    shutil.copy(out / f"{members[z_member]}.jsonl", small)
+    least = min(fired, key=lambda r: r["count"])["latent"]
+    dom = _dump_dom(f"{write_page(small, [members[z_member]], max_latents=2).as_uri()}#m=0&l={least}", tmp_path)
+    assert f"Latent {least} is not on this page" in dom
+
 
 def test_atlas_bad_member(tiny_run, tmp_path):
     r = run_cli("atlas", str(tiny_run), "--member", "blocks.9.nothing", "--out", str(tmp_path / "a"))

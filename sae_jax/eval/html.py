@@ -44,6 +44,7 @@ function example(e, max) {
 function show(m, l) {
   const mem = DATA.members[m], card = document.getElementById("card");
   const r = mem.latents[l];
+  if (r === null) { card.innerHTML = `<h2 id="latent-title">Latent ${l} is not on this page</h2><div>(the page holds the most frequent latents; see the JSONL)</div>`; return; }
   if (!r) { card.innerHTML = `<h2 id="latent-title">No latent ${esc(String(l))} in ${esc(mem.name)}</h2>`; return; }
   let h = `<h2 id="latent-title">Latent ${r.latent}</h2><div>${esc(mem.name)}</div>`;
   h += `<div id="stats">fired ${r.count} times (frequency ${r.frequency.toExponential(2)}), max ${r.max_activation.toFixed(3)}, mean ${r.mean_activation.toFixed(3)}</div>`;
@@ -60,7 +61,7 @@ function show(m, l) {
 }
 function list(m) {
   const mem = DATA.members[m];
-  const ids = mem.latents.filter(r => r.count > 0).sort((a, b) => b.count - a.count).slice(0, 500);
+  const ids = mem.latents.filter(r => r && r.count > 0).sort((a, b) => b.count - a.count).slice(0, 500);
   document.getElementById("list").innerHTML = `<div>${mem.latents.length} latents; most frequent:</div>` +
     ids.map(r => `<div class="lat" data-l="${r.latent}">${r.latent} (${r.count})</div>`).join("");
 }
@@ -80,11 +81,18 @@ route();
 """
 
 
-def write_page(out: Path, members: list[str]) -> Path:
-    """index.html embedding every `<member>.jsonl` in `out` (written by `build_atlas`)."""
+def write_page(out: Path, members: list[str], max_latents: int = 20_000) -> Path:
+    """index.html embedding the `<member>.jsonl` files in `out` (written by `build_atlas`).
+
+    A page holds at most `max_latents` latents per member (the most frequently firing; the
+    others appear as "not on this page"): wide dictionaries are browsed through their JSONL."""
     data = {"members": []}
     for name in members:
-        latents = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        with open(out / f"{name}.jsonl") as f:
+            latents = [json.loads(line) for line in f]
+        if len(latents) > max_latents:
+            keep = {r["latent"] for r in sorted(latents, key=lambda r: -r["count"])[:max_latents]}
+            latents = [r if r["latent"] in keep else None for r in latents]
         data["members"].append({"name": name, "latents": latents})
     blob = json.dumps(data).replace("</", "<\\/")  # a token "</script>" must not end the data block
     page = out / "index.html"
