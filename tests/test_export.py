@@ -7,6 +7,7 @@ these tests fail.
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -182,6 +183,12 @@ def test_export_cli_and_bad_input(tiny_run, tmp_path):
         (empty / f).write_text((tiny_run / f).read_text())
     r = run_cli("export", str(empty), "--format", "saelens", "--out", str(tmp_path / "z"))
     assert r.returncode == 1 and "no finished checkpoint" in r.stderr and str(empty) in r.stderr
+    # a damaged checkpoint: the error names it
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_run, damaged)
+    (damaged / "checkpoints" / "24" / "state" / "_METADATA").unlink()
+    r = run_cli("export", str(damaged), "--format", "saelens", "--out", str(tmp_path / "z"))
+    assert r.returncode == 1 and "cannot be read" in r.stderr and str(damaged / "checkpoints" / "24") in r.stderr
     r = run_cli("export", str(tmp_path / "nowhere"), "--format", "saelens", "--out", str(tmp_path / "z"))
     assert r.returncode == 1 and "nowhere" in r.stderr
     assert not (tmp_path / "z").exists()
