@@ -32,6 +32,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 NEG = -jnp.inf
+MAX_BLOCK = {"gpu": 128, "tpu": 512}
+ROW_TILE = {"gpu": 64, "tpu": 128}
 
 
 def _pow2(n: int) -> int:
@@ -124,9 +126,11 @@ def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chun
     rows, d = x.shape
     s = w.shape[1]
     kp = _pow2(k)
-    block = _pow2(min(block, max(s, kp)))
-    block = max(block, kp)
-    tb = row_tile or (8 if backend == "tpu" else 16)
+    # tiles sized for the hardware: a GPU program holds a [tb, block] f32 tile in registers /
+    # shared memory (64 x 128); a TPU step a [tb, block] VMEM tile (lanes of 128, 8-row sublanes)
+    block = min(block, MAX_BLOCK[backend])
+    block = max(_pow2(min(block, max(s, kp))), kp)
+    tb = row_tile or min(ROW_TILE[backend], _pow2(rows))
     xp = _pad(x, 0, tb)
     wp = _pad(w, 1, block)
     bp = _pad(b.reshape(1, -1), 1, block, NEG)
