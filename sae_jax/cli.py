@@ -105,6 +105,14 @@ def _argparser(cmd: str, **kw):
     return p
 
 
+def _text_and_model_args(p) -> None:
+    """The held-out text and the model that eval and atlas run the dictionaries on."""
+    p.add_argument("--split", default="heldout", help="split of the store's text source to read (not the one it was harvested from)")
+    p.add_argument("--text", default=None, help="held-out text instead (file, directory or glob; .jsonl as JSONL)")
+    p.add_argument("--model", default=None, help="the run's model, if it moved (checked by digest)")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
+
+
 def cmd_export(argv) -> int:
     from sae_jax.export import DTYPES, FORMATS, export_run
     from sae_jax.runs import open_run
@@ -138,15 +146,13 @@ def cmd_eval(argv) -> int:
     p.add_argument("--store", default=None, help="a store of the same model to evaluate on (default: the run's store, its held-out shards)")
     p.add_argument("--tokens", type=int, default=200_000, help="held-out rows to evaluate reconstruction on, at most")
     p.add_argument("--contexts", type=int, default=64, help="held-out text contexts for the downstream losses")
-    p.add_argument("--split", default="heldout", help="split of the store's text source for the downstream losses")
-    p.add_argument("--text", default=None, help="held-out text (file, directory or glob; .jsonl as JSONL) instead of the source's split")
-    p.add_argument("--model", default=None, help="the run's model, if it moved (checked by digest)")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
+    _text_and_model_args(p)
     p.add_argument("--out", default=None, help="report directory (default RUN/eval)")
     a = p.parse_args(argv[1:])
     report = evaluate(
         a.run,
         step=a.step,
+        member=a.member,
         store=a.store,
         tokens=a.tokens,
         contexts=a.contexts,
@@ -170,10 +176,7 @@ def cmd_atlas(argv) -> int:
     p.add_argument("--contexts", type=int, default=512, help="text contexts to stream")
     p.add_argument("--top", type=int, default=20, help="top activating contexts kept per latent")
     p.add_argument("--samples", type=int, default=20, help="random activations kept per latent, reported across quantiles")
-    p.add_argument("--split", default="heldout", help="split of the store's text source to read")
-    p.add_argument("--text", default=None, help="text to read instead (file, directory or glob; .jsonl as JSONL)")
-    p.add_argument("--model", default=None, help="the run's model, if it moved (checked by digest)")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per model forward")
+    _text_and_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
     a = p.parse_args(argv[1:])
     for line in build_atlas(

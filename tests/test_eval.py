@@ -99,6 +99,14 @@ def test_eval_cli_report(tiny_run, tmp_path):
         # a trained dictionary beats zero ablation
         assert m["model_performance_preservation"]["ce_loss_with_sae"] < m["model_performance_preservation"]["ce_loss_with_ablation"]
     assert "| member | FVU" in r.stdout and (out / "eval.md").is_file()
+    one = next(iter(rep["members"]))
+    r = run_cli(
+        "eval", str(tiny_run), "--member", one, "--contexts", "2", "--batch-size", "2", "--tokens", "300", "--out", str(tmp_path / "one")
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(json.loads((tmp_path / "one" / "eval.json").read_text())["members"]) == [one]
+    r = run_cli("eval", str(tiny_run), "--member", "nope", "--out", str(tmp_path / "none"))
+    assert r.returncode == 1 and "nope" in r.stderr and "members:" in r.stderr
 
 
 def test_eval_refuses_another_models_store_and_training_rows(tiny_run, tiny_store, tmp_path):
