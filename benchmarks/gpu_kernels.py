@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 import traceback
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _timing import timed
 
 PEAK_BF16 = {  # dense bf16 FLOP/s per chip
     "H100": 989e12,
@@ -51,15 +51,6 @@ def cell(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     if v is None:
         return "fail" if f"{key.split('_')[0]}_error" in r else "-"
     return fmt.format(v * scale)
-
-
-def timed(fn, n):
-    jax.block_until_ready(fn())
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - t0) / n
 
 
 def encoder_time(B, d, S, k, impl, reps):

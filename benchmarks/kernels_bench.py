@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+from _timing import timed
+
 B, K = 4096, 32
 
 
@@ -74,14 +76,6 @@ def timing(d_in: int, d_sae: int, encoder: str, steps: int, with_matmul: bool) -
 
     state = init_state(spec, mesh, tx, jax.random.key(0), None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, B, d_in)), jnp.bfloat16)
-
-    def timed(fn, n):
-        jax.block_until_ready(fn())
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn()
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t0) / n
 
     holder = {"s": state}
 

@@ -16,8 +16,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from _timing import timed
 
 CONFIGS = [(1, 1, 1), (8, 8, 1), (8, 2, 4)]  # (devices, data, model)
 
@@ -38,15 +39,6 @@ def measure(devices: int, data: int, model: int, d_sae: int, steps: int) -> dict
     state = init_state(spec, mesh, tx, jax.random.key(0), None)
     step = make_train_step(spec, mesh, tx, sched, np.array([0.05]), 10**7, 1 / 32)
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(1, B, d_in)), jnp.bfloat16), parallel.sharding(mesh, "x"))
-
-    def timed(fn, n):
-        out = fn()
-        jax.block_until_ready(out)
-        t0 = time.perf_counter()
-        for _ in range(n):
-            out = fn()
-        jax.block_until_ready(out)
-        return (time.perf_counter() - t0) / n
 
     holder = {"s": state}
 

@@ -81,7 +81,6 @@ def test_aux_selection_shares_the_pass(impl):
     shape = (9, 16, 90, 6, 32)
     x, w, b = _data(shape, jnp.float32, seed=2)
     dead = jnp.arange(90) % 3 == 0
-    aux_b = jnp.where(dead, b, -jnp.inf)
 
     def ours(x, w, b):
         v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, impl=impl, block=32)
@@ -99,7 +98,6 @@ def test_aux_selection_shares_the_pass(impl):
     np.testing.assert_allclose(lo, lr, rtol=1e-5)
     for g, r in zip(go, gr, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
-    del aux_b
 
 
 def test_streaming_has_no_dense_buffer():

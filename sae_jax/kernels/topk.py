@@ -138,11 +138,11 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd):
 
 def _fwd(x, w, b, aux_b, k, k_aux, impl, block, cd):
     v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd)
-    return (v, i, av, ai), (x, w, i, ai, b is not None, aux_b)
+    return (v, i, av, ai), (x, w, i, ai, aux_b)
 
 
 def _bwd(k, k_aux, impl, block, cd, res, cts):
-    x, w, i, ai, _, aux_b = res
+    x, w, i, ai, aux_b = res
     gv, _, gav, _ = cts
     if aux_b is None:
         dx, dw, db = _sparse_grads(x, w, i, gv)
