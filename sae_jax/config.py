@@ -42,13 +42,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.seed = 0  # row shuffle within shards
     c.harvest.progress = True
 
-    # Train: a bank of TopK SAEs, one member per (hook, width, k) in the product of the lists.
+    # Train: a bank of dictionaries of one architecture, one member per (hook, width, sparsity
+    # setting) in the product of the lists.
     c.train = ml_collections.ConfigDict()
     c.train.store = "runs/store"
     c.train.run_dir = "runs/train"
+    c.train.architecture = "topk"  # topk | batchtopk | jumprelu | relu (see sae_jax/sae/bank.py)
     c.train.hooks = ""  # comma-separated; empty: every hook of the store
+    # transcoders: the output hook of each input hook in train.hooks (same order); empty: SAEs
+    c.train.out_hooks = ""
+    c.train.skip = False  # transcoders: add a linear skip connection W_skip
     c.train.widths = "4608"  # d_sae per member
-    c.train.ks = "32"
+    c.train.ks = "32"  # topk / batchtopk: k (batchtopk: the mean number of active latents per row)
+    c.train.l1_coefs = ""  # relu: L1 coefficients (penalty sum_i f_i ||W_dec_i||, inputs at unit mean squared norm)
+    c.train.l0_coefs = ""  # jumprelu: L0 coefficients
+    c.train.sparsity_warmup_frac = 0.1  # the L1 / L0 coefficient rises linearly from 0 over this fraction of steps
+    c.train.jumprelu_bandwidth = 0.001  # straight-through kernel width (Gemma Scope)
+    c.train.jumprelu_init_threshold = 0.001
+    c.train.batchtopk_cap = 4  # batchtopk: candidates kept per row = cap x k (rows past it are counted)
+    c.train.threshold_decay = 0.99  # batchtopk: running mean of the batch threshold (the exported JumpReLU threshold)
+    c.train.matryoshka_prefixes = ""  # topk / batchtopk: nested prefix sizes, e.g. "128,512,2048" (the full width is the last)
     c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
     c.train.steps = 200
     c.train.lr = 0.0  # 0: 2e-4 / sqrt(width / 2^14) per member

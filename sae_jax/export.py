@@ -6,7 +6,15 @@ One folder per bank member, named like the member (`blocks.6.hook_resid_post.top
 | ---------- | ------------------------------------------------------------ | ---------- |
 | `saelens`  | `cfg.json`, `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec) | `sae_lens.SAE.load_from_disk(folder)` |
 | `sparsify` | `<hookpoint>/cfg.json`, `<hookpoint>/sae.safetensors` (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec) | `sparsify.SparseCoder.load_from_disk(folder/<hookpoint>)` |
-| `npz`      | `params.npz` in the Gemma Scope layout (W_enc, W_dec, b_enc, b_dec; `threshold` for JumpReLU-type dictionaries, `k` for TopK) and `cfg.json` | `numpy.load(..., allow_pickle=False)` |
+| `npz`      | `params.npz` in the Gemma Scope layout (W_enc, W_dec, b_enc, b_dec; `threshold` for JumpReLU-type dictionaries, `k` for TopK, `W_skip` [d_in, d_out] for skip transcoders) and `cfg.json` | `numpy.load(..., allow_pickle=False)` |
+
+Architectures: TopK exports everywhere; BatchTopK exports as the JumpReLU it is at inference
+(threshold = the running mean of the batch threshold, the same for every latent); JumpReLU as
+`jumprelu`, ReLU+L1 as SAELens `standard`; Matryoshka dictionaries as their inner architecture
+(the prefixes are in the metadata). Transcoders: SAELens `transcoder` / `skip_transcoder` /
+`jumprelu_transcoder` / `jumprelu_skip_transcoder`; TopK transcoders (which SAELens lacks) to
+sparsify (`transcode`, `skip_connection`). sparsify takes TopK only: other architectures are
+refused with a message that names the formats that do take them.
 
 The input normalisation used in training is folded in (see `sae_jax.runs`): every export maps raw
 activations of the hook to the same latents and reconstruction as our model. sparsify's
@@ -70,6 +78,7 @@ def _metadata(run: Run, m: int) -> dict:
         "model_name": st["model"]["name"],
         "hook_name": mem.hook,
         "hook_head_index": None,
+        **({"hook_name_out": mem.out_hook, "hf_hook_name_out": hf_module(mem.out_hook)} if mem.transcoder else {}),
         "hf_hook_name": hf_module(mem.hook),
         "context_size": st["ctx_len"],
         "prepend_bos": st["bos_prepended"],
@@ -83,7 +92,10 @@ def _metadata(run: Run, m: int) -> dict:
             "step": run.step,
             "steps_planned": run.steps,
             "model_digest": st["model"]["digest"],
+            "architecture": mem.architecture,
+            "matryoshka_prefixes": run.meta.get("matryoshka_prefixes", []),
             "input_scale_folded": mem.input_scale,
+            "output_scale_folded": mem.output_scale or mem.input_scale,
         },
     }
 
@@ -94,28 +106,57 @@ def _save_safetensors(path: Path, arrays: dict) -> None:
     save_file(arrays, str(path), metadata={"format": "pt"})
 
 
+def _saelens_architecture(run: Run, m: int) -> str:
+    mem = run.members[m]
+    skip = "W_skip" in run.params
+    if not mem.transcoder:
+        return {"topk": "topk", "jumprelu": "jumprelu", "relu": "standard"}[mem.inference]
+    if mem.inference == "topk":
+        raise ExportError(
+            f"{mem.name}: SAELens has no TopK transcoder class; export it with --format sparsify (which has one) or npz"
+        )
+    return ("jumprelu_" if mem.inference == "jumprelu" else "") + ("skip_transcoder" if skip else "transcoder")
+
+
 def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
+    """SAELens 6: `topk`, `jumprelu` (JumpReLU and BatchTopK, whose inference form is a JumpReLU with
+    the running threshold), `standard` (ReLU); transcoders as `transcoder`, `skip_transcoder`,
+    `jumprelu_transcoder`, `jumprelu_skip_transcoder` (b_dec not subtracted from the input)."""
     mem, p = run.members[m], run.folded(m)
+    arch = _saelens_architecture(run, m)
     cfg = {
-        "architecture": "topk",
+        "architecture": arch,
         "d_in": run.meta["d_in"],
         "d_sae": mem.width,
-        "k": mem.k,
         "rescale_acts_by_decoder_norm": False,
         "dtype": dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": True,
+        "apply_b_dec_to_input": not mem.transcoder,
         "normalize_activations": "none",
         "reshape_activations": "hook_z" if parse_hook(mem.hook).point == "attn_z" else "none",
         "metadata": _metadata(run, m),
     }
+    if mem.inference == "topk":
+        cfg["k"] = mem.k
+    if mem.transcoder:
+        cfg["d_out"] = run.meta["d_out"]
     folder.mkdir(parents=True)
-    _save_safetensors(folder / "sae_weights.safetensors", _cast(p, dtype))
+    arrays = dict(p)
+    if "W_skip" in arrays:
+        arrays["W_skip"] = np.ascontiguousarray(arrays["W_skip"].T)  # SAELens: [d_out, d_in], applied as x @ W_skip.T
+    _save_safetensors(folder / "sae_weights.safetensors", _cast(arrays, dtype))
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
 
 
 def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:
+    """sparsify's SparseCoder is TopK (SAEs and transcoders with d_out == d_in, optional skip)."""
     mem, p = run.members[m], run.folded(m)
+    if mem.inference != "topk":
+        raise ExportError(
+            f"{mem.name}: sparsify loads TopK dictionaries only; a {mem.architecture} dictionary exports with --format saelens or npz"
+        )
+    if mem.transcoder and run.meta["d_out"] != run.meta["d_in"]:
+        raise ExportError(f"{mem.name}: sparsify transcoders need d_out == d_in (here {run.meta['d_out']} != {run.meta['d_in']})")
     sub = folder / (hf_module(mem.hook) or mem.hook)
     sub.mkdir(parents=True)
     cfg = {
@@ -125,11 +166,13 @@ def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:
         "num_latents": mem.width,
         "k": mem.k,
         "multi_topk": False,
-        "skip_connection": False,
-        "transcode": False,
+        "skip_connection": "W_skip" in p,
+        "transcode": mem.transcoder,
         "d_in": run.meta["d_in"],
     }
     arrays = {"encoder.weight": p["W_enc"].T, "encoder.bias": p["b_enc"], "W_dec": p["W_dec"], "b_dec": p["b_dec"]}
+    if "W_skip" in p:
+        arrays["W_skip"] = p["W_skip"].T  # sparsify: [d_out, d_in], applied as x @ W_skip.mT
     _save_safetensors(sub / "sae.safetensors", _cast(arrays, dtype))
     (sub / "cfg.json").write_text(json.dumps(cfg, indent=1))
     # sparsify's cfg.json takes only its own fields: where the dictionary came from goes beside it
@@ -141,9 +184,21 @@ def write_npz(run: Run, m: int, folder: Path, dtype: str) -> None:
         raise ExportError("npz export: bfloat16 is not a numpy dtype other tools read; use float32 or float16")
     mem, p = run.members[m], run.folded(m)
     folder.mkdir(parents=True)
-    arrays = {**_cast(p, dtype), "k": np.asarray(mem.k, np.int64)}
+    arrays = _cast(p, dtype)
+    if mem.inference == "topk":
+        arrays["k"] = np.asarray(mem.k, np.int64)
     np.savez(folder / "params.npz", **arrays)
-    cfg = {"architecture": "topk", "d_in": run.meta["d_in"], "d_sae": mem.width, "k": mem.k, "hook_name": mem.hook, **_metadata(run, m)}
+    cfg = {
+        "architecture": mem.inference,
+        "trained_as": run.meta.get("kind", mem.architecture),
+        "d_in": run.meta["d_in"],
+        "d_out": run.meta.get("d_out", run.meta["d_in"]),
+        "d_sae": mem.width,
+        "hook_name": mem.hook,
+        **({"k": mem.k} if mem.inference == "topk" else {}),
+        **({"hook_name_out": mem.out_hook, "apply_b_dec_to_input": False} if mem.transcoder else {}),
+        **_metadata(run, m),
+    }
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
 
 

@@ -12,14 +12,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-RULES = {"batch": "data", "d_sae": "model", "bank": None, "d_in": None, "k": None}
+RULES = {"batch": "data", "d_sae": "model", "bank": None, "d_in": None, "d_out": None, "k": None}
 
 # logical axes of each array the train step touches
 LOGICAL = {
     "W_enc": ("bank", "d_in", "d_sae"),
     "b_enc": ("bank", "d_sae"),
-    "W_dec": ("bank", "d_sae", "d_in"),
-    "b_dec": ("bank", "d_in"),
+    "W_dec": ("bank", "d_sae", "d_out"),
+    "b_dec": ("bank", "d_out"),
+    "threshold": ("bank", "d_sae"),
+    "W_skip": ("bank", "d_in", "d_out"),
     "x": ("bank", "batch", "d_in"),
     "latents": ("bank", "d_sae"),
     "topk": ("bank", "batch", "k"),
@@ -47,5 +49,15 @@ def sharding(mesh: Mesh, name: str) -> NamedSharding:
     return NamedSharding(mesh, spec(name))
 
 
-def param_shardings(mesh: Mesh) -> dict:
-    return {k: sharding(mesh, k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+def param_names(bank=None) -> tuple[str, ...]:
+    """The parameter arrays of a bank (`sae.bank.BankSpec`; None: a TopK SAE bank)."""
+    names = ("W_enc", "b_enc", "W_dec", "b_dec")
+    if bank is not None and bank.architecture == "jumprelu":
+        names += ("threshold",)
+    if bank is not None and bank.skip:
+        names += ("W_skip",)
+    return names
+
+
+def param_shardings(mesh: Mesh, bank=None) -> dict:
+    return {k: sharding(mesh, k) for k in param_names(bank)}

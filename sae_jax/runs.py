@@ -12,7 +12,11 @@ is the same map as, on raw x,
 
 so the folded dictionary keeps W_enc and the unit-norm decoder rows and divides the biases by s;
 its activations are the trained ones divided by s (the same latents win: s > 0), in the units of
-the raw activations. Nothing here unpickles: JSON and Orbax's array format only.
+the raw activations. In general (transcoders read hook A, scale s_in, and write hook B, scale
+s_out; an SAE has s_in = s_out = s): W_enc * s_in / s_out, b_enc / s_out, thresholds / s_out,
+W_dec kept, b_dec / s_out, W_skip * s_in / s_out. Every activation function here (TopK, ReLU,
+JumpReLU with its threshold scaled alike) commutes with a positive scale, so the same latents win.
+Nothing here unpickles: JSON and Orbax's array format only.
 """
 
 from __future__ import annotations
@@ -35,7 +39,23 @@ class Member:
     width: int
     k: int
     input_scale: float
-    architecture: str = "topk"
+    architecture: str = "topk"  # as trained: topk | batchtopk | jumprelu | relu
+    coef: float | None = None  # relu: L1, jumprelu: L0 coefficient
+    out_hook: str | None = None  # transcoders: the hook it writes
+    output_scale: float | None = None
+
+    @property
+    def transcoder(self) -> bool:
+        return self.out_hook is not None
+
+    @property
+    def target(self) -> str:
+        return self.out_hook or self.hook
+
+    @property
+    def inference(self) -> str:
+        """The activation function at inference: topk, jumprelu (BatchTopK's threshold) or relu."""
+        return "jumprelu" if self.architecture == "batchtopk" else self.architecture
 
 
 @dataclass
@@ -47,6 +67,7 @@ class Run:
     steps: int  # the run's planned steps
     members: list[Member]
     params: dict = field(repr=False)  # raw (unfolded) bank params, numpy float32 [M, ...]
+    thresholds: np.ndarray | None = field(default=None, repr=False)  # [M, width] scaled units (JumpReLU, BatchTopK)
 
     @property
     def finished(self) -> bool:
@@ -57,16 +78,50 @@ class Run:
         return self.meta["store"]
 
     def folded(self, m: int) -> dict[str, np.ndarray]:
-        """Member m's dictionary on raw activations: W_enc [d_in, w], b_enc [w], W_dec [w, d_in], b_dec [d_in]."""
+        """Member m's dictionary on raw activations: W_enc [d_in, w], b_enc [w], W_dec [w, d_out],
+        b_dec [d_out]; `threshold [w]` (JumpReLU and BatchTopK), `W_skip [d_in, d_out]` (skip transcoders)."""
         mem = self.members[m]
-        w, s = mem.width, mem.input_scale
+        w, s_in = mem.width, mem.input_scale
+        s_out = mem.output_scale or s_in
         p = self.params
-        return {
-            "W_enc": np.ascontiguousarray(p["W_enc"][m][:, :w], np.float32),
-            "b_enc": np.ascontiguousarray(p["b_enc"][m][:w] / s, np.float32),
-            "W_dec": np.ascontiguousarray(p["W_dec"][m][:w], np.float32),
-            "b_dec": np.ascontiguousarray(p["b_dec"][m] / s, np.float32),
+        f32 = lambda a: np.ascontiguousarray(a, np.float32)  # noqa: E731
+        out = {
+            "W_enc": f32(p["W_enc"][m][:, :w] * (s_in / s_out)),
+            "b_enc": f32(p["b_enc"][m][:w] / s_out),
+            "W_dec": f32(p["W_dec"][m][:w]),
+            "b_dec": f32(p["b_dec"][m] / s_out),
         }
+        if self.thresholds is not None:
+            out["threshold"] = f32(self.thresholds[m][:w] / s_out)
+        if "W_skip" in p:
+            out["W_skip"] = f32(p["W_skip"][m] * (s_in / s_out))
+        return out
+
+
+    def eval_k(self, m: int) -> int:
+        """Activations per row kept by eval and the atlas: k for TopK; for the thresholded and ReLU
+        dictionaries a cap (`sae.folded`): BatchTopK's training cap, else 4x the member's last
+        training L0 (at least 64), at most the width."""
+        mem = self.members[m]
+        if mem.inference == "topk":
+            return mem.k
+        if mem.architecture == "batchtopk" and self.meta.get("batchtopk_cap"):
+            return min(mem.width, int(self.meta["batchtopk_cap"]))
+        l0 = 0.0
+        metrics = self.root / "metrics.jsonl"
+        if metrics.is_file():
+            lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
+            if lines:
+                l0 = float(np.atleast_1d(json.loads(lines[-1]).get("l0", [0.0] * len(self.members)))[m])
+        return int(min(mem.width, max(64, 4 * int(np.ceil(l0)))))
+
+    def refuse_transcoders(self, job: str) -> None:
+        bad = [mem.name for mem in self.members if mem.transcoder]
+        if bad:
+            raise RunError(
+                f"{self.root}: `sae-jax {job}` works on SAEs; this bank holds transcoders ({bad[0]}, ...). "
+                "Export them (`sae-jax export`) to evaluate in SAELens or sparsify."
+            )
 
 
 def _read_json(path: Path) -> dict:
@@ -125,10 +180,17 @@ def open_run(root, step: int | None = None) -> Run:
         mngr.close()
     params = {k: np.asarray(v, np.float32) for k, v in state["params"].items()}
     members = [Member(**m) for m in meta["members"]]
-    n, width, d_in = params["W_dec"].shape
-    if n != len(members) or d_in != meta["d_in"] or width != meta["width"]:
+    n, width, d_out = params["W_dec"].shape
+    if n != len(members) or d_out != meta.get("d_out", meta["d_in"]) or width != meta["width"]:
         raise RunError(
-            f"{root}: checkpoint step {step} holds W_dec {params['W_dec'].shape}; bank.json describes {len(members)} x {meta['width']} x {meta['d_in']}"
+            f"{root}: checkpoint step {step} holds W_dec {params['W_dec'].shape}; bank.json describes "
+            f"{len(members)} x {meta['width']} x {meta.get('d_out', meta['d_in'])}"
         )
+    thresholds = None
+    if "threshold" in params:
+        thresholds = params.pop("threshold")
+    elif "threshold_ema" in state:  # BatchTopK: the bias-corrected running batch threshold, one per member
+        thr = np.asarray(state["threshold_ema"], np.float64) / max(float(state["threshold_norm"]), 1e-12)
+        thresholds = np.repeat(thr[:, None], width, axis=1).astype(np.float32)
     steps = int(cfg.get("config", {}).get("train", {}).get("steps", step))
-    return Run(root, meta, cfg.get("config", {}), int(step), steps, members, params)
+    return Run(root, meta, cfg.get("config", {}), int(step), steps, members, params, thresholds)

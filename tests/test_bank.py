@@ -36,7 +36,7 @@ def test_forward_matches_dense_reference():
     out = make_forward(SPEC, mesh)(p, jnp.asarray(x))
     x_hat, vals, idx = out.x_hat, out.values, out.indices
     lat = jnp.asarray(SPEC.latent_mask())
-    fired = jax.jit(_sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.k_mask(), jnp.float32), jnp.zeros_like(lat))[-1]
+    fired = jax.jit(_sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.ks, jnp.int32), jnp.zeros_like(lat))["fired"]
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]

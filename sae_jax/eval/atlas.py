@@ -80,7 +80,7 @@ class LatentTable:
         pick(self.key, key)
 
 
-def _encoder(lm, hook, k: int, outlier_ratio: float):
+def _encoder(lm, hook, k: int, outlier_ratio: float, kind: str = "topk"):
     from flax import nnx
 
     graphdef, state = nnx.split(lm.model)
@@ -91,7 +91,7 @@ def _encoder(lm, hook, k: int, outlier_ratio: float):
         _, acts = nnx.merge(graphdef, state)(tokens, (hook,), logits=False)
         a = acts[hook.name]
         keep = splice_mask(tokens, a, special, outlier_ratio)
-        v, i = folded.encode(p, a.reshape(-1, a.shape[-1]), k)
+        v, i = folded.encode(p, a.reshape(-1, a.shape[-1]), k, kind)
         v = jnp.where(keep.reshape(-1, 1), v, 0.0)
         return v.reshape(*tokens.shape, k), i.reshape(*tokens.shape, k), keep
 
@@ -197,6 +197,7 @@ def build_atlas(
     if contexts < 1 or top < 1 or samples < 1 or batch_size < 1:
         raise EvalError("--contexts, --top, --samples and --batch-size must be positive")
     run = open_run(run_dir, step)
+    run.refuse_transcoders("atlas")
     names = [m.name for m in run.members]
     if member is not None and member not in names:
         raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
@@ -218,8 +219,9 @@ def build_atlas(
         hook = parse_hook(mem.hook, lm.cfg.n_layers)
         p = run.folded(m)
         t0 = time.perf_counter()
-        enc = _encoder(lm, hook, mem.k, float(run.store_meta["outlier_ratio"] or 0))
-        tops, samp, counts, sums, positions = scan_member(p, mem.k, enc, ctx, batch_size, top, samples, seed=m)
+        k = run.eval_k(m)
+        enc = _encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
+        tops, samp, counts, sums, positions = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m)
         secs = time.perf_counter() - t0
         heads = head_attribution(p["W_dec"], lm.cfg.n_heads) if hook.point == "attn_z" else None
         path = out / f"{mem.name}.jsonl"

@@ -37,12 +37,13 @@ from sae_jax.sae import folded
 CHUNK = 2048
 
 
-def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
-    """SAEBench-named reconstruction and sparsity metrics of dictionary `p` on rows `x`."""
+def reconstruction_metrics(p: dict, x: np.ndarray, k: int, kind: str = "topk") -> dict:
+    """SAEBench-named reconstruction and sparsity metrics of dictionary `p` on rows `x` (`kind`
+    and the cap `k`: `sae.folded`; `truncated_frac` counts rows that reached the cap)."""
     n, d = x.shape
     w = p["W_enc"].shape[1]
     pj = {key: jnp.asarray(v) for key, v in p.items()}
-    acc = {key: 0.0 for key in ("err2", "x2", "cos", "nin", "nout", "ratio", "dot", "xh2", "l0", "l1")}
+    acc = {key: 0.0 for key in ("err2", "x2", "cos", "nin", "nout", "ratio", "dot", "xh2", "l0", "l1", "trunc")}
     sum_x = np.zeros(d, np.float64)
     counts = np.zeros(w, np.int64)
     for s in range(0, n, CHUNK):
@@ -50,7 +51,7 @@ def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
         m = len(xc)
         pad = np.zeros((CHUNK, d), np.float32)
         pad[:m] = xc
-        x_hat, v, i = folded.reconstruct(pj, jnp.asarray(pad), k=k)
+        x_hat, v, i = folded.reconstruct(pj, jnp.asarray(pad), k=k, kind=kind)
         x_hat, v, i = np.asarray(x_hat[:m], np.float64), np.asarray(v[:m]), np.asarray(i[:m])
         xd = xc.astype(np.float64)
         nin, nout = np.linalg.norm(xd, axis=1), np.linalg.norm(x_hat, axis=1)
@@ -66,6 +67,7 @@ def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
         fired = v > 0
         acc["l0"] += float(fired.sum())
         acc["l1"] += float(v.sum())
+        acc["trunc"] += float(fired[:, -1].sum()) if kind != "topk" else 0.0
         sum_x += xd.sum(0)
         np.add.at(counts, i[fired], 1)
     total_var = acc["x2"] - float(sum_x @ sum_x) / n
@@ -82,7 +84,7 @@ def reconstruction_metrics(p: dict, x: np.ndarray, k: int) -> dict:
             "l2_ratio": acc["ratio"] / n,
             "relative_reconstruction_bias": acc["xh2"] / acc["dot"],
         },
-        "sparsity": {"l0": acc["l0"] / n, "l1": acc["l1"] / n},
+        "sparsity": {"l0": acc["l0"] / n, "l1": acc["l1"] / n, "cap": k, "truncated_frac": acc["trunc"] / n},
         "latents": {
             "fvu": fvu,
             "frac_alive": float(np.mean(counts > 0)),
@@ -103,15 +105,18 @@ def pad_width(p: dict, width: int) -> dict:
     extra = width - p["W_enc"].shape[1]
     if extra == 0:
         return p
-    return {
+    out = {
         "W_enc": np.pad(p["W_enc"], ((0, 0), (0, extra))),
         "b_enc": np.pad(p["b_enc"], (0, extra), constant_values=-1e30),
         "W_dec": np.pad(p["W_dec"], ((0, extra), (0, 0))),
         "b_dec": p["b_dec"],
     }
+    if "threshold" in p:
+        out["threshold"] = np.pad(p["threshold"], (0, extra), constant_values=1e30)
+    return out
 
 
-def splice_fn(lm, hook, k_max: int, outlier_ratio: float):
+def splice_fn(lm, hook, k_max: int, outlier_ratio: float, kind: str = "topk"):
     """jit(p, k, tokens) -> per-position (nll clean, nll sae, nll ablation, kl sae, kl ablation,
     spliced mask). One compilation per hook and padded width: k (<= k_max) is an argument."""
     from flax import nnx
@@ -127,8 +132,8 @@ def splice_fn(lm, hook, k_max: int, outlier_ratio: float):
 
         def sae(a):
             flat = a.reshape(-1, a.shape[-1])
-            v, i = folded.encode(p, flat, k_max)
-            v = v * (jnp.arange(k_max) < k)
+            v, i = folded.encode(p, flat, k_max, kind)
+            v = v * (jnp.arange(k_max) < k)  # topk: this member's k of the hook's largest; capped kinds: the cap
             return jnp.where(mask[..., None], folded.decode(p, v, i).reshape(a.shape).astype(a.dtype), a)
 
         def ablate(a):
@@ -148,9 +153,11 @@ def splice_fn(lm, hook, k_max: int, outlier_ratio: float):
     return partial(run, state)
 
 
-def downstream_metrics(lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, batch_size: int, outlier_ratio: float, fn=None) -> dict:
-    """Losses with dictionary `p` (top `k`) spliced in at `hook_name` (`fn`: a `splice_fn` to reuse)."""
-    fn = fn or splice_fn(lm, parse_hook(hook_name, lm.cfg.n_layers), k, outlier_ratio)
+def downstream_metrics(
+    lm, p: dict, hook_name: str, k: int, ctx: np.ndarray, batch_size: int, outlier_ratio: float, fn=None, kind: str = "topk"
+) -> dict:
+    """Losses with dictionary `p` (top `k`, or capped at `k`) spliced in at `hook_name` (`fn`: a `splice_fn` to reuse)."""
+    fn = fn or splice_fn(lm, parse_hook(hook_name, lm.cfg.n_layers), k, outlier_ratio, kind)
     pj = {key: jnp.asarray(v) for key, v in p.items()}
     sums = np.zeros(5)
     n_pred, n_spliced, n_kept_positions = 0, 0, 0
@@ -201,6 +208,7 @@ def evaluate(
     if tokens < 1 or contexts < 1 or batch_size < 1:
         raise EvalError("--tokens, --contexts and --batch-size must be positive")
     run = open_run(run_dir, step)
+    run.refuse_transcoders("eval")
     st = open_store(store or run.store_meta["root"])
     lm = load_run_model(run.store_meta, model_path)
     t0 = time.perf_counter()
@@ -224,18 +232,21 @@ def evaluate(
         group = [run.members[j] for j in chosen if run.members[j].hook == mem.hook]
         if mem.hook not in rows_cache:
             rows_cache[mem.hook] = heldout_rows(run, st, mem.hook, tokens)
-            k_max, w_max = max(g.k for g in group), max(g.width for g in group)
-            fns[mem.hook] = (splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier), w_max)
+            k_max = max(run.eval_k(j) for j in chosen if run.members[j].hook == mem.hook)
+            w_max = max(g.width for g in group)
+            fns[mem.hook] = (splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier, mem.inference), w_max)
         x, where = rows_cache[mem.hook]
         fn, w_max = fns[mem.hook]
         p = run.folded(m)
-        rec = reconstruction_metrics(p, x, mem.k)
+        k = run.eval_k(m)
+        rec = reconstruction_metrics(p, x, k, mem.inference)
         rec.pop("_density")
-        down = downstream_metrics(lm, pad_width(p, w_max), mem.hook, mem.k, ctx, batch_size, outlier, fn=fn)
+        down = downstream_metrics(lm, pad_width(p, w_max), mem.hook, k, ctx, batch_size, outlier, fn=fn, kind=mem.inference)
         tok_stats = {**rec.pop("token_stats"), **down.pop("token_stats")}
         report["members"][mem.name] = {
             "hook": mem.hook,
             "width": mem.width,
+            "architecture": mem.architecture,
             "k": mem.k,
             "rows_from": where,
             **down,

@@ -1,27 +1,45 @@
-"""A bank of TopK sparse autoencoders: parameters with a leading bank axis, forward, init.
+"""A bank of sparse dictionaries: parameters with a leading bank axis, forward, init.
+
+Architectures (one per bank; members may differ in hook, width and sparsity setting):
+
+| architecture | activation | sparsity set by | activations per row |
+| ------------ | ---------- | --------------- | ------------------- |
+| `topk`       | the k largest of relu(pre) | k | k (sparse (values, indices) path) |
+| `batchtopk`  | the B*k largest of relu(pre) over the batch; at inference a JumpReLU with the running threshold | k (on average) | up to `cap` (sparse path) |
+| `jumprelu`   | pre * (pre > theta), per-latent theta trained with straight-through estimators | L0 coefficient | unbounded (dense path) |
+| `relu`       | relu(pre), L1 penalty weighted by decoder row norms | L1 coefficient | unbounded (dense path) |
+
+Matryoshka (with `topk` or `batchtopk`): nested prefixes of the latent list each reconstruct the
+target and their losses are summed. Transcoders: encode one hook, decode another (`out_hooks`),
+optionally with a linear skip `W_skip`; the encoder input is the raw input (no `b_dec`, which
+lives in the output space).
 
 Parameters per member, SAELens orientation: `W_enc [d_in, d_sae]`, `b_enc [d_sae]`,
-`W_dec [d_sae, d_in]` (unit-norm rows), `b_dec [d_in]`. Stacked over the bank: leading axis M.
-Members may differ in hook, width and k: every member is padded to the bank's widest width
-(rounded up to a multiple of the `model` mesh axis) and its padded latents are masked out of
-the top-k; each member selects its own k out of the bank's largest k. Padding costs
-`M * max_width / sum(widths)` of the encoder work (1.0 for equal widths; 2 hooks x widths
-{4608, 9216}: 1.33).
+`W_dec [d_sae, d_out]`, `b_dec [d_out]`; `threshold [d_sae]` (JumpReLU; trained directly, kept
+>= 0), `W_skip
+[d_in, d_out]` (skip transcoders). Stacked over the bank: leading axis M. Every member is padded
+to the bank's widest width (rounded up to a multiple of the `model` mesh axis) and its padded
+latents never fire. Padding costs `M * max_width / sum(widths)` of the encoder work.
 
-The forward is written for one device's shard of a mesh with axes `data` (tokens) and
-`model` (latents): `forward_shard` runs inside `jax.shard_map`. Top-k over the latent axis split
-across `model` is exact: each shard streams its own latents through the TopK encoder
+The forward is written for one device's shard of a mesh with axes `data` (tokens) and `model`
+(latents) and runs inside `jax.shard_map`.
+
+Sparse path (`topk`, `batchtopk`): each shard streams its own latents through the TopK encoder
 (`sae_jax.kernels.topk`: no dense [batch, d_sae] pre-activation, a sparse backward), the
-candidates are all-gathered over `model`, and the global top-k of the candidates is taken; each
-shard decodes the winners it owns and the partial reconstructions are summed over `model`. The
-decoder works from (values, indices): no dense [batch, d_sae] matrix anywhere.
+candidates are all-gathered over `model` and the global top of them taken (exact); each shard
+decodes the winners it owns from (values, indices) and the partial reconstructions are summed
+over `model`. BatchTopK keeps `cap` candidates per row and finds the batch's (B*k)-th largest
+among all candidates of the global batch (gathered over `data`): exact unless a row has more
+than `cap` winners, which is counted (`capped_frac`).
+
+Dense path (`jumprelu`, `relu`): their activation count per row is unbounded, so each shard
+computes its [B_local, S_local] block of pre-activations, as the PyTorch trainers do.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,15 +48,29 @@ from jax import lax
 
 from sae_jax.kernels.topk import sparse_decode, topk_pre
 
+ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
+SPARSE = ("topk", "batchtopk")
+
 
 @dataclass(frozen=True)
 class BankSpec:
-    hooks: tuple[str, ...]  # per member
+    hooks: tuple[str, ...]  # input hook per member
     widths: tuple[int, ...]
-    ks: tuple[int, ...]
+    ks: tuple[int, ...]  # topk / batchtopk: k per member; 0 for the others
     d_in: int
     width: int  # padded width (all members)
     k_aux: int
+    architecture: str = "topk"
+    coefs: tuple[float, ...] = ()  # relu: L1 coefficient, jumprelu: L0 coefficient, per member
+    out_hooks: tuple[str, ...] = ()  # transcoders: the output hook per member; () for SAEs
+    d_out: int = 0  # 0: d_in
+    skip: bool = False  # transcoders: a linear skip W_skip
+    prefixes: tuple[int, ...] = ()  # Matryoshka: nested prefix sizes, increasing, below every width
+    cap: int = 0  # batchtopk: candidates kept per row (>= max k)
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture {self.architecture!r}: choose from {', '.join(ARCHITECTURES)}")
 
     @property
     def size(self) -> int:
@@ -47,6 +79,28 @@ class BankSpec:
     @property
     def k_max(self) -> int:
         return max(self.ks)
+
+    @property
+    def sparse(self) -> bool:
+        return self.architecture in SPARSE
+
+    @property
+    def transcoder(self) -> bool:
+        return bool(self.out_hooks)
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        """The hook each member reconstructs."""
+        return self.out_hooks or self.hooks
+
+    @property
+    def dout(self) -> int:
+        return self.d_out or self.d_in
+
+    @property
+    def n_candidates(self) -> int:
+        """Activations per row on the sparse path (the encoder's k)."""
+        return self.cap if self.architecture == "batchtopk" else self.k_max
 
     @property
     def padding_cost(self) -> float:
@@ -58,28 +112,41 @@ class BankSpec:
     def k_mask(self) -> np.ndarray:
         return np.arange(self.k_max)[None, :] < np.asarray(self.ks)[:, None]  # [M, K]
 
+    def kind(self) -> str:
+        """The architecture as exported names spell it (`matryoshka_batchtopk`, `topk`, ...)."""
+        return ("matryoshka_" if self.prefixes else "") + self.architecture
+
     def name(self, m: int) -> str:
-        return f"{self.hooks[m]}.topk.w{self.widths[m]}.k{self.ks[m]}"
+        hook = self.hooks[m] + (f".to.{self.out_hooks[m]}" if self.transcoder else "")
+        if self.sparse:
+            setting = f"k{self.ks[m]}"
+        else:
+            setting = ("l1c" if self.architecture == "relu" else "l0c") + f"{self.coefs[m]:g}"
+        return f"{hook}.{self.kind()}{'.skip' if self.skip else ''}.w{self.widths[m]}.{setting}"
 
 
-class Output(NamedTuple):
-    x_hat: jax.Array  # [M, B, d_in]
-    values: jax.Array  # [M, B, K] (zero beyond each member's k)
-    indices: jax.Array  # [M, B, K] global latent ids
-    fvu: jax.Array  # [M]
-    auxk_loss: jax.Array  # [M]
-
-
-def init_params(spec: BankSpec, key, b_dec: jax.Array | None = None) -> dict:
-    """Decoder rows random unit vectors, encoder = decoder transpose, b_enc = 0."""
-    w = jax.random.normal(key, (spec.size, spec.width, spec.d_in), jnp.float32)
+def init_params(spec: BankSpec, key, b_dec: jax.Array | None = None, init_threshold: float = 0.001) -> dict:
+    """Decoder rows random unit vectors, encoder = decoder transpose (when d_in == d_out; random
+    unit columns otherwise), b_enc = 0, JumpReLU thresholds `init_threshold`, W_skip = 0."""
+    k_dec, k_enc = jax.random.split(key)
+    w = jax.random.normal(k_dec, (spec.size, spec.width, spec.dout), jnp.float32)
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
-    return {
-        "W_enc": jnp.swapaxes(w, 1, 2),
+    if spec.dout == spec.d_in:
+        w_enc = jnp.swapaxes(w, 1, 2)
+    else:
+        w_enc = jax.random.normal(k_enc, (spec.size, spec.d_in, spec.width), jnp.float32)
+        w_enc = w_enc / jnp.linalg.norm(w_enc, axis=1, keepdims=True)
+    p = {
+        "W_enc": w_enc,
         "b_enc": jnp.zeros((spec.size, spec.width), jnp.float32),
         "W_dec": w,
-        "b_dec": jnp.zeros((spec.size, spec.d_in), jnp.float32) if b_dec is None else b_dec.astype(jnp.float32),
+        "b_dec": jnp.zeros((spec.size, spec.dout), jnp.float32) if b_dec is None else b_dec.astype(jnp.float32),
     }
+    if spec.architecture == "jumprelu":
+        p["threshold"] = jnp.full((spec.size, spec.width), init_threshold, jnp.float32)
+    if spec.skip:
+        p["W_skip"] = jnp.zeros((spec.size, spec.d_in, spec.dout), jnp.float32)
+    return p
 
 
 def _global_topk(v, i, k: int, n_model: int):
@@ -113,51 +180,78 @@ def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int
 def _decode(values, indices, w_dec):
     """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller.
 
-    `kernels.topk.sparse_decode`: a scan over the k slots, each gathering one [B, d_in] slab of
+    `kernels.topk.sparse_decode`: a scan over the k slots, each gathering one [B, d_out] slab of
     decoder rows, with a custom VJP (gather-dot for the values, scatter-add into the selected
     rows for W_dec) that saves nothing but its inputs: no dense [B, d_sae] activation matrix and
-    no [B, k, d_in] gather, forward or backward.
+    no [B, k, d_out] gather, forward or backward.
     """
     s_local = w_dec.shape[1]
     off = lax.axis_index("model") * s_local
     own = (indices >= off) & (indices < off + s_local)
     local = jnp.where(own, indices - off, 0)
     vals = jnp.where(own, values, 0.0)
-
-    out = jax.vmap(sparse_decode)(vals, local, w_dec)
-    return out, own, local
+    return jax.vmap(sparse_decode)(vals, local, w_dec), own, local
 
 
-def forward_shard(
+def _batch_select(rv, ks, k_max: int):
+    """BatchTopK over the global batch: keep the values >= the (B*k)-th largest candidate of the
+    member's batch (all `data` shards). rv [M, B_local, C] >= 0, descending per row; ks [M].
+    Returns (values, threshold [M], fraction of rows whose every candidate was kept [M])."""
+    allv = lax.all_gather(lax.stop_gradient(rv), "data", axis=1, tiled=True)  # [M, B, C]
+    m, b, c = allv.shape
+    top = lax.top_k(allv.reshape(m, b * c), b * k_max)[0]  # [M, B * k_max], descending
+    thr = jnp.take_along_axis(top, (b * ks - 1)[:, None], axis=1)[:, 0]
+    keep = (rv >= thr[:, None, None]) & (rv > 0)
+    capped = lax.psum(keep[..., -1].sum(-1), "data") / b
+    return jnp.where(keep, rv, 0.0), thr, capped
+
+
+def forward_sparse(
     params,
     x,
     latent_mask,
-    k_mask,
+    ks,
     dead,
     *,
-    k_aux: int,
+    spec: BankSpec,
     n_model: int,
     with_aux: bool,
     impl: str = "auto",
     block: int = 4096,
     compute_dtype=None,
 ):
-    """One device's part of the bank forward (inside shard_map).
+    """One device's part of a TopK / BatchTopK bank forward (inside shard_map).
 
-    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local].
-    `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with `lax.cond`
-    at its top level, since a `cond` inside the differentiated function ran both branches.
-    `impl`/`block`/`compute_dtype`: the TopK encoder (`kernels.topk`). Returns x_hat, values, indices (global),
-    auxk reconstruction of the residual, and this shard's per-latent firing counts [M, S_local]
-    (summed over `data`).
+    x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local];
+    ks [M]. `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with
+    `lax.cond` at its top level, since a `cond` inside the differentiated function ran both
+    branches. `impl`/`block`/`compute_dtype`: the TopK encoder (`kernels.topk`).
+
+    Returns a dict: `x_hat [P, M, B_local, d_out]` (one reconstruction per Matryoshka prefix, the
+    full dictionary last; without W_skip), `values`/`indices [M, B_local, C]` (global ids),
+    `e_hat` (AuxK's reconstruction of the residual), `fired [M, S_local]` (summed over `data`),
+    `l0 [M, B_local]`, `threshold`/`capped [M]` (BatchTopK's batch threshold and capped rows).
     """
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    (v, idx), aux = _encode(
-        x - b_dec[:, None, :], w_enc, b_enc, latent_mask, dead, k_mask.shape[-1], k_aux, n_model, with_aux, impl, block, compute_dtype
-    )
-    vals = jax.nn.relu(v) * k_mask[:, None, :]
-    part, own, local = _decode(vals, idx, w_dec)
-    x_hat = lax.psum(part, "model") + b_dec[:, None, :]
+    enc_in = x if spec.transcoder else x - b_dec[:, None, :]
+    C = spec.n_candidates
+    (v, idx), aux = _encode(enc_in, w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, impl, block, compute_dtype)
+    rv = jax.nn.relu(v)
+    m = rv.shape[0]
+    if spec.architecture == "batchtopk":
+        vals, thr, capped = _batch_select(rv, ks, spec.k_max)
+    else:
+        vals = rv * (jnp.arange(C)[None, :] < ks[:, None])[:, None, :]
+        thr, capped = jnp.zeros(m), jnp.zeros(m)
+
+    # Matryoshka: decode each band of latents [p_{j-1}, p_j) once; prefix j is the sum of bands <= j
+    edges = (0, *spec.prefixes, spec.width)
+    parts, own, local = [], None, None
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        band = vals if len(edges) == 2 else jnp.where((idx >= lo) & (idx < hi), vals, 0.0)
+        part, own, local = _decode(band, idx, w_dec)
+        parts.append(part)
+    x_hat = jnp.cumsum(lax.psum(jnp.stack(parts), "model"), axis=0) + b_dec[None, :, None, :]
 
     fired = jax.vmap(
         lambda o, loc, val: jnp.zeros(w_dec.shape[1], jnp.int32).at[loc.reshape(-1)].add(((val > 0) & o).reshape(-1).astype(jnp.int32))
@@ -165,21 +259,106 @@ def forward_shard(
     fired = lax.psum(fired, "data")
 
     # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
-    e_hat = jnp.zeros_like(x)
+    e_hat = jnp.zeros(x.shape[:2] + (w_dec.shape[-1],), x.dtype)
     if with_aux:
         dv, di = aux
         aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
         e_hat = lax.psum(aux_part, "model")
-    return x_hat, vals, idx, e_hat, fired
+    l0 = (vals > 0).sum(-1).astype(jnp.float32)
+    return {
+        "x_hat": x_hat,
+        "values": vals,
+        "indices": idx,
+        "e_hat": e_hat,
+        "fired": fired,
+        "l0": l0,
+        "penalty": jnp.zeros_like(l0),
+        "threshold": thr,
+        "capped": capped,
+    }
 
 
-def losses(x, x_hat, e_hat, dead_count, k_aux: int):
-    """FVU and AuxK loss per member (sparsify's definitions), over the global batch."""
-    centered = x - x.mean(axis=1, keepdims=True)
+def _rect(u):
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def jumprelu(z, theta, eps: float):
+    """z * (z > theta); backward: dz = H(z - theta) g, dtheta = -(theta / eps) K((z - theta) / eps) g
+    with K the rectangle kernel (Rajamanoharan et al. 2024, the Gemma Scope recipe)."""
+    return z * (z > theta)
+
+
+def _jumprelu_fwd(z, theta, eps):
+    return jumprelu(z, theta, eps), (z, theta)
+
+
+def _jumprelu_bwd(eps, res, g):
+    z, theta = res
+    return g * (z > theta), -(theta / eps) * _rect((z - theta) / eps) * g
+
+
+jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def heaviside(z, theta, eps: float):
+    """H(z - theta) (the L0 count); backward: dz = 0, dtheta = -(1 / eps) K((z - theta) / eps) g."""
+    return (z > theta).astype(z.dtype)
+
+
+def _heaviside_fwd(z, theta, eps):
+    return heaviside(z, theta, eps), (z, theta)
+
+
+def _heaviside_bwd(eps, res, g):
+    z, theta = res
+    return jnp.zeros_like(z), -(1.0 / eps) * _rect((z - theta) / eps) * g
+
+
+heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
+
+
+def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, eps: float = 0.001, compute_dtype=None, **_):
+    """One device's part of a JumpReLU / ReLU bank forward (inside shard_map): the same contract
+    as `forward_sparse` (no `values`/`indices`; `penalty [M, B_local]` is the per-row sparsity
+    term: the L0 count through the straight-through estimator, or sum_i f_i ||W_dec_i||)."""
+    del ks, dead
+    w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
+    enc_in = x if spec.transcoder else x - b_dec[:, None, :]
+    cd = compute_dtype or jnp.float32
+    pre = jnp.einsum("mbd,mds->mbs", enc_in.astype(cd), w_enc.astype(cd), preferred_element_type=jnp.float32) + b_enc[:, None, :]
+    mask = latent_mask[:, None, :].astype(jnp.float32)
+    if spec.architecture == "relu":
+        acts = jax.nn.relu(pre) * mask
+        penalty = jnp.einsum("mbs,ms->mb", acts, jnp.linalg.norm(w_dec, axis=-1))
+    else:
+        theta = jnp.broadcast_to(params["threshold"][:, None, :], pre.shape)
+        acts = jumprelu(pre, theta, eps) * mask
+        penalty = (heaviside(pre, theta, eps) * mask).sum(-1)
+    penalty = lax.psum(penalty, "model")
+    fired_rows = acts > 0
+    x_hat = lax.psum(jnp.einsum("mbs,msd->mbd", acts, w_dec), "model") + b_dec[:, None, :]
+    m = x.shape[0]
+    return {
+        "x_hat": x_hat[None],
+        "e_hat": jnp.zeros_like(x_hat),
+        "fired": lax.psum(fired_rows.sum(1).astype(jnp.int32), "data"),
+        "l0": lax.psum(fired_rows.sum(-1).astype(jnp.float32), "model"),
+        "penalty": penalty,
+        "threshold": jnp.zeros(m),
+        "capped": jnp.zeros(m),
+    }
+
+
+def losses(y, x_hat, e_hat, dead_count, k_aux: int):
+    """Per member, over the global batch: FVU of each reconstruction in `x_hat [P, M, B, d]`
+    (sparsify's definition) [P, M], and the AuxK loss [M]. `y [M, B, d]` is the target."""
+    centered = y - y.mean(axis=1, keepdims=True)
     total_var = jnp.sum(centered**2, axis=(1, 2))
-    err = x - x_hat
-    fvu = jnp.sum(err**2, axis=(1, 2)) / total_var
-    e = lax.stop_gradient(err)
+    err = y[None] - x_hat
+    fvu = jnp.sum(err**2, axis=(2, 3)) / total_var
+    e = lax.stop_gradient(err[-1])
     scale = jnp.minimum(dead_count / k_aux, 1.0)
     auxk = scale * jnp.sum((e_hat - e) ** 2, axis=(1, 2)) / total_var
     auxk = jnp.where(dead_count > 0, auxk, 0.0)

@@ -1,4 +1,5 @@
-"""`sae-jax train`: train a bank of TopK SAEs on a store, checkpointing with Orbax.
+"""`sae-jax train`: train a bank of dictionaries (TopK, BatchTopK, JumpReLU, ReLU+L1; Matryoshka;
+SAEs or transcoders) on a store, checkpointing with Orbax.
 
 The run directory holds `config.json`, `checkpoints/` (Orbax CheckpointManager: items `state`
 and `data`, the Grain iterator's position) and `metrics.jsonl`. Running the same command again
@@ -39,28 +40,118 @@ def _ints(s, key) -> list[int]:
         raise TrainError(f"{key}={s!r}: expected comma-separated integers") from None
 
 
+def _floats(s, key) -> list[float]:
+    try:
+        return [float(v) for v in str(s).split(",") if v.strip()]
+    except ValueError:
+        raise TrainError(f"{key}={s!r}: expected comma-separated numbers") from None
+
+
+def _names(s) -> list[str]:
+    return [h.strip() for h in str(s).split(",") if h.strip()]
+
+
+def _sparsity_settings(t, arch: str) -> tuple[list[int], list[float]]:
+    """(ks, coefficients) of the members; the setting of the other architectures must be unset."""
+    from sae_jax.sae.bank import ARCHITECTURES
+
+    if arch not in ARCHITECTURES:
+        raise TrainError(f"train.architecture={arch!r}: choose from {', '.join(ARCHITECTURES)}")
+    own = {"relu": "train.l1_coefs", "jumprelu": "train.l0_coefs"}.get(arch)
+    for key in ("train.l1_coefs", "train.l0_coefs"):
+        if key != own and str(t[key.split(".")[1]]).strip():
+            raise TrainError(f"{key} is set but train.architecture={arch!r} does not use it")
+    if own is None:
+        ks = _ints(t.ks, "train.ks")
+        if not ks:
+            raise TrainError("train.ks needs at least one value")
+        return ks, []
+    coefs = _floats(t[own.split(".")[1]], own)
+    if not coefs:
+        raise TrainError(f"train.architecture={arch!r} needs {own} (one or more sparsity coefficients)")
+    bad = [c for c in coefs if not (c >= 0 and np.isfinite(c))]
+    if bad:
+        raise TrainError(f"{own}={t[own.split('.')[1]]!r}: coefficients must be finite and >= 0 (got {bad[0]})")
+    return [0], coefs
+
+
+def _check_settings(t) -> None:
+    checks = [
+        ("jumprelu_bandwidth", t.jumprelu_bandwidth > 0, "> 0"),
+        ("jumprelu_init_threshold", t.jumprelu_init_threshold > 0, "> 0"),
+        ("threshold_decay", 0 <= t.threshold_decay < 1, "in [0, 1)"),
+        ("sparsity_warmup_frac", 0 <= t.sparsity_warmup_frac <= 1, "in [0, 1]"),
+        ("aux_coef", t.aux_coef >= 0, ">= 0"),
+    ]
+    for key, ok, want in checks:
+        if not ok:
+            raise TrainError(f"train.{key}={t[key]!r}: must be {want}")
+
+
 def bank_spec(c, store) -> BankSpec:
     t = c.train
-    hooks = [h.strip() for h in t.hooks.split(",") if h.strip()] or list(store.hooks)
-    for h in hooks:
+    _check_settings(t)
+    arch = t.architecture
+    hooks = _names(t.hooks) or list(store.hooks)
+    out_hooks = _names(t.out_hooks)
+    for h in hooks + out_hooks:
         store.check_hook(h)
-    widths, ks = _ints(t.widths, "train.widths"), _ints(t.ks, "train.ks")
-    if not widths or not ks:
-        raise TrainError("train.widths and train.ks need at least one value each")
-    members = list(itertools.product(hooks, widths, ks))
+    if out_hooks and len(out_hooks) != len(hooks):
+        raise TrainError(
+            f"train.out_hooks lists {len(out_hooks)} hook(s) for {len(hooks)} input hook(s) in train.hooks: give one output hook per input hook"
+        )
+    if t.skip and not out_hooks:
+        raise TrainError("train.skip=True is a transcoder setting: set train.out_hooks too")
+    widths = _ints(t.widths, "train.widths")
+    if not widths or min(widths) < 1:
+        raise TrainError(f"train.widths={t.widths!r}: one or more positive widths")
+    ks, coefs = _sparsity_settings(t, arch)
+    settings = list(itertools.product(ks, coefs or [0.0]))
+    pairs = list(zip(hooks, out_hooks or hooks))
+    members = [(h, o, w, k, cf) for (h, o), w, (k, cf) in itertools.product(pairs, widths, settings)]
     d_ins = {store.width(h) for h in hooks}
-    if len(d_ins) != 1:
-        raise TrainError(f"a bank needs one d_in; the hooks {hooks} have widths {sorted(d_ins)}")
-    d_in = d_ins.pop()
-    for h, w, k in members:
-        if not 0 < k <= w:
-            raise TrainError(f"member {h} width {w}: k={k} must be between 1 and the width")
+    d_outs = {store.width(h) for h in (out_hooks or hooks)}
+    if len(d_ins) != 1 or len(d_outs) != 1:
+        raise TrainError(f"a bank needs one input and one output width; the hooks {hooks + out_hooks} have widths {sorted(d_ins | d_outs)}")
+    d_in, d_out = d_ins.pop(), d_outs.pop()
+    if arch in ("topk", "batchtopk"):
+        for h, _, w, k, _ in members:
+            if not 0 < k <= w:
+                raise TrainError(f"member {h} width {w}: k={k} must be between 1 and the width")
+    prefixes = tuple(_ints(t.matryoshka_prefixes, "train.matryoshka_prefixes"))
+    if prefixes:
+        if arch not in ("topk", "batchtopk"):
+            raise TrainError(f"train.matryoshka_prefixes: Matryoshka works with topk or batchtopk, not {arch!r}")
+        if prefixes[0] < 1 or any(b <= a for a, b in zip(prefixes, prefixes[1:])) or prefixes[-1] >= min(widths):
+            raise TrainError(
+                f"train.matryoshka_prefixes={t.matryoshka_prefixes!r}: prefix sizes must be positive, strictly increasing and "
+                f"below the smallest width ({min(widths)}; the full width is the last prefix)"
+            )
+    cap = 0
+    if arch == "batchtopk":
+        if t.batchtopk_cap < 1:
+            raise TrainError(f"train.batchtopk_cap={t.batchtopk_cap}: at least 1 (candidates per row = cap x k)")
+        cap = min(int(t.batchtopk_cap) * max(ks), min(widths))
     n_model = t.mesh_model
-    width = -(-max(w for _, w, _ in members) // n_model) * n_model
-    k_aux = t.k_aux or min(d_in // 2, min(w for _, w, _ in members))
-    if k_aux > min(w for _, w, _ in members):
+    width = -(-max(widths) // n_model) * n_model
+    k_aux = t.k_aux or min(d_in // 2, min(widths))
+    if k_aux > min(widths):
         raise TrainError(f"train.k_aux={k_aux} exceeds the smallest width")
-    return BankSpec(tuple(m[0] for m in members), tuple(m[1] for m in members), tuple(m[2] for m in members), d_in, width, k_aux)
+    return BankSpec(
+        hooks=tuple(m[0] for m in members),
+        widths=tuple(m[2] for m in members),
+        ks=tuple(m[3] for m in members),
+        d_in=d_in,
+        width=width,
+        k_aux=k_aux,
+        architecture=arch,
+        coefs=tuple(m[4] for m in members) if coefs else (),
+        out_hooks=tuple(m[1] for m in members) if out_hooks else (),
+        d_out=d_out if out_hooks else 0,
+        skip=bool(t.skip),
+        prefixes=prefixes,
+        cap=cap,
+    )
 
 
 def train_records(store, holdout_shards: int) -> tuple[int, int]:
@@ -74,19 +165,34 @@ def train_records(store, holdout_shards: int) -> tuple[int, int]:
     return 0, sum(s["records"] for s in store.shards[: n - holdout_shards])
 
 
-def write_bank_json(run: Path, spec: BankSpec, store, scale: np.ndarray, records: tuple[int, int]) -> None:
+def write_bank_json(run: Path, spec: BankSpec, store, scale: np.ndarray, records: tuple[int, int], out_scale: np.ndarray | None = None) -> None:
     """What eval and export need to know of the bank without the config machinery: the members,
-    the input scale each was trained with, the store's model and the held-out records."""
+    the input (and output) scale each was trained with, the store's model and the held-out records."""
     m = store.manifest
+    out_scale = scale if out_scale is None else out_scale
+
+    def member(i):
+        rec = {"name": spec.name(i), "hook": spec.hooks[i], "width": spec.widths[i], "k": spec.ks[i], "input_scale": float(scale[i])}
+        rec["architecture"] = spec.architecture
+        if spec.coefs:
+            rec["coef"] = spec.coefs[i]
+        if spec.transcoder:
+            rec["out_hook"] = spec.out_hooks[i]
+            rec["output_scale"] = float(out_scale[i])
+        return rec
+
     meta = {
-        "architecture": "topk",
+        "architecture": spec.architecture,
+        "kind": spec.kind(),
         "d_in": spec.d_in,
+        "d_out": spec.dout,
         "width": spec.width,
         "k_aux": spec.k_aux,
-        "members": [
-            {"name": spec.name(i), "hook": spec.hooks[i], "width": spec.widths[i], "k": spec.ks[i], "input_scale": float(scale[i])}
-            for i in range(spec.size)
-        ],
+        "transcoder": spec.transcoder,
+        "skip": spec.skip,
+        "matryoshka_prefixes": list(spec.prefixes),
+        "batchtopk_cap": spec.cap,
+        "members": [member(i) for i in range(spec.size)],
         "store": {
             "root": str(Path(store.root).absolute()),
             "model": m["model"],
@@ -111,9 +217,9 @@ def _mesh(t):
     return parallel.make_mesh(data, model)  # every device: a mesh that leaves some idle is an error
 
 
-def _stack(batch, spec: BankSpec) -> np.ndarray:
+def _stack(batch, hooks) -> np.ndarray:
     """{hook: [B, d]} -> [M, B, d] in member order."""
-    return np.stack([batch[h] for h in spec.hooks])
+    return np.stack([batch[h] for h in hooks])
 
 
 def _prepare_run_dir(run: Path, cfg_json: str) -> None:
@@ -160,22 +266,35 @@ def train(c, log=print) -> dict:
             "k_aux",
             "seed",
             "holdout_shards",
+            "architecture",
+            "out_hooks",
+            "skip",
+            "l1_coefs",
+            "l0_coefs",
+            "sparsity_warmup_frac",
+            "jumprelu_bandwidth",
+            "jumprelu_init_threshold",
+            "batchtopk_cap",
+            "threshold_decay",
+            "matryoshka_prefixes",
         )
     }
     _prepare_run_dir(run, json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1))
 
     lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
     tx, sched = make_optimizer(spec, lrs, t.steps, t.warmup_steps, t.decay_frac)
-    scale = np.asarray([1.0 / np.sqrt(store.hooks[h]["mean_sq_norm"]) for h in spec.hooks], np.float32)
+    stats = lambda hooks: np.asarray([1.0 / np.sqrt(store.hooks[h]["mean_sq_norm"]) for h in hooks], np.float32)  # noqa: E731
+    scale, out_scale = stats(spec.hooks), stats(spec.targets)
     records = train_records(store, t.holdout_shards)
-    ds = activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed, records=records)
+    read = sorted(set(spec.hooks) | set(spec.targets))
+    ds = activation_dataset(store, read, t.batch_size, seed=t.seed, records=records)
     it = iterator(ds)
 
-    # b_dec from the geometric median of a sample drawn apart from the training stream
-    sample_ds = activation_dataset(store, sorted(set(spec.hooks)), t.batch_size, seed=t.seed + 1, records=records)
-    sample = _stack(next(iterator(sample_ds, num_threads=0)), spec)
-    sample = jnp.asarray(sample[:, :4096].astype(np.float32) * scale[:, None, None])
-    state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample)
+    # b_dec (in the target's space) from the geometric median of a sample drawn apart from the training stream
+    sample_ds = activation_dataset(store, read, t.batch_size, seed=t.seed + 1, records=records)
+    sample = _stack(next(iterator(sample_ds, num_threads=0)), spec.targets)
+    sample = jnp.asarray(sample[:, :4096].astype(np.float32) * out_scale[:, None, None])
+    state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample, t.jumprelu_init_threshold)
 
     mngr = ocp.CheckpointManager(
         (run / "checkpoints").absolute(),
@@ -195,14 +314,29 @@ def train(c, log=print) -> dict:
         raise TrainError(f"train.encoder: {e}") from None
     if t.encoder_dtype not in ("float32", "bfloat16"):
         raise TrainError(f"train.encoder_dtype={t.encoder_dtype!r}: float32 or bfloat16")
-    step_fn = make_train_step(spec, mesh, tx, sched, scale, t.dead_tokens, t.aux_coef, encoder, t.encoder_block, t.encoder_dtype)
+    step_fn = make_train_step(
+        spec,
+        mesh,
+        tx,
+        sched,
+        scale,
+        t.dead_tokens,
+        t.aux_coef,
+        encoder,
+        t.encoder_block,
+        t.encoder_dtype,
+        output_scale=out_scale,
+        sparsity_warmup=int(round(t.sparsity_warmup_frac * t.steps)),
+        bandwidth=t.jumprelu_bandwidth,
+        threshold_decay=t.threshold_decay,
+    )
 
     stop = {"sigterm": False}
     prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     from tqdm import tqdm
 
     (run / "members.json").write_text(json.dumps([spec.name(m) for m in range(spec.size)]))
-    write_bank_json(run, spec, store, scale, records)
+    write_bank_json(run, spec, store, scale, records, out_scale)
     from tensorboardX import SummaryWriter
 
     tb = SummaryWriter(str(run / "tb"))
@@ -212,8 +346,9 @@ def train(c, log=print) -> dict:
     try:
         t0, tok0 = time.perf_counter(), start
         for s in range(start, t.steps):
-            x = _stack(next(it), spec)
-            state, metrics = step_fn(state, x)
+            batch = next(it)
+            x = _stack(batch, spec.hooks)
+            state, metrics = step_fn(state, x, _stack(batch, spec.targets)) if spec.transcoder else step_fn(state, x)
             done = s + 1
             bar.update(1)
             if done % t.log_every == 0 or done == t.steps:
@@ -227,8 +362,12 @@ def train(c, log=print) -> dict:
                 metrics_file.flush()
                 for key, val in rec.items():
                     if key not in ("step", "finite"):
-                        for j, v in enumerate(np.atleast_1d(val)):
-                            tb.add_scalar(f"{key}/{spec.name(j)}" if np.ndim(val) else key, float(v), done)
+                        arr = np.asarray(val, np.float64)
+                        if arr.ndim == 0:
+                            tb.add_scalar(key, float(arr), done)
+                        for j, v in enumerate(arr if arr.ndim else []):
+                            for p, vp in enumerate(np.atleast_1d(v)):  # [M] or [M, P] (Matryoshka prefixes)
+                                tb.add_scalar(f"{key}/{spec.name(j)}" + (f"/{p}" if arr.ndim > 1 else ""), float(vp), done)
                 bar.set_postfix(fvu=f"{np.mean(m['fvu']):.3f}", l0=f"{np.mean(m['l0']):.1f}", tok_s=f"{rec['tok_s']:,.0f}")
                 t0, tok0 = time.perf_counter(), done
                 last = rec

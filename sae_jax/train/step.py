@@ -9,6 +9,7 @@ reaches a checkpoint.
 from __future__ import annotations
 
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,17 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
-from sae_jax.sae.bank import BankSpec, Output, forward_shard, geometric_median, init_params, losses
+from sae_jax.sae.bank import BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
+
+
+class Output(NamedTuple):
+    x_hat: jax.Array  # [M, B, d_out]
+    values: jax.Array | None  # [M, B, C] (sparse architectures; zero beyond each member's selection)
+    indices: jax.Array | None  # [M, B, C] global latent ids
+    fvu: jax.Array  # [M]
+    auxk_loss: jax.Array  # [M]
+    l0: jax.Array  # [M, B] active latents per row
+    prefix_fvu: jax.Array  # [P, M] FVU of each Matryoshka prefix (P = 1 without prefixes)
 
 
 def default_lr(width: int) -> float:
@@ -51,41 +62,69 @@ def make_optimizer(
     ), sched
 
 
-def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None):
+def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None, eps: float = 0.001):
+    """The bank forward over the mesh: `fwd(params, x, latent_mask, ks, dead) -> dict` (see
+    `bank.forward_sparse`); x is the encoder's input hook, already scaled."""
     n_model = mesh.shape["model"]
-    S = parallel.spec
-    fn = partial(
-        forward_shard, k_aux=spec.k_aux, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype
-    )
+    S, P = parallel.spec, parallel.P
+    if spec.sparse:
+        fn = partial(
+            forward_sparse, spec=spec, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype
+        )
+    else:
+        fn = partial(forward_dense, spec=spec, eps=eps, compute_dtype=compute_dtype)
+    rows = P(None, "data")
+    out = {
+        "x_hat": P(None, None, "data", None),
+        "e_hat": S("x"),
+        "fired": S("latents"),
+        "l0": rows,
+        "penalty": rows,
+        "threshold": P(),
+        "capped": P(),
+    }
+    if spec.sparse:
+        out.update(values=S("topk"), indices=S("topk"))
+    names = parallel.param_names(spec)
     return jax.shard_map(
         fn,
         mesh=mesh,
-        in_specs=({k: S(k) for k in ("W_enc", "b_enc", "W_dec", "b_dec")}, S("x"), S("latents"), parallel.P(), S("latents")),
-        out_specs=(S("x"), S("topk"), S("topk"), S("x"), S("latents")),
+        in_specs=({k: S(k) for k in names if k != "W_skip"}, S("x"), S("latents"), P(), S("latents")),
+        out_specs=out,
         check_vma=False,
     )
 
 
 def _masks(spec: BankSpec, mesh):
-    """(latent mask [M, S] sharded like the latents, k mask [M, K] replicated)."""
+    """(latent mask [M, S] sharded like the latents, ks [M] replicated)."""
     lat = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
-    return lat, jnp.asarray(spec.k_mask(), jnp.float32)
+    return lat, jnp.asarray(spec.ks, jnp.int32)
 
 
-def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096):
-    """`forward(params, x, dead=None) -> Output` for inputs `x [M, B, d_in]` (already scaled):
-    reconstruction, latent values and global indices, FVU and AuxK loss per member."""
-    fwd = _sharded_forward(spec, mesh, True, encoder, block)
-    lat, k_mask = _masks(spec, mesh)
+def _apply(fwd, params, x, lat, ks, dead):
+    """Run the sharded forward; the skip connection (replicated, small) is added outside it."""
+    inner = {k: v for k, v in params.items() if k != "W_skip"}
+    out = fwd(inner, x, lat, ks, dead)
+    if "W_skip" in params:
+        out["x_hat"] = out["x_hat"] + jnp.einsum("mbd,mde->mbe", x, params["W_skip"])[None]
+    return out
+
+
+def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
+    """`forward(params, x, dead=None, y=None) -> Output` for inputs `x [M, B, d_in]` (already
+    scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
+    selects over the batch), reconstruction, latents, FVU and AuxK loss per member."""
+    fwd = _sharded_forward(spec, mesh, spec.sparse, encoder, block, eps=eps)
+    lat, ks = _masks(spec, mesh)
 
     @jax.jit
-    def apply(params, x, dead):
+    def apply(params, x, dead, y):
         x = x.astype(jnp.float32)
-        x_hat, vals, idx, e_hat, _ = fwd(params, x, lat, k_mask, dead & lat)
-        fvu, auxk = losses(x, x_hat, e_hat, (dead & lat).sum(1), spec.k_aux)
-        return Output(x_hat, vals, idx, fvu, auxk)
+        out = _apply(fwd, params, x, lat, ks, dead & lat)
+        fvu, auxk = losses(y.astype(jnp.float32), out["x_hat"], out["e_hat"], (dead & lat).sum(1), spec.k_aux)
+        return Output(out["x_hat"][-1], out.get("values"), out.get("indices"), fvu[-1], auxk, out["l0"], fvu)
 
-    return lambda params, x, dead=None: apply(params, x, jnp.zeros_like(lat) if dead is None else dead)
+    return lambda params, x, dead=None, y=None: apply(params, x, jnp.zeros_like(lat) if dead is None else dead, x if y is None else y)
 
 
 def _project_out_parallel(g_dec, w_dec):
@@ -97,15 +136,16 @@ def _renormalise(w_dec):
     return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
 
 
-def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict:
-    """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d]`."""
-    pshard = parallel.param_shardings(mesh)
+def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001) -> dict:
+    """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d_out]`
+    (the targets: a transcoder's output hook)."""
+    pshard = parallel.param_shardings(mesh, spec)
     rep = parallel.NamedSharding(mesh, parallel.P())
 
     def make(key, sample):
         b_dec = None if sample is None else jax.vmap(geometric_median)(sample)
-        params = init_params(spec, key, b_dec)
-        return {
+        params = init_params(spec, key, b_dec, init_threshold)
+        state = {
             "params": params,
             "opt_state": tx.init(params),
             "step": jnp.zeros((), jnp.int32),
@@ -114,6 +154,11 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
             "nan_skips": jnp.zeros((), jnp.int32),
             "nan_streak": jnp.zeros((), jnp.int32),
         }
+        if spec.architecture == "batchtopk":
+            # running (exponential, bias-corrected) mean of the batch threshold: the inference JumpReLU threshold
+            state["threshold_ema"] = jnp.zeros((spec.size,), jnp.float32)
+            state["threshold_norm"] = jnp.zeros((), jnp.float32)
+        return state
 
     abstract = jax.eval_shape(make, key, sample)
     shardings = jax.tree.map(lambda _: rep, abstract)
@@ -127,6 +172,11 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None) -> dict
     return jax.jit(make, out_shardings=shardings)(key, sample)
 
 
+def batchtopk_threshold(state) -> np.ndarray:
+    """The inference threshold of a BatchTopK bank [M] (scaled units): the bias-corrected running mean."""
+    return np.asarray(state["threshold_ema"]) / max(float(state["threshold_norm"]), 1e-12)
+
+
 def make_train_step(
     spec: BankSpec,
     mesh,
@@ -138,36 +188,57 @@ def make_train_step(
     encoder: str = "auto",
     block: int = 4096,
     compute_dtype=None,
+    *,
+    output_scale: np.ndarray | None = None,
+    sparsity_warmup: int = 0,
+    bandwidth: float = 0.001,
+    threshold_decay: float = 0.99,
 ):
-    """Build the jitted `step(state, x) -> (state, metrics)`; `x [M, B, d_in]` raw activations.
+    """Build the jitted `step(state, x) -> (state, metrics)` (transcoders: `step(state, x, y)`);
+    `x [M, B, d_in]` raw activations of each member's input hook, `y [M, B, d_out]` the raw targets.
     `encoder`: the TopK encoder implementation (`kernels.topk.IMPLS`), `block` its latent block,
-    `compute_dtype` its matmul input dtype (None: the parameters' float32)."""
-    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block, compute_dtype) for aux in (False, True)}
-    lat_mask, k_mask = _masks(spec, mesh)
+    `compute_dtype` its matmul input dtype (None: the parameters' float32). `sparsity_warmup`:
+    steps over which the L1 / L0 coefficient rises linearly from 0; `bandwidth`: JumpReLU's
+    straight-through kernel width; `threshold_decay`: BatchTopK's running threshold."""
+    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block, compute_dtype, bandwidth) for aux in (False, True)}
+    lat_mask, ks = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
+    out_scale = scale if output_scale is None else jnp.asarray(output_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
+    coefs = jnp.asarray(spec.coefs if spec.coefs else [0.0] * spec.size, jnp.float32)
+    renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
 
-    def step(state, x):
+    def step(state, x, y=None):
+        y = (x if y is None else y).astype(jnp.float32) * out_scale
         x = x.astype(jnp.float32) * scale
         dead = (state["tokens_since_fired"] >= dead_tokens) & lat_mask
         dead_count = dead.sum(axis=1)
+        warm = jnp.minimum((state["step"] + 1).astype(jnp.float32) / max(sparsity_warmup, 1), 1.0)
 
         def loss_fn(params, with_aux):
-            x_hat, vals, idx, e_hat, fired = fwd[with_aux](params, x, lat_mask, k_mask, dead)
-            fvu, auxk = losses(x, x_hat, e_hat, dead_count, spec.k_aux)
-            return jnp.sum(fvu + aux_coef * auxk), (fvu, auxk, vals, fired)
+            out = _apply(fwd[with_aux], params, x, lat_mask, ks, dead)
+            fvu, auxk = losses(y, out["x_hat"], out["e_hat"], dead_count, spec.k_aux)
+            sparsity = coefs * warm * out["penalty"].mean(-1)
+            loss = jnp.sum(fvu.sum(0) + aux_coef * auxk + sparsity)
+            return loss, (fvu, auxk, sparsity, out)
 
         # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs
-        branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, True)]
-        (loss, (fvu, auxk, vals, fired)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
-        grads["W_dec"] = _project_out_parallel(grads["W_dec"], state["params"]["W_dec"])
+        aux_live = spec.sparse
+        branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, aux_live)]
+        (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
+        if renorm:
+            grads["W_dec"] = _project_out_parallel(grads["W_dec"], state["params"]["W_dec"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
-        params["W_dec"] = _renormalise(params["W_dec"])
+        if renorm:
+            params["W_dec"] = _renormalise(params["W_dec"])
+        if "threshold" in params:  # a JumpReLU threshold below 0 would let negative pre-activations through
+            params["threshold"] = jnp.maximum(params["threshold"], 0.0)
 
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         n_tokens = x.shape[1]
+        fired = out["fired"]
         since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
         new = {
             "params": keep(params, state["params"]),
@@ -180,15 +251,29 @@ def make_train_step(
         }
         metrics = {
             "loss": loss,
-            "fvu": fvu,
+            "fvu": fvu[-1],
             "auxk_loss": auxk,
-            "l0": (vals > 0).sum(-1).mean(-1).astype(jnp.float32),
+            "l0": out["l0"].mean(-1),
             "dead_frac": dead_count / widths,
             "dense_frac": ((fired > n_tokens / 10) & lat_mask).sum(1) / widths,
             "lr_factor": sched(state["step"]),
             "finite": finite,
         }
+        if spec.prefixes:
+            metrics["prefix_fvu"] = fvu.T  # [M, P]
+        if not spec.sparse:
+            metrics["sparsity_loss"] = sparsity
+        if spec.architecture == "jumprelu":
+            metrics["threshold_mean"] = (params["threshold"] * lat_mask).sum(1) / widths
+        if spec.architecture == "batchtopk":
+            d = threshold_decay
+            new["threshold_ema"] = jnp.where(finite, d * state["threshold_ema"] + (1 - d) * out["threshold"], state["threshold_ema"])
+            new["threshold_norm"] = jnp.where(finite, d * state["threshold_norm"] + (1 - d), state["threshold_norm"])
+            metrics["threshold"] = out["threshold"]
+            metrics["capped_frac"] = out["capped"]
         return new, metrics
 
     x_sharding = parallel.sharding(mesh, "x")
-    return jax.jit(step, donate_argnums=0, in_shardings=(None, x_sharding))
+    if spec.transcoder:
+        return jax.jit(step, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding))
+    return jax.jit(lambda state, x: step(state, x), donate_argnums=0, in_shardings=(None, x_sharding))
