@@ -147,3 +147,118 @@ def test_eight_devices_agree_with_one(case):
         np.testing.assert_array_equal(m["l0"], mb["l0"])
         if spec.architecture == "batchtopk":
             np.testing.assert_allclose(batchtopk_threshold(st), batchtopk_threshold(base), rtol=1e-6)
+
+
+def _config(store, **train):
+    from sae_jax.config import default_config
+
+    c = default_config()
+    c.train.store = str(store.root)
+    for k, v in train.items():
+        c.train[k] = v
+    return c
+
+
+BAD = [
+    ({"architecture": "gated"}, "train.architecture='gated': choose from topk, batchtopk, jumprelu, relu"),
+    ({"architecture": "relu", "l1_coefs": "0.5,-1"}, "coefficients must be finite and >= 0 (got -1.0)"),
+    ({"architecture": "relu"}, "needs train.l1_coefs"),
+    ({"architecture": "jumprelu", "l0_coefs": "1e-2", "l1_coefs": "1"}, "train.l1_coefs is set but train.architecture='jumprelu'"),
+    ({"architecture": "topk", "matryoshka_prefixes": "32,16"}, "strictly increasing"),
+    ({"architecture": "topk", "widths": "64,128", "matryoshka_prefixes": "16,64"}, "below the smallest width (64"),
+    ({"architecture": "jumprelu", "l0_coefs": "1", "matryoshka_prefixes": "16"}, "Matryoshka works with topk or batchtopk"),
+    ({"out_hooks": "blocks.1.hook_mlp_out"}, "train.out_hooks: the transcoder output hook 'blocks.1.hook_mlp_out' is not in the store"),
+    ({"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.attn.hook_z,blocks.1.hook_resid_post"}, "give one output hook per input hook"),
+    ({"skip": True}, "train.skip=True is a transcoder setting"),
+    ({"architecture": "batchtopk", "batchtopk_cap": 0}, "train.batchtopk_cap=0"),
+    ({"architecture": "jumprelu", "l0_coefs": "1", "jumprelu_bandwidth": 0.0}, "train.jumprelu_bandwidth=0.0: must be > 0"),
+    ({"architecture": "relu", "l1_coefs": "x"}, "train.l1_coefs='x': expected comma-separated numbers"),
+]
+
+
+@pytest.mark.parametrize("settings,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_settings_are_refused(tiny_store, settings, message):
+    from sae_jax.train.loop import TrainError, bank_spec
+
+    with pytest.raises(TrainError, match=__import__("re").escape(message)):
+        bank_spec(_config(tiny_store, **{"widths": "64", "ks": "4", **settings}), tiny_store)
+
+
+def test_bank_spec_of_a_transcoder_bank(tiny_store):
+    from sae_jax.train.loop import bank_spec
+
+    spec = bank_spec(
+        _config(
+            tiny_store,
+            architecture="batchtopk",
+            hooks="blocks.1.attn.hook_z",
+            out_hooks="blocks.1.hook_resid_post",
+            widths="64,128",
+            ks="4,8",
+            skip=True,
+            matryoshka_prefixes="16,32",
+        ),
+        tiny_store,
+    )
+    assert spec.size == 4 and spec.transcoder and spec.skip and spec.cap == 32 and spec.prefixes == (16, 32)
+    assert spec.targets == ("blocks.1.hook_resid_post",) * 4
+    assert spec.name(0) == "blocks.1.attn.hook_z.to.blocks.1.hook_resid_post.matryoshka_batchtopk.skip.w64.k4"
+
+
+def _reference_loss(spec, p, x, y, coefs, eps):
+    """A dense jax.numpy objective written from the definitions (one device, no shard_map, no
+    custom sparse VJP): the gradients of the trainer's sparse / sharded loss must equal its."""
+    total = 0.0
+    for m in range(spec.size):
+        w = spec.widths[m]
+        xin = x[m] if spec.transcoder else x[m] - p["b_dec"][m]
+        pre = xin @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
+        pen = 0.0
+        if spec.architecture == "topk":
+            thr = jax.lax.stop_gradient(jax.lax.top_k(pre, spec.ks[m])[0][:, -1:])
+            acts = jnp.where(pre >= thr, jax.nn.relu(pre), 0.0)
+        elif spec.architecture == "batchtopk":
+            r = jax.nn.relu(pre)
+            thr = jax.lax.stop_gradient(jax.lax.top_k(r.ravel(), x.shape[1] * spec.ks[m])[0][-1])
+            acts = jnp.where((r >= thr) & (r > 0), r, 0.0)
+        elif spec.architecture == "jumprelu":
+            th = jnp.broadcast_to(p["threshold"][m][:w], pre.shape)
+            acts = jumprelu(pre, th, eps)
+            pen = heaviside(pre, th, eps).sum(-1).mean()
+        else:
+            acts = jax.nn.relu(pre)
+            pen = (acts * jnp.linalg.norm(p["W_dec"][m][:w], axis=-1)).sum(-1).mean()
+        target = y[m]
+        var = ((target - target.mean(0)) ** 2).sum()
+        for end in (*spec.prefixes, w):
+            r = acts[:, :end] @ p["W_dec"][m][:end] + p["b_dec"][m]
+            if "W_skip" in p:
+                r = r + x[m] @ p["W_skip"][m]
+            total = total + ((target - r) ** 2).sum() / var
+        total = total + coefs[m] * pen
+    return total
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gradients_equal_a_dense_reference(case):
+    """Sparse backward (custom VJPs), shard_map over a 2 x 4 mesh and the Matryoshka band decode
+    give the gradients of the objective written densely from the definitions."""
+    from sae_jax.train.step import make_loss
+
+    spec = CASES[case]
+    mesh = parallel.make_mesh(2, 4, devices=jax.devices()[:8])
+    p = _params(spec, mesh, seed=3)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(spec.size, 16, D)).astype(np.float32)
+    y = rng.normal(size=(spec.size, 16, spec.dout)).astype(np.float32) if spec.transcoder else x
+    coefs = jnp.asarray([0.3, 0.7][: spec.size], jnp.float32)
+    eps = 0.05
+    loss = make_loss(spec, mesh, eps=eps)
+    dead = jnp.zeros((spec.size, spec.width), bool)
+    g = jax.jit(jax.grad(lambda q: loss(q, jnp.asarray(x), jnp.asarray(y), dead, coefs)[0]))(p)
+    ref = jax.grad(lambda q: _reference_loss(spec, q, jnp.asarray(x), jnp.asarray(y), coefs, eps))({k: jnp.asarray(v) for k, v in p.items()})
+    for k in p:
+        a, b = np.asarray(g[k]), np.asarray(ref[k])
+        scale = np.abs(b).max()
+        assert scale > 0, k
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * scale, err_msg=f"{case} {k}")

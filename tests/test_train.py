@@ -39,7 +39,10 @@ def _final_params(run):
     step = mngr.latest_step()
     st = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     mngr.close()
-    return step, {k: np.asarray(v) for k, v in st["params"].items()}
+    out = {k: np.asarray(v) for k, v in st["params"].items()}
+    if "threshold_ema" in st:  # BatchTopK's running threshold is state too
+        out["threshold_ema"] = np.asarray(st["threshold_ema"])
+    return step, out
 
 
 def _steps_logged(run):
@@ -49,10 +52,25 @@ def _steps_logged(run):
         return []
 
 
-@pytest.mark.parametrize("devices,mesh", [(1, (1, 1)), (8, (4, 2))])
-def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh):
+# a BatchTopK Matryoshka skip transcoder (attn z -> resid_post) and a JumpReLU bank with two L0 coefficients
+TRANSCODER = {
+    "train.architecture": "batchtopk",
+    "train.hooks": "blocks.1.attn.hook_z",
+    "train.out_hooks": "blocks.1.hook_resid_post",
+    "train.skip": True,
+    "train.matryoshka_prefixes": "16,32",
+}
+JUMPRELU = {"train.architecture": "jumprelu", "train.l0_coefs": "0.01,0.03"}
+
+
+@pytest.mark.parametrize(
+    "devices,mesh,arch",
+    [(1, (1, 1), {}), (8, (4, 2), {}), (8, (4, 2), TRANSCODER), (1, (1, 1), JUMPRELU)],
+    ids=["topk-1", "topk-4x2", "transcoder-batchtopk-matryoshka-4x2", "jumprelu-1"],
+)
+def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh, arch):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
-    extra = {"train.mesh_data": mesh[0], "train.mesh_model": mesh[1]}
+    extra = {"train.mesh_data": mesh[0], "train.mesh_model": mesh[1], **arch}
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     r = run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -94,8 +94,14 @@ def bank_spec(c, store) -> BankSpec:
     arch = t.architecture
     hooks = _names(t.hooks) or list(store.hooks)
     out_hooks = _names(t.out_hooks)
-    for h in hooks + out_hooks:
+    for h in hooks:
         store.check_hook(h)
+    for h in out_hooks:
+        if h not in store.hooks:
+            raise TrainError(
+                f"train.out_hooks: the transcoder output hook {h!r} is not in the store {store.root} (it has: {', '.join(store.hooks)}); "
+                "harvest it in the same pass as the input hook"
+            )
     if out_hooks and len(out_hooks) != len(hooks):
         raise TrainError(
             f"train.out_hooks lists {len(out_hooks)} hook(s) for {len(hooks)} input hook(s) in train.hooks: give one output hook per input hook"

@@ -110,6 +110,23 @@ def _apply(fwd, params, x, lat, ks, dead):
     return out
 
 
+def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: int):
+    """The training objective, summed over members: the FVU of every reconstruction (Matryoshka:
+    each prefix), aux_coef x AuxK, and coefs x the mean per-row sparsity penalty (L1 / L0).
+    Returns (loss, (fvu [P, M], auxk [M], sparsity [M], forward outputs))."""
+    out = _apply(fwd, params, x, lat, ks, dead)
+    fvu, auxk = losses(y, out["x_hat"], out["e_hat"], dead.sum(1), k_aux)
+    sparsity = coefs * out["penalty"].mean(-1)
+    return jnp.sum(fvu.sum(0) + aux_coef * auxk + sparsity), (fvu, auxk, sparsity, out)
+
+
+def make_loss(spec: BankSpec, mesh, with_aux: bool = False, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
+    """`loss(params, x, y, dead, coefs, aux_coef) -> (loss, aux)` on scaled inputs: `bank_loss` over the mesh (tests, tools)."""
+    fwd = _sharded_forward(spec, mesh, with_aux, encoder, block, eps=eps)
+    lat, ks = _masks(spec, mesh)
+    return lambda params, x, y, dead, coefs, aux_coef=0.0: bank_loss(fwd, params, x, y, lat, ks, dead & lat, coefs, aux_coef, spec.k_aux)
+
+
 def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
     """`forward(params, x, dead=None, y=None) -> Output` for inputs `x [M, B, d_in]` (already
     scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
@@ -216,11 +233,7 @@ def make_train_step(
         warm = jnp.minimum((state["step"] + 1).astype(jnp.float32) / max(sparsity_warmup, 1), 1.0)
 
         def loss_fn(params, with_aux):
-            out = _apply(fwd[with_aux], params, x, lat_mask, ks, dead)
-            fvu, auxk = losses(y, out["x_hat"], out["e_hat"], dead_count, spec.k_aux)
-            sparsity = coefs * warm * out["penalty"].mean(-1)
-            loss = jnp.sum(fvu.sum(0) + aux_coef * auxk + sparsity)
-            return loss, (fvu, auxk, sparsity, out)
+            return bank_loss(fwd[with_aux], params, x, y, lat_mask, ks, dead, coefs * warm, aux_coef, spec.k_aux)
 
         # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs
         aux_live = spec.sparse
