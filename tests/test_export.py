@@ -192,3 +192,111 @@ def test_export_cli_and_bad_input(tiny_run, tmp_path):
     r = run_cli("export", str(tmp_path / "nowhere"), "--format", "saelens", "--out", str(tmp_path / "z"))
     assert r.returncode == 1 and "nowhere" in r.stderr
     assert not (tmp_path / "z").exists()
+
+
+def _train_small(store, run_dir, **train):
+    from sae_jax.config import default_config
+    from sae_jax.train.loop import train as train_run
+
+    c = default_config()
+    t = c.train
+    t.store, t.run_dir, t.widths, t.batch_size, t.steps = str(store.root), str(run_dir), "64", 256, 16
+    t.warmup_steps, t.checkpoint_every, t.log_every, t.progress = 2, 16, 8, False
+    for k, v in train.items():
+        t[k] = v
+    train_run(c, log=lambda *a: None)
+    return run_dir
+
+
+OTHER_BANKS = {
+    # name: (train settings, {format: library class expected})
+    "jumprelu": ({"architecture": "jumprelu", "hooks": "blocks.1.hook_resid_post", "l0_coefs": "0.001,0.01"}, {"saelens": "JumpReLUSAE"}),
+    "batchtopk": ({"architecture": "batchtopk", "hooks": "blocks.1.hook_resid_post", "ks": "8"}, {"saelens": "JumpReLUSAE"}),
+    "relu": ({"architecture": "relu", "hooks": "blocks.1.hook_resid_post", "l1_coefs": "0.01"}, {"saelens": "StandardSAE"}),
+    "topk_skip_transcoder": (
+        {"hooks": "blocks.1.attn.hook_z", "out_hooks": "blocks.1.hook_resid_post", "skip": True, "ks": "8"},
+        {"sparsify": "SparseCoder"},
+    ),
+    "jumprelu_skip_transcoder": (
+        {
+            "architecture": "jumprelu",
+            "hooks": "blocks.1.attn.hook_z",
+            "out_hooks": "blocks.1.hook_resid_post",
+            "skip": True,
+            "l0_coefs": "0.003",
+        },
+        {"saelens": "JumpReLUSkipTranscoder"},
+    ),
+}
+
+
+def _dense_ours(p, x, mem):
+    """Our folded dictionary applied densely in numpy (the definition, no capped encode)."""
+    pre = (x if mem.transcoder else x - p["b_dec"]) @ p["W_enc"] + p["b_enc"]
+    if mem.inference == "topk":
+        top = np.argsort(-pre, axis=1)[:, : mem.k]
+        acts = np.zeros_like(pre)
+        np.put_along_axis(acts, top, np.maximum(np.take_along_axis(pre, top, 1), 0), 1)
+    elif mem.inference == "jumprelu":
+        acts = pre * (pre > p["threshold"])
+    else:
+        acts = np.maximum(pre, 0)
+    y = acts @ p["W_dec"] + p["b_dec"] + (x @ p["W_skip"] if "W_skip" in p else 0)
+    return y, acts
+
+
+def test_other_architectures_load_in_the_libraries_and_agree(tiny_store, tmp_path):
+    """JumpReLU, BatchTopK (exported as its inference JumpReLU), ReLU, and skip transcoders (TopK
+    to sparsify, JumpReLU to SAELens) load in the real libraries and compute what we do, and
+    our capped eval encoder agrees with the dense definition; formats that cannot hold an
+    architecture refuse it by name."""
+    from sae_jax.export import ExportError, export_run, hf_module
+    from sae_jax.runs import open_run
+    from sae_jax.sae import folded
+
+    jobs, refs = [], []
+    for name, (settings, formats) in OTHER_BANKS.items():
+        run = open_run(_train_small(tiny_store, tmp_path / "runs" / name, **settings))
+        for fmt, cls in formats.items():
+            export_run(run, fmt, tmp_path / name / fmt)
+            for m, mem in enumerate(run.members):
+                x = tiny_store.read_all(mem.hook)[-256:].astype(np.float32)
+                y = tiny_store.read_all(mem.target)[-256:].astype(np.float32)
+                f = tmp_path / f"{name}{m}.npy"
+                np.save(f, x)
+                p = run.folded(m)
+                y_hat, acts = _dense_ours(p, x, mem)
+                if mem.transcoder:  # the dictionary explains the target better than its mean does
+                    assert np.sum((y - y_hat) ** 2) < np.sum((y - y.mean(0)) ** 2)
+                else:  # the capped sparse encoder (eval, atlas): exact with a cap of the width; a smaller cap flags the rows it fills
+                    pj = {q: jnp.asarray(a) for q, a in p.items()}
+                    xh, _, _ = folded.reconstruct(pj, jnp.asarray(x), k=mem.width, kind=mem.inference)
+                    assert np.abs(np.asarray(xh) - y_hat).max() < 1e-4 * np.abs(y_hat).max()
+                    k = run.eval_k(m)
+                    v, _ = folded.encode(pj, jnp.asarray(x), k, mem.inference)
+                    np.testing.assert_array_equal(np.asarray(folded.truncated(v)), (acts > 0).sum(1) >= k)
+                folder = tmp_path / name / fmt / mem.name
+                if fmt == "sparsify":
+                    folder = folder / (hf_module(mem.hook) or mem.hook)
+                jobs.append({"library": fmt, "folder": str(folder), "inputs": str(f), "input_shape": list(x.shape), "out": str(tmp_path / f"{name}{m}.{fmt}.npz")})
+                refs.append((name, cls, y_hat, acts))
+        if "sparsify" not in formats:
+            with pytest.raises(ExportError, match="sparsify loads TopK dictionaries only"):
+                export_run(run, "sparsify", tmp_path / name / "sparsify")
+            assert not (tmp_path / name / "sparsify").exists()
+        if name == "topk_skip_transcoder":
+            with pytest.raises(ExportError, match="SAELens has no TopK transcoder"):
+                export_run(run, "saelens", tmp_path / name / "saelens")
+        if name == "jumprelu":
+            export_run(run, "npz", tmp_path / name / "npz")
+            z = np.load(tmp_path / name / "npz" / run.members[0].name / "params.npz", allow_pickle=False)
+            assert set(z.files) == {"W_enc", "W_dec", "b_enc", "b_dec", "threshold"}
+            np.testing.assert_array_equal(z["threshold"], run.folded(0)["threshold"])
+    infos = _peer(jobs, tmp_path)
+    for job, info, (name, cls, y_hat, acts) in zip(jobs, infos, refs, strict=True):
+        got = np.load(job["out"], allow_pickle=False)
+        assert info["class"] == cls, (name, info)
+        tol = 1e-5 * np.abs(y_hat).max()
+        assert np.abs(got["x_hat"] - y_hat).max() < tol, (name, np.abs(got["x_hat"] - y_hat).max(), tol)
+        assert np.abs(got["dense"] - acts).max() < tol, name
+        assert (acts > 0).sum() > 0, name  # something fired: the comparison is not of zeros

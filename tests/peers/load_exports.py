@@ -5,8 +5,8 @@ libraries and apply them to given activations.
 
 JOBS.json: a list of {"library": "saelens"|"sparsify", "folder": ..., "inputs": X.npy,
 "input_shape": [...] (the shape the library is fed, e.g. [N, heads, head_dim] for hook_z),
-"out": Y.npz}. Writes, per job, `dense` [N, d_sae] latent activations and `x_hat` [N, d_in]
-(float32). Reads .npy/.json only (no pickle).
+"out": Y.npz}. Writes, per job, `dense` [N, d_sae] latent activations and `x_hat` [N, d_out]
+(float32; transcoders: the output hook's reconstruction, skip connection included). Reads .npy/.json only (no pickle).
 """
 
 import json
@@ -25,7 +25,8 @@ def run(job):
 
             sae = SAE.load_from_disk(job["folder"], device="cpu")
             acts = sae.encode(xt.to(sae.dtype))
-            x_hat = sae.decode(acts)
+            # skip transcoders add W_skip in forward, not in decode
+            x_hat = sae(xt.to(sae.dtype)) if getattr(sae, "W_skip", None) is not None else sae.decode(acts)
             dense = acts.float().reshape(x.shape[0], -1)
             info = {
                 "class": type(sae).__name__,
@@ -38,7 +39,7 @@ def run(job):
 
             sae = SparseCoder.load_from_disk(job["folder"], device="cpu")
             enc = sae.encode(xt.to(sae.dtype))
-            x_hat = sae.decode(enc.top_acts, enc.top_indices)
+            x_hat = sae(xt.to(sae.dtype)).sae_out  # forward: decode plus the skip connection, if any
             dense = torch.zeros(x.shape[0], sae.num_latents).scatter_(1, enc.top_indices, enc.top_acts.float())
             info = {"class": type(sae).__name__, "dtype": str(sae.dtype), "k": sae.cfg.k}
         else:
