@@ -334,38 +334,50 @@ def test_recovers_known_features(case):
         assert np.all(np.diff(np.asarray(m["prefix_fvu"][0])) < 0), m["prefix_fvu"]
 
 
-@pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip"])
-def test_transcoder_recovers_a_sparse_map(skip):
-    """x = sum_i a_i f_i (+ dense noise with the skip), y = sum_i a_i g_i (+ L x): the decoder rows
-    must find the output features g_i and, with the skip, W_skip must find L (the noise in x is
-    what pins the linear part on the skip: the sparse part cannot explain L @ noise)."""
+def test_transcoder_recovers_a_sparse_map():
+    """x = sum_i a_i f_i, y = sum_i a_i g_i: the decoder rows must find the output features g_i."""
     sf = SparseFeatures.make(**SF, seed=0)
     d_out = 128
     rng = np.random.default_rng(5)
     g = rng.normal(size=(SF["n_features"], d_out)).astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
-    lin = (rng.normal(size=(SF["d"], d_out)) * 0.1).astype(np.float32) if skip else None
 
     def pair(n, r):
         a = (r.random((n, len(sf.probs))) < sf.probs) * r.uniform(0.5, 1.5, size=(n, len(sf.probs)))
-        x = a @ sf.features
-        y = a @ g
-        if skip:
-            x = x + r.normal(size=x.shape) * 0.05
-            y = y + x @ lin
-        return x.astype(np.float32), y.astype(np.float32)
+        return (a @ sf.features).astype(np.float32), (a @ g).astype(np.float32)
+
+    spec = BankSpec(hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=SF["d"], width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out)
+    st, m, _ = _fit(spec, sf, pair=pair)
+    w = st["params"]["W_dec"][0]
+    mmc = float((g @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(axis=1).mean())
+    print(f"transcoder: output features mean max cosine {mmc:.3f}, FVU {float(m['fvu'][0]):.4f}")
+    assert mmc >= 0.9, mmc  # measured 0.968
+
+
+def test_skip_transcoder_learns_the_linear_part():
+    """x = sum_i a_i f_i + n, y = sum_i a_i g_i + L n, with the features in a 192-dim subspace U and
+    the dense part n in its 64-dim complement V. Only the skip can carry L n, so W_skip on V must
+    equal L. (Its part on U is not identified: a linear map of the features' span can sit in the
+    skip or in the decoder rows, so the test asks for the map, not for the g_i, there.)"""
+    d_u, d_v, d_out = 192, 64, 128
+    sf = SparseFeatures.make(SF["n_features"], d_u, SF["mean_active"], seed=0)
+    rng = np.random.default_rng(5)
+    g = rng.normal(size=(SF["n_features"], d_out)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    lin = (rng.normal(size=(d_v, d_out)) * 0.2).astype(np.float32)
+
+    def pair(n, r):
+        a = (r.random((n, len(sf.probs))) < sf.probs) * r.uniform(0.5, 1.5, size=(n, len(sf.probs)))
+        noise = r.normal(size=(n, d_v)) * 0.1
+        x = np.concatenate([a @ sf.features, noise], axis=1)
+        return x.astype(np.float32), (a @ g + noise @ lin).astype(np.float32)
 
     spec = BankSpec(
-        hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=SF["d"], width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, skip=skip
+        hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=d_u + d_v, width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, skip=True
     )
     st, m, (s_in, s_out) = _fit(spec, sf, pair=pair)
-    w = st["params"]["W_dec"][0]
-    w = w / np.linalg.norm(w, axis=1, keepdims=True)
-    mmc = float((g @ w.T).max(axis=1).mean())
-    print(f"transcoder skip={skip}: output features mean max cosine {mmc:.3f}, FVU {float(m['fvu'][0]):.4f}")
-    assert mmc >= 0.9, mmc
-    if skip:
-        learned = st["params"]["W_skip"][0] * s_in / s_out  # back to raw units
-        rel = np.linalg.norm(learned - lin) / np.linalg.norm(lin)
-        print(f"W_skip relative error {rel:.3f}")
-        assert rel <= 0.1, rel
+    learned = st["params"]["W_skip"][0][d_u:] * s_in / s_out  # the V rows, back to raw units
+    rel = float(np.linalg.norm(learned - lin) / np.linalg.norm(lin))
+    print(f"skip transcoder: W_skip on V relative error {rel:.3f}, FVU {float(m['fvu'][0]):.4f}")
+    assert rel <= 0.1, rel  # measured 0.010
+    assert float(m["fvu"][0]) <= 0.2  # the whole map, sparse part and skip together (measured 0.050)
