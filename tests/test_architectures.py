@@ -381,3 +381,15 @@ def test_skip_transcoder_learns_the_linear_part():
     print(f"skip transcoder: W_skip on V relative error {rel:.3f}, FVU {float(m['fvu'][0]):.4f}")
     assert rel <= 0.1, rel  # measured 0.010
     assert float(m["fvu"][0]) <= 0.2  # the whole map, sparse part and skip together (measured 0.050)
+
+
+def test_a_run_directory_keeps_its_architecture(tiny_store, tmp_path):
+    """Restarting a run directory with another architecture is refused, naming what differs."""
+    from sae_jax.train.loop import TrainError, train
+
+    c = _config(tiny_store, run_dir=str(tmp_path / "run"), widths="64", ks="4", batch_size=256, steps=2, progress=False)
+    c.train.checkpoint_every, c.train.hooks = 2, "blocks.1.hook_resid_post"
+    train(c, log=lambda *a: None)
+    c.train.architecture, c.train.l0_coefs = "jumprelu", "0.01"
+    with pytest.raises(TrainError, match="architecture: 'topk' there, 'jumprelu' here"):
+        train(c, log=lambda *a: None)

@@ -31,3 +31,27 @@ def test_cli_errors(tmp_path):
     assert r.returncode == 1 and "not an activation store" in r.stderr
     r = run_cli("frobnicate")
     assert r.returncode == 2 and "unknown command" in r.stderr
+
+
+def test_every_config_file_loads_and_names_real_settings():
+    """Each configs/*.py builds a config whose keys are the defaults' (a stale key would make
+    `--config=` fail for the user) and whose train settings `bank_spec` accepts."""
+    import importlib.util
+
+    from conftest import REPO
+
+    from sae_jax.config import default_config
+    from sae_jax.train.loop import _check_settings, _sparsity_settings
+
+    base = default_config()
+    files = sorted((REPO / "configs").glob("*.py"))
+    assert len(files) >= 5
+    for f in files:
+        spec = importlib.util.spec_from_file_location(f.stem, f)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        c = mod.get_config()
+        for section in c:
+            assert set(c[section].keys()) == set(base[section].keys()), f
+        _check_settings(c.train)
+        _sparsity_settings(c.train, c.train.architecture)

@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sae_jax import parallel
+from sae_jax.config import default_config
 from sae_jax.data.loader import activation_dataset, iterator
 from sae_jax.data.store import open_store
 from sae_jax.kernels.topk import resolve_impl
@@ -238,9 +239,14 @@ def _prepare_run_dir(run: Path, cfg_json: str) -> None:
         raise TrainError(f"run directory {run} is not writable ({e.strerror})") from None
     cfg_file = run / "config.json"
     if cfg_file.exists():
-        old = json.loads(cfg_file.read_text())
-        if old.get("train_identity") != json.loads(cfg_json).get("train_identity"):
-            raise TrainError(f"{run} holds a run with other settings ({cfg_file}); choose another train.run_dir")
+        old = json.loads(cfg_file.read_text()).get("train_identity", {})
+        new = json.loads(cfg_json).get("train_identity")
+        defaults = default_config().train
+        # a run written before a setting existed had its default
+        old = {k: old.get(k, defaults[k] if k in defaults else None) for k in new}
+        if old != new:
+            diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} here" for k in new if old[k] != new[k])
+            raise TrainError(f"{run} holds a run with other settings ({diff}; {cfg_file}); choose another train.run_dir")
     else:
         cfg_file.write_text(cfg_json)
 

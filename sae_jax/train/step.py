@@ -217,7 +217,7 @@ def make_train_step(
     `compute_dtype` its matmul input dtype (None: the parameters' float32). `sparsity_warmup`:
     steps over which the L1 / L0 coefficient rises linearly from 0; `bandwidth`: JumpReLU's
     straight-through kernel width; `threshold_decay`: BatchTopK's running threshold."""
-    fwd = {aux: _sharded_forward(spec, mesh, aux, encoder, block, compute_dtype, bandwidth) for aux in (False, True)}
+    fwd = {aux: _sharded_forward(spec, mesh, aux and spec.sparse, encoder, block, compute_dtype, bandwidth) for aux in (False, True)}
     lat_mask, ks = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
     out_scale = scale if output_scale is None else jnp.asarray(output_scale, jnp.float32)[:, None, None]
@@ -235,10 +235,13 @@ def make_train_step(
         def loss_fn(params, with_aux):
             return bank_loss(fwd[with_aux], params, x, y, lat_mask, ks, dead, coefs * warm, aux_coef, spec.k_aux)
 
-        # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs
-        aux_live = spec.sparse
-        branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, aux_live)]
-        (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
+        # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs.
+        # JumpReLU and ReLU train without AuxK, as their recipes (Gemma Scope, Anthropic's L1) do.
+        branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, True)]
+        if spec.sparse:
+            (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
+        else:
+            (loss, (fvu, auxk, sparsity, out)), grads = branches[0](state["params"])
         if renorm:
             grads["W_dec"] = _project_out_parallel(grads["W_dec"], state["params"]["W_dec"])
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])

@@ -1,0 +1,28 @@
+"""One bank per architecture on the demo store, for comparing them (see benchmarks/architectures.py).
+
+    sae-jax demo                                          # makes runs/demo/store
+    sae-jax train --config=configs/architectures.py       # TopK (default)
+    sae-jax train --config=configs/architectures.py --config.train.architecture=jumprelu \\
+        --config.train.l0_coefs=0.001,0.003,0.01 --config.train.run_dir=runs/arch/jumprelu
+    sae-jax train --config=configs/architectures.py --config.train.architecture=batchtopk \\
+        --config.train.matryoshka_prefixes=288,1152 --config.train.run_dir=runs/arch/matryoshka
+
+Members: blocks.6.hook_resid_post x width 4608 x three sparsity settings (ks 16, 32, 64 for
+TopK / BatchTopK; the L0 or L1 coefficients given on the command line for JumpReLU / ReLU).
+"""
+
+from sae_jax.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.train.store = "runs/demo/store"
+    c.train.run_dir = "runs/arch/topk"
+    c.train.hooks = "blocks.6.hook_resid_post"
+    c.train.widths = "4608"
+    c.train.ks = "16,32,64"
+    c.train.batch_size = 2048
+    c.train.steps = 150
+    c.train.warmup_steps = 10
+    c.train.checkpoint_every = 50
+    return c
