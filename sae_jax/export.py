@@ -112,9 +112,7 @@ def _saelens_architecture(run: Run, m: int) -> str:
     if not mem.transcoder:
         return {"topk": "topk", "jumprelu": "jumprelu", "relu": "standard"}[mem.inference]
     if mem.inference == "topk":
-        raise ExportError(
-            f"{mem.name}: SAELens has no TopK transcoder class; export it with --format sparsify (which has one) or npz"
-        )
+        raise ExportError(f"{mem.name}: SAELens has no TopK transcoder class; export it with --format sparsify (which has one) or npz")
     return ("jumprelu_" if mem.inference == "jumprelu" else "") + ("skip_transcoder" if skip else "transcoder")
 
 

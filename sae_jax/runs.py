@@ -97,7 +97,6 @@ class Run:
             out["W_skip"] = f32(p["W_skip"][m] * (s_in / s_out))
         return out
 
-
     def eval_k(self, m: int) -> int:
         """Activations per row kept by eval and the atlas: k for TopK; for the thresholded and ReLU
         dictionaries a cap (`sae.folded`): BatchTopK's training cap, else 4x the member's last

@@ -168,7 +168,10 @@ BAD = [
     ({"architecture": "topk", "widths": "64,128", "matryoshka_prefixes": "16,64"}, "below the smallest width (64"),
     ({"architecture": "jumprelu", "l0_coefs": "1", "matryoshka_prefixes": "16"}, "Matryoshka works with topk or batchtopk"),
     ({"out_hooks": "blocks.1.hook_mlp_out"}, "train.out_hooks: the transcoder output hook 'blocks.1.hook_mlp_out' is not in the store"),
-    ({"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.attn.hook_z,blocks.1.hook_resid_post"}, "give one output hook per input hook"),
+    (
+        {"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.attn.hook_z,blocks.1.hook_resid_post"},
+        "give one output hook per input hook",
+    ),
     ({"skip": True}, "train.skip=True is a transcoder setting"),
     ({"architecture": "batchtopk", "batchtopk_cap": 0}, "train.batchtopk_cap=0"),
     ({"architecture": "jumprelu", "l0_coefs": "1", "jumprelu_bandwidth": 0.0}, "train.jumprelu_bandwidth=0.0: must be > 0"),
@@ -256,7 +259,9 @@ def test_gradients_equal_a_dense_reference(case):
     loss = make_loss(spec, mesh, eps=eps)
     dead = jnp.zeros((spec.size, spec.width), bool)
     g = jax.jit(jax.grad(lambda q: loss(q, jnp.asarray(x), jnp.asarray(y), dead, coefs)[0]))(p)
-    ref = jax.grad(lambda q: _reference_loss(spec, q, jnp.asarray(x), jnp.asarray(y), coefs, eps))({k: jnp.asarray(v) for k, v in p.items()})
+    ref = jax.grad(lambda q: _reference_loss(spec, q, jnp.asarray(x), jnp.asarray(y), coefs, eps))(
+        {k: jnp.asarray(v) for k, v in p.items()}
+    )
     for k in p:
         a, b = np.asarray(g[k]), np.asarray(ref[k])
         scale = np.abs(b).max()
@@ -372,9 +377,7 @@ def test_skip_transcoder_learns_the_linear_part():
         x = np.concatenate([a @ sf.features, noise], axis=1)
         return x.astype(np.float32), (a @ g + noise @ lin).astype(np.float32)
 
-    spec = BankSpec(
-        hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=d_u + d_v, width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, skip=True
-    )
+    spec = BankSpec(hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=d_u + d_v, width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, skip=True)
     st, m, (s_in, s_out) = _fit(spec, sf, pair=pair)
     learned = st["params"]["W_skip"][0][d_u:] * s_in / s_out  # the V rows, back to raw units
     rel = float(np.linalg.norm(learned - lin) / np.linalg.norm(lin))

@@ -278,7 +278,15 @@ def test_other_architectures_load_in_the_libraries_and_agree(tiny_store, tmp_pat
                 folder = tmp_path / name / fmt / mem.name
                 if fmt == "sparsify":
                     folder = folder / (hf_module(mem.hook) or mem.hook)
-                jobs.append({"library": fmt, "folder": str(folder), "inputs": str(f), "input_shape": list(x.shape), "out": str(tmp_path / f"{name}{m}.{fmt}.npz")})
+                jobs.append(
+                    {
+                        "library": fmt,
+                        "folder": str(folder),
+                        "inputs": str(f),
+                        "input_shape": list(x.shape),
+                        "out": str(tmp_path / f"{name}{m}.{fmt}.npz"),
+                    }
+                )
                 refs.append((name, cls, y_hat, acts))
         if "sparsify" not in formats:
             with pytest.raises(ExportError, match="sparsify loads TopK dictionaries only"):

@@ -172,7 +172,9 @@ def train_records(store, holdout_shards: int) -> tuple[int, int]:
     return 0, sum(s["records"] for s in store.shards[: n - holdout_shards])
 
 
-def write_bank_json(run: Path, spec: BankSpec, store, scale: np.ndarray, records: tuple[int, int], out_scale: np.ndarray | None = None) -> None:
+def write_bank_json(
+    run: Path, spec: BankSpec, store, scale: np.ndarray, records: tuple[int, int], out_scale: np.ndarray | None = None
+) -> None:
     """What eval and export need to know of the bank without the config machinery: the members,
     the input (and output) scale each was trained with, the store's model and the held-out records."""
     m = store.manifest

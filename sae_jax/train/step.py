@@ -62,15 +62,15 @@ def make_optimizer(
     ), sched
 
 
-def _sharded_forward(spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None, eps: float = 0.001):
+def _sharded_forward(
+    spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None, eps: float = 0.001
+):
     """The bank forward over the mesh: `fwd(params, x, latent_mask, ks, dead) -> dict` (see
     `bank.forward_sparse`); x is the encoder's input hook, already scaled."""
     n_model = mesh.shape["model"]
     S, P = parallel.spec, parallel.P
     if spec.sparse:
-        fn = partial(
-            forward_sparse, spec=spec, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype
-        )
+        fn = partial(forward_sparse, spec=spec, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype)
     else:
         fn = partial(forward_dense, spec=spec, eps=eps, compute_dtype=compute_dtype)
     rows = P(None, "data")
