@@ -109,9 +109,6 @@ class BankSpec:
     def latent_mask(self) -> np.ndarray:
         return np.arange(self.width)[None, :] < np.asarray(self.widths)[:, None]  # [M, S]
 
-    def k_mask(self) -> np.ndarray:
-        return np.arange(self.k_max)[None, :] < np.asarray(self.ks)[:, None]  # [M, K]
-
     def kind(self) -> str:
         """The architecture as exported names spell it (`matryoshka_batchtopk`, `topk`, ...)."""
         return ("matryoshka_" if self.prefixes else "") + self.architecture
