@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -106,13 +107,15 @@ class Run:
             return mem.k
         if mem.architecture == "batchtopk" and self.meta.get("batchtopk_cap"):
             return min(mem.width, int(self.meta["batchtopk_cap"]))
-        l0 = 0.0
+        return int(min(mem.width, max(64, 4 * int(np.ceil(self._last_l0[m])))))
+
+    @cached_property
+    def _last_l0(self) -> np.ndarray:
+        """Each member's L0 at the last logged training step (zeros if none was logged); read once."""
         metrics = self.root / "metrics.jsonl"
-        if metrics.is_file():
-            lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()]
-            if lines:
-                l0 = float(np.atleast_1d(json.loads(lines[-1]).get("l0", [0.0] * len(self.members)))[m])
-        return int(min(mem.width, max(64, 4 * int(np.ceil(l0)))))
+        lines = [ln for ln in metrics.read_text().splitlines() if ln.strip()] if metrics.is_file() else []
+        last = json.loads(lines[-1]).get("l0") if lines else None
+        return np.zeros(len(self.members)) if last is None else np.atleast_1d(np.asarray(last, np.float64))
 
     def refuse_transcoders(self, job: str) -> None:
         bad = [mem.name for mem in self.members if mem.transcoder]

@@ -229,11 +229,11 @@ def evaluate(
     rows_cache, fns = {}, {}
     for m in chosen:
         mem = run.members[m]
-        group = [run.members[j] for j in chosen if run.members[j].hook == mem.hook]
+        group = [j for j in chosen if run.members[j].hook == mem.hook]
         if mem.hook not in rows_cache:
             rows_cache[mem.hook] = heldout_rows(run, st, mem.hook, tokens)
-            k_max = max(run.eval_k(j) for j in chosen if run.members[j].hook == mem.hook)
-            w_max = max(g.width for g in group)
+            k_max = max(run.eval_k(j) for j in group)
+            w_max = max(run.members[j].width for j in group)
             fns[mem.hook] = (splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier, mem.inference), w_max)
         x, where = rows_cache[mem.hook]
         fn, w_max = fns[mem.hook]
