@@ -138,11 +138,18 @@ def test_eight_devices_agree_with_one(case):
     for shape in [(4, 2), (2, 4)]:
         st, m = _train(spec, shape, x, y)
         for k in base["params"]:
-            # same math, different summation order across devices: float32 rounding only. Adam turns
-            # it into up to ~1.4e-5 where a latent's gradient nearly cancels: batchtopk's latent 234
-            # gets |g| ~ 5e-10 at step 2, far below Adam's eps 1e-8, so its update ~ lr * g / eps
-            # carries g's rounding (~30% of g across meshes) at full size. Elsewhere <= 2e-6.
-            np.testing.assert_allclose(st["params"][k], base["params"][k], rtol=0, atol=2e-5, err_msg=f"{case} {shape} {k}")
+            # same math, different summation order across devices: float32 rounding only, <= 2e-6.
+            # Except for a latent whose gradient nearly cancels: batchtopk's latent 234 gets |g| ~ 5e-10
+            # at step 2, far below Adam's eps 1e-8, so its update ~ lr * g / eps carries g's rounding
+            # (~30% of g across meshes) at full size, in its whole encoder column: 1.4e-5 with the
+            # encoder input x - b_dec, 2.1e-5 since b_dec is folded into the encoder bias (another
+            # summation order). So: every element within 2e-6 but those of at most one latent, and
+            # those within 5e-5 (0.025 lr).
+            diff = np.abs(np.asarray(st["params"][k]) - np.asarray(base["params"][k]))
+            off = np.argwhere(diff > 2e-6)
+            latent_axis = {"W_enc": 2, "W_dec": 1, "b_enc": 1, "threshold": 1}.get(k)
+            latents = {tuple(o[[0, latent_axis]]) for o in off} if latent_axis else {tuple(o) for o in off}
+            assert len(latents) <= (1 if latent_axis else 0) and diff.max() <= 5e-5, f"{case} {shape} {k}: {latents}, max {diff.max():.2e}"
         np.testing.assert_allclose(m["fvu"], mb["fvu"], rtol=1e-5)
         np.testing.assert_array_equal(m["l0"], mb["l0"])
         if spec.architecture == "batchtopk":

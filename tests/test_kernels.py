@@ -9,9 +9,10 @@ from jax import lax
 
 from sae_jax.kernels.topk import topk_encode, topk_pre
 
-# (batch, d_in, d_sae, k, block): d_sae not a multiple of the block, k bigger than a block, batch 1
-SHAPES = [(7, 16, 100, 5, 32), (1, 8, 70, 12, 8), (33, 24, 256, 40, 64), (16, 12, 50, 50, 16)]
-IMPLS = ["stream", "pallas_gpu", "pallas_tpu"]
+# (batch, d_in, d_sae, k, block): d_sae not a multiple of the block, k bigger than a block, batch 1,
+# and a width where `rows` selects through group maxima (d_sae / 16 >= 4 k)
+SHAPES = [(7, 16, 100, 5, 32), (1, 8, 70, 12, 8), (33, 24, 256, 40, 64), (16, 12, 50, 50, 16), (9, 16, 1024, 6, 128)]
+IMPLS = ["stream", "rows", "pallas_gpu", "pallas_tpu"]
 
 
 def _data(shape, dtype, seed=0):
@@ -98,6 +99,38 @@ def test_aux_selection_shares_the_pass(impl):
     np.testing.assert_allclose(lo, lr, rtol=1e-5)
     for g, r in zip(go, gr, strict=True):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+
+
+def test_row_top_k_equals_lax_top_k():
+    """The group-maxima top-k returns lax.top_k's values in its order, and indices that carry
+    them, with ties, -inf entries (masked latents) and rows whose winners share one group."""
+    from sae_jax.kernels.topk import row_top_k
+
+    rng = np.random.default_rng(0)
+    pre = rng.standard_normal((64, 2048)).astype(np.float32)
+    pre[:8] = np.round(pre[:8], 1)  # many ties
+    pre[8:16, :1900] = -np.inf  # only the last 148 latents live
+    pre[16:24, 160:176] += 10.0  # the top k in one group of 16
+    pre[24] = -np.inf  # a row of masked latents only
+    for k in (1, 7, 32):
+        v, i = row_top_k(jnp.asarray(pre), k)
+        rv, _ = lax.top_k(jnp.asarray(pre), k)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+        np.testing.assert_array_equal(np.take_along_axis(pre, np.asarray(i), 1), np.asarray(rv))
+        for r in range(64):
+            assert len(set(np.asarray(i)[r].tolist())) == k
+
+
+def test_x_grad_false_drops_only_the_input_cotangent():
+    x, w, b = _data((16, 12, 512, 8, 64), jnp.float32, seed=5)
+
+    def grads(x_grad):
+        return jax.grad(lambda x, w, b: jnp.sum(topk_pre(x, w, b, 8, impl="rows", x_grad=x_grad)[0] ** 2), argnums=(0, 1, 2))(x, w, b)
+
+    (dx1, dw1, db1), (dx0, dw0, db0) = grads(True), grads(False)
+    np.testing.assert_array_equal(np.asarray(dw0), np.asarray(dw1))
+    np.testing.assert_array_equal(np.asarray(db0), np.asarray(db1))
+    assert np.abs(np.asarray(dx1)).max() > 0 and np.abs(np.asarray(dx0)).max() == 0
 
 
 def test_streaming_has_no_dense_buffer():

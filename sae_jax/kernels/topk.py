@@ -7,9 +7,10 @@ their latent indices. Implementations (`impl=`):
 | ----------- | --------------------------------------------------------------------------- |
 | `dense`     | the reference: `lax.top_k(x @ w + b)`; builds [B, d_sae] (tests, small widths) |
 | `stream`    | XLA: a scan over latent blocks of `block` columns, merging a running top-k; peak memory [B, block] |
+| `rows`      | XLA: a map over row blocks, each a dense [R, d_sae] block (R x d_sae <= 2^25) and its top-k; on a CPU the block stays in cache and the step runs at the matmul's speed |
 | `pallas_gpu`| Pallas (Triton) kernel: block matmul + bias + per-block top-k candidates fused (`kernels.pallas`) |
 | `pallas_tpu`| Pallas (Mosaic) kernel, the same on TPU                                      |
-| `auto`      | `pallas_gpu` on GPU, `pallas_tpu` on TPU, `stream` elsewhere                 |
+| `auto`      | `pallas_gpu` on GPU, `pallas_tpu` on TPU, elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
 
 Every implementation shares one custom VJP: only the k selected pre-activations of a row get
 gradient. With g [B, k] the cotangent of the values:
@@ -33,16 +34,49 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "dense", "stream", "pallas_gpu", "pallas_tpu")
+IMPLS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
 DEFAULT_BLOCK = 4096
+ROWS_BUDGET = 2**25  # `rows`: elements of one [R, d_sae] pre-activation block (128 MiB in float32)
+ROWS_MAX = 1024  # `rows`: rows per block at most (512-1024 ran fastest at d_sae 2^14 and 2^16 on CPU)
+MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the budget
 
 
-def resolve_impl(impl: str) -> str:
+def row_block(rows: int, width: int) -> int:
+    """`rows`' block: the largest divisor of `rows` up to ROWS_MAX with block x width <= ROWS_BUDGET (at least 1)."""
+    cap = max(1, min(rows, ROWS_MAX, ROWS_BUDGET // width))
+    return next(r for r in range(cap, 0, -1) if rows % r == 0)
+
+
+def resolve_impl(impl: str, rows: int = 0, width: int = 0) -> str:
+    """The implementation `impl` names; `auto` by backend and, on CPU, by the shape [rows, width]."""
     if impl not in IMPLS:
         raise ValueError(f"unknown TopK encoder implementation {impl!r} (choose from {', '.join(IMPLS)})")
     if impl != "auto":
         return impl
-    return {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "stream")
+    backend = jax.default_backend()
+    if backend in ("gpu", "tpu"):
+        return f"pallas_{backend}"
+    if rows <= 0 or width <= 0:
+        return "stream"
+    return "rows" if row_block(rows, width) >= min(MIN_ROWS, rows) else "stream"
+
+
+def row_top_k(pre, k: int, group: int = 16):
+    """`lax.top_k(pre, k)` over the last axis of a [B, S] block, by way of group maxima: the k largest
+    entries of a row lie in the k groups (of `group` consecutive columns) with the largest maxima
+    (an entry outside them is beaten by k group maxima), so the top k of those k x group
+    candidates is exact. The same values in the same (descending) order as `lax.top_k`; among
+    tied values the indices may differ. XLA:CPU's top_k costs several ns per element and this
+    replaces it with a max-reduction and two top_ks over S / group and k x group entries; rows
+    too short for it to pay go to `lax.top_k` directly."""
+    rows, s = pre.shape
+    if s % group or s // group < 4 * k:
+        return lax.top_k(pre, k)
+    g = pre.reshape(rows, s // group, group)
+    _, gi = lax.top_k(g.max(axis=-1), k)  # [B, k] the groups holding the top k
+    cand = jnp.take_along_axis(g, gi[:, :, None], axis=1).reshape(rows, k * group)
+    v, p = lax.top_k(cand, k)
+    return v, jnp.take_along_axis(gi, p // group, axis=1) * group + p % group
 
 
 def _merge(v, i, bv, bi, k):
@@ -57,7 +91,7 @@ def _dense(x, w, biases, k, cd=None):
     pre = jnp.dot(x, w if cd is None else w.astype(cd), preferred_element_type=jnp.float32)
     out = []
     for b in biases:
-        v, i = lax.top_k(pre + b.astype(jnp.float32), k)
+        v, i = row_top_k(pre + b.astype(jnp.float32), k)
         out.append((v, i.astype(jnp.int32)))
     return out
 
@@ -77,7 +111,7 @@ def _stream(x, w, biases, k, block, cd=None):
         out = []
         for (v, i), b in zip(carry, biases, strict=True):
             pb = pre + lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32)
-            bv, bi = lax.top_k(pb, min(kb, width))
+            bv, bi = row_top_k(pb, min(kb, width))
             out.append(_merge(v, i, bv, bi.astype(jnp.int32) + start, k))
         return out
 
@@ -90,12 +124,22 @@ def _stream(x, w, biases, k, block, cd=None):
     return carry
 
 
+def _rows(x, w, biases, k, cd=None):
+    """A map over blocks of rows: each block's dense pre-activations and their top-k (exact, no merge)."""
+    rows, d = x.shape
+    r = row_block(rows, w.shape[1])
+    out = lax.map(lambda xb: _dense(xb, w, biases, k, cd), x.reshape(rows // r, r, d))
+    return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
+
+
 def _forward(x, w, biases, k, impl, block, cd=None):
     """`cd`: the matmul's input dtype (None: as given); accumulation is always float32."""
     if cd is not None:
         x = x.astype(cd)
     if impl == "dense":
         return _dense(x, w, biases, k, cd)
+    if impl == "rows":
+        return _rows(x, w, biases, k, cd)
     if impl == "stream":
         return _stream(x, w, biases, k, block, cd)
     if impl in ("pallas_gpu", "pallas_tpu"):
@@ -105,27 +149,30 @@ def _forward(x, w, biases, k, impl, block, cd=None):
     raise ValueError(f"unknown TopK encoder implementation {impl!r}")
 
 
-def _sparse_grads(x, w, idx, g):
-    """(dx, dw, db) from the cotangents g [B, K] of the pre-activations at idx [B, K]."""
+def _sparse_grads(x, w, idx, g, x_grad: bool = True):
+    """(dx, dw, db) from the cotangents g [B, K] of the pre-activations at idx [B, K]; dx is None
+    unless `x_grad` (it costs a gather of k rows of w per row)."""
     s = w.shape[1]
     g = g.astype(jnp.float32)
-    wt = w.T  # [S, d]: rows are gathered and scattered contiguously
+    x32 = x.astype(jnp.float32)
+    wt = w.T if x_grad else None  # [S, d]: rows are gathered contiguously
 
     def slot(carry, gi):
         dx, dwt = carry
         gs, i = gi  # [B], [B]
-        dx = dx + gs[:, None] * wt[i].astype(jnp.float32)
-        dwt = dwt.at[i].add(gs[:, None] * x.astype(jnp.float32))
+        if x_grad:
+            dx = dx + gs[:, None] * wt[i].astype(jnp.float32)
+        dwt = dwt.at[i].add(gs[:, None] * x32)
         return (dx, dwt), None
 
-    zero = (jnp.zeros(x.shape, jnp.float32), jnp.zeros((s, w.shape[0]), jnp.float32))
+    zero = (jnp.zeros(x.shape, jnp.float32) if x_grad else None, jnp.zeros((s, w.shape[0]), jnp.float32))
     (dx, dwt), _ = lax.scan(slot, zero, (g.T, idx.T))
     db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1))
-    return dx.astype(x.dtype), dwt.T.astype(w.dtype), db
+    return (dx.astype(x.dtype) if x_grad else None), dwt.T.astype(w.dtype), db
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
-def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
+def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
     biases = (b,) if aux_b is None else (b, aux_b)
     out = _forward(x, w, biases, k if aux_b is None else max(k, k_aux), impl, block, cd)
     (v, i) = out[0]
@@ -136,21 +183,21 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd):
     return v, i, av[:, :k_aux], ai[:, :k_aux]
 
 
-def _fwd(x, w, b, aux_b, k, k_aux, impl, block, cd):
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd)
+def _fwd(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad)
     return (v, i, av, ai), (x, w, i, ai, aux_b)
 
 
-def _bwd(k, k_aux, impl, block, cd, res, cts):
+def _bwd(k, k_aux, impl, block, cd, x_grad, res, cts):
     x, w, i, ai, aux_b = res
     gv, _, gav, _ = cts
     if aux_b is None:
-        dx, dw, db = _sparse_grads(x, w, i, gv)
+        dx, dw, db = _sparse_grads(x, w, i, gv, x_grad)
         return dx, dw, db.astype(w.dtype), None
     # the two selections share x and w: one pass over both sets of slots
     idx = jnp.concatenate([i, ai], axis=1)
     g = jnp.concatenate([gv, gav], axis=1)
-    dx, dw, _ = _sparse_grads(x, w, idx, g)
+    dx, dw, _ = _sparse_grads(x, w, idx, g, x_grad)
     db = jnp.zeros((w.shape[1],), jnp.float32).at[i.reshape(-1)].add(gv.reshape(-1).astype(jnp.float32))
     dab = jnp.zeros((w.shape[1],), jnp.float32).at[ai.reshape(-1)].add(gav.reshape(-1).astype(jnp.float32))
     return dx, dw, db, dab
@@ -159,11 +206,14 @@ def _bwd(k, k_aux, impl, block, cd, res, cts):
 _topk_pre.defvjp(_fwd, _bwd)
 
 
-def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None):
+def topk_pre(
+    x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None, x_grad: bool = True
+):
     """(values [B, k], indices [B, k]) of the largest `x @ w + b` per row, descending; with `aux_b`
     also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP,
     computed from the parameters as given). `compute_dtype` ('bfloat16') casts the matmul's inputs
-    (w block by block when streaming); accumulation stays float32."""
+    (w block by block when streaming); accumulation stays float32. `x_grad=False`: x is data, its
+    cotangent is zero (the backward skips its gather)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or b.shape != (w.shape[1],):
         raise ValueError(f"topk_pre: x {x.shape}, w {w.shape}, b {b.shape}: expected [B, d], [d, S], [S]")
     if not 0 < k <= w.shape[1]:
@@ -171,7 +221,7 @@ def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto",
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
     cd = None if compute_dtype in (None, "", "float32") else jnp.dtype(compute_dtype).name
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, resolve_impl(impl), block, cd)
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, resolve_impl(impl, x.shape[0], w.shape[1]), block, cd, x_grad)
     return (v, i) if aux_b is None else (v, i, av, ai)
 
 

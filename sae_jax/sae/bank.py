@@ -159,7 +159,9 @@ def _global_topk(v, i, k: int, n_model: int):
 def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int, with_aux: bool, impl: str, block: int, cd=None):
     """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
     backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
-    the pass. Returns (v, i) and, with_aux, (dead v, dead i): pre-activations, global ids."""
+    the pass. `x` is data (no cotangent: parameters that act on the input, like b_dec, are folded
+    into `b_enc` by the caller). Returns (v, i) and, with_aux, (dead v, dead i): pre-activations,
+    global ids."""
     s_local = w_enc.shape[-1]
     off = lax.axis_index("model") * s_local
     neg = jnp.asarray(-jnp.inf, b_enc.dtype)
@@ -167,10 +169,10 @@ def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int
     kl, kal = min(k, s_local), min(k_aux, s_local)
     if with_aux:
         b_aux = jnp.where(dead & latent_mask, b_enc, neg)
-        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block, compute_dtype=cd)
+        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block, compute_dtype=cd, x_grad=False)
         v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
         return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
-    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block, compute_dtype=cd))(x, w_enc, b_main)
+    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block, compute_dtype=cd, x_grad=False))(x, w_enc, b_main)
     return _global_topk(v, i + off, k, n_model), None
 
 
@@ -230,9 +232,14 @@ def forward_sparse(
     `l0 [M, B_local]`, `threshold`/`capped [M]` (BatchTopK's batch threshold and capped rows).
     """
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    enc_in = x if spec.transcoder else x - b_dec[:, None, :]
+    # SAEs encode x - b_dec: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc), so
+    # the encoder's input stays data and b_dec's gradient arrives through the bias (no [B, d] dx)
+    if not spec.transcoder:
+        b_enc = b_enc - jnp.einsum("md,mds->ms", b_dec, w_enc)
     C = spec.n_candidates
-    (v, idx), aux = _encode(enc_in, w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, impl, block, compute_dtype)
+    (v, idx), aux = _encode(
+        lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, impl, block, compute_dtype
+    )
     rv = jax.nn.relu(v)
     m = rv.shape[0]
     if spec.architecture == "batchtopk":

@@ -323,7 +323,7 @@ def train(c, log=print) -> dict:
         state = restored["state"]
         log(f"{run}: resumed from step {start}")
     try:
-        encoder = resolve_impl(t.encoder)
+        resolve_impl(t.encoder)  # validated here; `auto` resolves per shape inside the step
     except ValueError as e:
         raise TrainError(f"train.encoder: {e}") from None
     if t.encoder_dtype not in ("float32", "bfloat16"):
@@ -336,7 +336,7 @@ def train(c, log=print) -> dict:
         scale,
         t.dead_tokens,
         t.aux_coef,
-        encoder,
+        t.encoder,
         t.encoder_block,
         t.encoder_dtype,
         output_scale=out_scale,

@@ -242,23 +242,28 @@ def make_train_step(
             (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
         else:
             (loss, (fvu, auxk, sparsity, out)), grads = branches[0](state["params"])
-        if renorm:
-            grads["W_dec"] = _project_out_parallel(grads["W_dec"], state["params"]["W_dec"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        if renorm:
-            params["W_dec"] = _renormalise(params["W_dec"])
-        if "threshold" in params:  # a JumpReLU threshold below 0 would let negative pre-activations through
-            params["threshold"] = jnp.maximum(params["threshold"], 0.0)
-
         finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def update(grads, params, opt_state):
+            if renorm:
+                grads["W_dec"] = _project_out_parallel(grads["W_dec"], params["W_dec"])
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if renorm:
+                params["W_dec"] = _renormalise(params["W_dec"])
+            if "threshold" in params:  # a JumpReLU threshold below 0 would let negative pre-activations through
+                params["threshold"] = jnp.maximum(params["threshold"], 0.0)
+            return params, opt_state
+
+        # a non-finite batch leaves parameters and optimiser state as they were: one branch runs
+        # (a select over every parameter would cost a pass over params and Adam's moments)
+        params, opt_state = jax.lax.cond(finite, update, lambda g, p, o: (p, o), grads, state["params"], state["opt_state"])
         n_tokens = x.shape[1]
         fired = out["fired"]
         since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
         new = {
-            "params": keep(params, state["params"]),
-            "opt_state": keep(opt_state, state["opt_state"]),
+            "params": params,
+            "opt_state": opt_state,
             "step": state["step"] + 1,
             "tokens_since_fired": jnp.where(finite, since, state["tokens_since_fired"]),
             "fire_counts": state["fire_counts"] + jnp.where(finite, fired, 0).astype(jnp.float32),

@@ -1,0 +1,276 @@
+"""One trainer of benchmarks/peers.py in its own process, driven over stdin/stdout (JSON lines).
+
+    python benchmarks/peer_worker.py sae_jax|sparsify|saelens
+
+The driver sends {"cmd": "init", ...settings}, then {"cmd": "train", "steps": n} as often as it
+likes (alternating with the other trainers), then {"cmd": "eval"} and {"cmd": "quit"}. Every reply
+is one JSON line on stdout; the libraries' own printing goes to stderr. `sae_jax` runs in .venv
+(the jitted train step of sae_jax.train.step, as `sae-jax train` builds it); `sparsify` and
+`saelens` run in .peer-venv (PyTorch CPU), each with its library's own step:
+
+- sparsify (eai-sparsify): `SparseCoder.forward` (fused encoder with its index_add backward, the
+  embedding_bag decoder) inside the per-batch sequence of `sparsify.Trainer.fit` for loss_fn="fvu"
+  and optimizer="adam": b_dec from the first batch's mean, decoder rows renormalised, FVU +
+  auxk_alpha x AuxK with its dead mask, the decoder gradient's parallel component removed,
+  torch.optim.Adam. (`Trainer` itself hooks a live transformers model; here the activations come
+  from the store, so its per-batch body is driven directly.)
+- SAELens (sae-lens): `SAETrainer.step` on a `TopKTrainingSAE` (its own loss, AuxK, gradient
+  clipping, Adam and scheduler).
+
+Rows: `train.npy` [N, d_in] float32 in order, batch t = rows [t B, (t+1) B) (wrapping); `eval.npy`
+the held-out rows. Every trainer starts from the same random unit directions (`init.npy`
+[d_sae, d_in]) in its library's own scale (sae_jax: W_dec = D, W_enc = D^T; sparsify: encoder rows
+D / sqrt(3), the norm of its kaiming-uniform rows, decoder its normalised copy; SAELens: W_dec =
+0.1 D, W_enc = W_dec^T, its decoder_init_norm heuristic), biases by each library's own rule.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _heldout import Accumulator, peak_rss_mib, schedule  # noqa: E402
+
+PROTO = sys.stdout
+sys.stdout = sys.stderr  # library prints must not break the protocol
+
+
+def reply(obj) -> None:
+    PROTO.write(json.dumps(obj) + "\n")
+    PROTO.flush()
+
+
+class Trainer:
+    def __init__(self, cfg: dict):
+        import numpy as np
+
+        self.cfg = cfg
+        self.rows = np.load(cfg["train"], mmap_mode="r")
+        self.B = cfg["batch"]
+        self.t = 0
+        self.np = np
+
+    def batch(self):
+        n = len(self.rows) // self.B
+        j = self.t % n
+        return self.np.array(self.rows[j * self.B : (j + 1) * self.B], dtype=self.np.float32)  # a writable copy
+
+    def window_tokens(self) -> int:
+        """Dead over training: no fire in the last `dead_window` steps' tokens (or all, if fewer)."""
+        return min(self.cfg["dead_window"], self.t) * self.B
+
+    def train(self, steps: int) -> float:
+        """Train `steps` batches; seconds, the last step finished (device sync included)."""
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.one(self.batch())
+            self.t += 1
+        self.sync()
+        return time.perf_counter() - t0
+
+
+class SaeJax(Trainer):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        from sae_jax import parallel
+        from sae_jax.sae.bank import BankSpec, geometric_median
+        from sae_jax.train.step import init_state, make_optimizer, make_train_step
+
+        self.jax, self.jnp = jax, jnp
+        d, w, k = cfg["d_in"], cfg["width"], cfg["k"]
+        self.spec = BankSpec(("h",), (w,), (k,), d, w, d // 2)
+        self.mesh = parallel.make_mesh(1, 1)
+        tx, sched = make_optimizer(self.spec, np.array([cfg["lr"]]), cfg["steps"], cfg["warmup"], cfg["decay_frac"])
+        # the input scale sae-jax train takes from the store's statistics: unit mean squared norm
+        self.scale = float(cfg["input_scale"])
+        first = self.batch()[:4096] * self.scale
+        b_dec = geometric_median(jnp.asarray(first))
+        state = init_state(self.spec, self.mesh, tx, jax.random.key(cfg["seed"]), None)
+        D = jnp.asarray(np.load(cfg["init"]))
+        state["params"]["W_dec"] = jax.device_put(D[None], state["params"]["W_dec"].sharding)
+        state["params"]["W_enc"] = jax.device_put(D.T[None], state["params"]["W_enc"].sharding)
+        state["params"]["b_dec"] = jax.device_put(b_dec[None], state["params"]["b_dec"].sharding)
+        self.state = state
+        self.step = make_train_step(
+            self.spec, self.mesh, tx, sched, np.array([self.scale]), cfg["dead_tokens"], cfg["aux_coef"], encoder=cfg.get("encoder", "auto")
+        )
+        self.x_sharding = parallel.sharding(self.mesh, "x")
+        self.metrics = None
+
+    def one(self, x) -> None:
+        xb = self.jax.device_put(x[None], self.x_sharding)  # the loader hands the step host arrays too
+        self.state, self.metrics = self.step(self.state, xb)
+
+    def sync(self) -> None:
+        self.jax.block_until_ready(self.state)
+
+    def evaluate(self, rows) -> dict:
+        from sae_jax.sae import folded
+
+        p = {k: self.np.asarray(v[0]) for k, v in self.state["params"].items()}
+        s = self.scale  # fold the input scale: the dictionary on raw activations, as exported
+        raw = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
+        raw = {k: self.jnp.asarray(v) for k, v in raw.items()}
+        acc = Accumulator(self.cfg["width"])
+        for c in range(0, len(rows), 1024):
+            x = self.jnp.asarray(rows[c : c + 1024])
+            v, i = folded.encode(raw, x, self.cfg["k"])
+            acc.add(rows[c : c + 1024], folded.decode(raw, v, i), i, v)
+        since = self.np.asarray(self.state["tokens_since_fired"][0])
+        return {**acc.result(), "window_dead_frac": float((since >= self.window_tokens()).mean())}
+
+
+class Sparsify(Trainer):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        import numpy as np
+        import torch
+        from sparsify import SparseCoder, SparseCoderConfig
+
+        self.torch = torch
+        torch.manual_seed(cfg["seed"])
+        self.sae = SparseCoder(cfg["d_in"], SparseCoderConfig(num_latents=cfg["width"], k=cfg["k"]), "cpu", dtype=torch.float32)
+        D = torch.from_numpy(np.load(cfg["init"]))
+        with torch.no_grad():
+            self.sae.encoder.weight.copy_(D / np.sqrt(3.0))
+            self.sae.W_dec.copy_(self.sae.encoder.weight)
+            self.sae.set_decoder_norm_to_unit_norm()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg["lr"])
+        f = lambda s: schedule(s, cfg["steps"], cfg["warmup"], cfg["decay_frac"])  # noqa: E731
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
+        self.since_fired = torch.zeros(cfg["width"], dtype=torch.long)
+
+    def one(self, x) -> None:
+        torch, sae, cfg = self.torch, self.sae, self.cfg
+        x = torch.from_numpy(x)
+        if self.t == 0:
+            with torch.no_grad():
+                sae.b_dec.data = x.mean(0)  # sparsify: "ensure the preactivations are centered"
+        sae.set_decoder_norm_to_unit_norm()
+        dead = self.since_fired > cfg["dead_tokens"]
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=dead, total_variance=total_variance)
+        did_fire = torch.zeros(cfg["width"], dtype=torch.bool)
+        did_fire[out.latent_indices.flatten()] = True
+        (out.fvu + cfg["aux_coef"] * out.auxk_loss).backward()
+        self.since_fired += len(x)
+        self.since_fired[did_fire] = 0
+        sae.remove_gradient_parallel_to_decoder_directions()
+        self.opt.step()
+        self.opt.zero_grad()
+        self.sched.step()
+
+    def sync(self) -> None:
+        pass
+
+    def evaluate(self, rows) -> dict:
+        torch = self.torch
+        acc = Accumulator(self.cfg["width"])
+        self.sae.set_decoder_norm_to_unit_norm()  # as sparsify does before each forward
+        with torch.no_grad():
+            for c in range(0, len(rows), 1024):
+                x = torch.from_numpy(self.np.array(rows[c : c + 1024], dtype=self.np.float32))
+                enc = self.sae.encode(x)
+                x_hat = self.sae.decode(enc.top_acts, enc.top_indices)
+                acc.add(x.numpy(), x_hat.numpy(), enc.top_indices.numpy(), enc.top_acts.numpy())
+        return {**acc.result(), "window_dead_frac": float((self.since_fired >= self.window_tokens()).float().mean())}
+
+
+class SaeLens(Trainer):
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        import numpy as np
+        import torch
+        from sae_lens import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        self.torch = torch
+        torch.manual_seed(cfg["seed"])
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=cfg["d_in"], d_sae=cfg["width"], k=cfg["k"], dtype="float32", device="cpu"))
+        D = torch.from_numpy(np.load(cfg["init"]))
+        with torch.no_grad():
+            sae.W_dec.copy_(0.1 * D)  # its decoder_init_norm
+            sae.W_enc.copy_(sae.W_dec.T)
+        steps = cfg["steps"]
+        tcfg = SAETrainerConfig(
+            total_training_samples=steps * self.B,
+            train_batch_size_samples=self.B,
+            lr=cfg["lr"],
+            lr_end=0.0,
+            lr_scheduler_name="constant",
+            lr_warm_up_steps=cfg["warmup"],
+            lr_decay_steps=steps - int(steps * (1 - cfg["decay_frac"])),
+            device="cpu",
+        )
+        self.trainer = SAETrainer(tcfg, sae, data_provider=iter(()))
+        self.sae = sae
+
+    def one(self, x) -> None:
+        tr = self.trainer
+        tr.maybe_reset_sparsity()
+        tr.step(self.torch.from_numpy(x))
+        tr.n_training_steps += 1
+
+    def sync(self) -> None:
+        pass
+
+    def evaluate(self, rows) -> dict:
+        torch = self.torch
+        acc = Accumulator(self.cfg["width"])
+        self.sae.eval()
+        with torch.no_grad():
+            for c in range(0, len(rows), 1024):
+                x = torch.from_numpy(self.np.array(rows[c : c + 1024], dtype=self.np.float32))
+                acts = self.sae.encode(x)
+                x_hat = self.sae.decode(acts)
+                if acts.is_sparse:
+                    acts = acts.to_dense()
+                v, i = torch.topk(acts, self.cfg["k"], dim=-1)
+                acc.add(x.numpy(), x_hat.numpy(), i.numpy(), v.numpy())
+        since = self.trainer.n_forward_passes_since_fired * self.B  # it counts steps
+        return {**acc.result(), "window_dead_frac": float((since >= self.window_tokens()).float().mean())}
+
+
+TRAINERS = {"sae_jax": SaeJax, "sparsify": Sparsify, "saelens": SaeLens}
+
+
+def main() -> None:
+    name = sys.argv[1]
+    os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    trainer = None
+    for line in sys.stdin:
+        msg = json.loads(line)
+        try:
+            if msg["cmd"] == "init":
+                t0 = time.perf_counter()
+                trainer = TRAINERS[name](msg)
+                reply({"ok": True, "init_s": time.perf_counter() - t0})
+            elif msg["cmd"] == "train":
+                reply({"ok": True, "seconds": trainer.train(msg["steps"]), "step": trainer.t, "peak_rss_mib": peak_rss_mib()})
+            elif msg["cmd"] == "eval":
+                import numpy as np
+
+                rows = np.load(msg["rows"], mmap_mode="r")
+                reply({"ok": True, **trainer.evaluate(rows), "peak_rss_mib": peak_rss_mib()})
+            elif msg["cmd"] == "quit":
+                reply({"ok": True})
+                return
+        except Exception as e:  # reported to the driver, which stops with it
+            import traceback
+
+            traceback.print_exc()
+            reply({"ok": False, "error": f"{name}: {type(e).__name__}: {e}"})
+            return
+
+
+if __name__ == "__main__":
+    main()
