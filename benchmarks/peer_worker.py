@@ -19,9 +19,11 @@ is one JSON line on stdout; the libraries' own printing goes to stderr. `sae_jax
 
 Rows: `train.npy` [N, d_in] float32 in order, batch t = rows [t B, (t+1) B) (wrapping); `eval.npy`
 the held-out rows. Every trainer starts from the same random unit directions (`init.npy`
-[d_sae, d_in]) in its library's own scale (sae_jax: W_dec = D, W_enc = D^T; sparsify: encoder rows
-D / sqrt(3), the norm of its kaiming-uniform rows, decoder its normalised copy; SAELens: W_dec =
-0.1 D, W_enc = W_dec^T, its decoder_init_norm heuristic), biases by each library's own rule.
+[d_sae, d_in]) in its library's own scale (sae_jax: W_dec = D, W_enc = D^T / sqrt(3), its
+ENCODER_INIT_SCALE; sparsify: encoder rows D / sqrt(3), the norm of its kaiming-uniform rows,
+decoder its normalised copy; SAELens: W_dec = 0.1 D, W_enc = W_dec^T, its decoder_init_norm
+heuristic), biases by each library's own rule (b_dec: sae_jax the geometric median of the first
+batch, sparsify its mean, SAELens zero).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ class SaeJax(Trainer):
         import numpy as np
 
         from sae_jax import parallel
-        from sae_jax.sae.bank import BankSpec, geometric_median
+        from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, geometric_median
         from sae_jax.train.step import init_state, make_optimizer, make_train_step
 
         self.jax, self.jnp = jax, jnp
@@ -96,7 +98,7 @@ class SaeJax(Trainer):
         state = init_state(self.spec, self.mesh, tx, jax.random.key(cfg["seed"]), None)
         D = jnp.asarray(np.load(cfg["init"]))
         state["params"]["W_dec"] = jax.device_put(D[None], state["params"]["W_dec"].sharding)
-        state["params"]["W_enc"] = jax.device_put(D.T[None], state["params"]["W_enc"].sharding)
+        state["params"]["W_enc"] = jax.device_put(D.T[None] * ENCODER_INIT_SCALE, state["params"]["W_enc"].sharding)
         state["params"]["b_dec"] = jax.device_put(b_dec[None], state["params"]["b_dec"].sharding)
         self.state = state
         self.step = make_train_step(

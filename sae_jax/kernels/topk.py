@@ -41,9 +41,12 @@ ROWS_MAX = 1024  # `rows`: rows per block at most (512-1024 ran fastest at d_sae
 MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the budget
 
 
-def row_block(rows: int, width: int) -> int:
-    """`rows`' block: the largest divisor of `rows` up to ROWS_MAX with block x width <= ROWS_BUDGET (at least 1)."""
-    cap = max(1, min(rows, ROWS_MAX, ROWS_BUDGET // width))
+SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] block of gathered rows (8 MiB)
+
+
+def row_block(rows: int, width: int, budget: int = ROWS_BUDGET) -> int:
+    """A block of rows: the largest divisor of `rows` up to ROWS_MAX with block x width <= budget (at least 1)."""
+    cap = max(1, min(rows, ROWS_MAX, budget // max(width, 1)))
     return next(r for r in range(cap, 0, -1) if rows % r == 0)
 
 
@@ -61,21 +64,25 @@ def resolve_impl(impl: str, rows: int = 0, width: int = 0) -> str:
     return "rows" if row_block(rows, width) >= min(MIN_ROWS, rows) else "stream"
 
 
-def row_top_k(pre, k: int, group: int = 16):
-    """`lax.top_k(pre, k)` over the last axis of a [B, S] block, by way of group maxima: the k largest
-    entries of a row lie in the k groups (of `group` consecutive columns) with the largest maxima
-    (an entry outside them is beaten by k group maxima), so the top k of those k x group
+def row_top_k(pre, k: int, group: int = 16, bias=None):
+    """`lax.top_k(pre + bias, k)` over the last axis of a [B, S] block, by way of group maxima: the k
+    largest entries of a row lie in the k groups (of `group` consecutive columns) with the largest
+    maxima (an entry outside them is beaten by k group maxima), so the top k of those k x group
     candidates is exact. The same values in the same (descending) order as `lax.top_k`; among
     tied values the indices may differ. XLA:CPU's top_k costs several ns per element and this
     replaces it with a max-reduction and two top_ks over S / group and k x group entries; rows
-    too short for it to pay go to `lax.top_k` directly."""
+    too short for it to pay go to `lax.top_k` directly. `bias [S]` is added where it is read (the
+    group maxima, the gathered candidates), so pre + bias is never written out."""
     rows, s = pre.shape
     if s % group or s // group < 4 * k:
-        return lax.top_k(pre, k)
+        return lax.top_k(pre if bias is None else pre + bias, k)
     g = pre.reshape(rows, s // group, group)
-    _, gi = lax.top_k(g.max(axis=-1), k)  # [B, k] the groups holding the top k
-    cand = jnp.take_along_axis(g, gi[:, :, None], axis=1).reshape(rows, k * group)
-    v, p = lax.top_k(cand, k)
+    gb = None if bias is None else bias.reshape(s // group, group)
+    _, gi = lax.top_k((g if gb is None else g + gb).max(axis=-1), k)  # [B, k] the groups holding the top k
+    cand = jnp.take_along_axis(g, gi[:, :, None], axis=1)
+    if gb is not None:
+        cand = cand + gb[gi]
+    v, p = lax.top_k(cand.reshape(rows, k * group), k)
     return v, jnp.take_along_axis(gi, p // group, axis=1) * group + p % group
 
 
@@ -91,7 +98,7 @@ def _dense(x, w, biases, k, cd=None):
     pre = jnp.dot(x, w if cd is None else w.astype(cd), preferred_element_type=jnp.float32)
     out = []
     for b in biases:
-        v, i = row_top_k(pre + b.astype(jnp.float32), k)
+        v, i = row_top_k(pre, k, bias=b.astype(jnp.float32))
         out.append((v, i.astype(jnp.int32)))
     return out
 
@@ -149,26 +156,32 @@ def _forward(x, w, biases, k, impl, block, cd=None):
     raise ValueError(f"unknown TopK encoder implementation {impl!r}")
 
 
+def _blocks(*arrays, r: int):
+    """[B, ...] arrays as [B / r, r, ...] for a scan over blocks of r rows."""
+    return tuple(a.reshape((a.shape[0] // r, r) + a.shape[1:]) for a in arrays)
+
+
 def _sparse_grads(x, w, idx, g, x_grad: bool = True):
     """(dx, dw, db) from the cotangents g [B, K] of the pre-activations at idx [B, K]; dx is None
-    unless `x_grad` (it costs a gather of k rows of w per row)."""
+    unless `x_grad` (it costs a gather of k rows of w per row). A scan over blocks of rows, each
+    scattering its [R, K, d] updates at once (R from SLOTS_BUDGET: the block stays in cache)."""
     s = w.shape[1]
-    g = g.astype(jnp.float32)
-    x32 = x.astype(jnp.float32)
+    rows, kk = idx.shape
+    d = x.shape[1]
+    r = row_block(rows, kk * d, SLOTS_BUDGET)
     wt = w.T if x_grad else None  # [S, d]: rows are gathered contiguously
 
-    def slot(carry, gi):
-        dx, dwt = carry
-        gs, i = gi  # [B], [B]
-        if x_grad:
-            dx = dx + gs[:, None] * wt[i].astype(jnp.float32)
-        dwt = dwt.at[i].add(gs[:, None] * x32)
-        return (dx, dwt), None
+    def blk(dwt, a):
+        xb, gb, ib = a  # [R, d], [R, K], [R, K]
+        gb = gb.astype(jnp.float32)
+        upd = gb[..., None] * xb.astype(jnp.float32)[:, None, :]  # [R, K, d]
+        dwt = dwt.at[ib.reshape(-1)].add(upd.reshape(-1, d))
+        dxb = jnp.einsum("rk,rkd->rd", gb, wt[ib].astype(jnp.float32)) if x_grad else None
+        return dwt, dxb
 
-    zero = (jnp.zeros(x.shape, jnp.float32) if x_grad else None, jnp.zeros((s, w.shape[0]), jnp.float32))
-    (dx, dwt), _ = lax.scan(slot, zero, (g.T, idx.T))
-    db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1))
-    return (dx.astype(x.dtype) if x_grad else None), dwt.T.astype(w.dtype), db
+    dwt, dx = lax.scan(blk, jnp.zeros((s, d), jnp.float32), _blocks(x, g, idx, r=r))
+    db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
+    return (dx.reshape(x.shape).astype(x.dtype) if x_grad else None), dwt.T.astype(w.dtype), db
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
@@ -234,20 +247,23 @@ def topk_encode(x, W_enc, b_enc, k: int, *, impl: str = "auto", block: int = DEF
 
 @jax.custom_vjp
 def sparse_decode(values, indices, w_dec):
-    """sum_s values[:, s] * w_dec[indices[:, s]] -> [B, d]: a scan over the k slots, one [B, d]
-    gather per slot, so neither a dense [B, d_sae] activation nor a [B, k, d] gather exists, in
-    the forward or (custom VJP: nothing saved but the inputs) the backward."""
+    """sum_s values[:, s] * w_dec[indices[:, s]] -> [B, d]: a scan over blocks of rows, each
+    gathering its [R, k, d] decoder rows (R from SLOTS_BUDGET, 8 MiB: in cache), so neither a
+    dense [B, d_sae] activation nor a [B, k, d] gather exists, in the forward or (custom VJP:
+    nothing saved but the inputs) the backward."""
     return _decode_fwd_only(values, indices, w_dec)
 
 
 def _decode_fwd_only(values, indices, w_dec):
-    def slot(acc, vi):
-        v, i = vi
-        return acc + v[:, None].astype(jnp.float32) * w_dec[i].astype(jnp.float32), None
+    rows, k = indices.shape
+    r = row_block(rows, k * w_dec.shape[1], SLOTS_BUDGET)
 
-    zero = jnp.zeros((values.shape[0], w_dec.shape[1]), jnp.float32)
-    out, _ = lax.scan(slot, zero, (values.T, indices.T))
-    return out.astype(w_dec.dtype)
+    def blk(_, a):
+        vb, ib = a
+        return None, jnp.einsum("rk,rkd->rd", vb.astype(jnp.float32), w_dec[ib].astype(jnp.float32))
+
+    _, out = lax.scan(blk, None, _blocks(values, indices, r=r))
+    return out.reshape(rows, w_dec.shape[1]).astype(w_dec.dtype)
 
 
 def _decode_fwd(values, indices, w_dec):
@@ -256,15 +272,19 @@ def _decode_fwd(values, indices, w_dec):
 
 def _decode_bwd(res, g):
     values, indices, w_dec = res
-    g32 = g.astype(jnp.float32)
+    rows, k = indices.shape
+    d = w_dec.shape[1]
+    r = row_block(rows, k * d, SLOTS_BUDGET)
 
-    def slot(dw, vi):
-        v, i = vi
-        dv = jnp.sum(g32 * w_dec[i].astype(jnp.float32), axis=-1)
-        return dw.at[i].add(v[:, None].astype(jnp.float32) * g32), dv
+    def blk(dw, a):
+        vb, ib, gb = a
+        gb = gb.astype(jnp.float32)
+        dv = jnp.einsum("rd,rkd->rk", gb, w_dec[ib].astype(jnp.float32))
+        dw = dw.at[ib.reshape(-1)].add((vb.astype(jnp.float32)[..., None] * gb[:, None, :]).reshape(-1, d))
+        return dw, dv
 
-    dw, dv = lax.scan(slot, jnp.zeros(w_dec.shape, jnp.float32), (values.T, indices.T))
-    return dv.T.astype(values.dtype), None, dw.astype(w_dec.dtype)
+    dw, dv = lax.scan(blk, jnp.zeros(w_dec.shape, jnp.float32), _blocks(values, indices, g, r=r))
+    return dv.reshape(rows, k).astype(values.dtype), None, dw.astype(w_dec.dtype)
 
 
 sparse_decode.defvjp(_decode_fwd, _decode_bwd)

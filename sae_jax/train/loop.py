@@ -291,6 +291,7 @@ def train(c, log=print) -> dict:
             "batchtopk_cap",
             "threshold_decay",
             "matryoshka_prefixes",
+            "encoder_init_scale",
         )
     }
     _prepare_run_dir(run, json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1))
@@ -308,7 +309,9 @@ def train(c, log=print) -> dict:
     sample_ds = activation_dataset(store, read, t.batch_size, seed=t.seed + 1, records=records)
     sample = _stack(next(iterator(sample_ds, num_threads=0)), spec.targets)
     sample = jnp.asarray(sample[:, :4096].astype(np.float32) * out_scale[:, None, None])
-    state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample, t.jumprelu_init_threshold)
+    if not t.encoder_init_scale > 0:
+        raise TrainError(f"train.encoder_init_scale={t.encoder_init_scale!r}: must be positive")
+    state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample, t.jumprelu_init_threshold, t.encoder_init_scale)
 
     mngr = ocp.CheckpointManager(
         (run / "checkpoints").absolute(),

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
-from sae_jax.sae.bank import BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
+from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
 
 
 class Output(NamedTuple):
@@ -153,7 +153,9 @@ def _renormalise(w_dec):
     return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
 
 
-def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001) -> dict:
+def init_state(
+    spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001, encoder_scale: float = ENCODER_INIT_SCALE
+) -> dict:
     """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d_out]`
     (the targets: a transcoder's output hook)."""
     pshard = parallel.param_shardings(mesh, spec)
@@ -161,7 +163,7 @@ def init_state(spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_th
 
     def make(key, sample):
         b_dec = None if sample is None else jax.vmap(geometric_median)(sample)
-        params = init_params(spec, key, b_dec, init_threshold)
+        params = init_params(spec, key, b_dec, init_threshold, encoder_scale)
         state = {
             "params": params,
             "opt_state": tx.init(params),
