@@ -5,7 +5,7 @@
 
 For each width: one process per trainer (`benchmarks/peer_worker.py`; sae_jax in .venv, the peers
 in .peer-venv, which this script builds with `make peer-venv` if it is missing), all on the same
-token rows of one hook exported from the store (train.npy / eval.npy under runs/bench/peers/),
+token rows of one hook exported from the store (train.npy / eval.npy beside the JSON: runs/bench/peers/),
 the same d_in, d_sae, k, batch, Adam (lr 2e-4 / sqrt(d_sae / 2^14), betas 0.9 / 0.999), schedule
 (warmup, constant, linear decay over the last 20%), AuxK coefficient 1/32 with a 10M-token dead
 window, token budget and initial directions. Every trainer takes one untimed step first
@@ -201,7 +201,7 @@ def main() -> None:
     from sae_jax.data.store import open_store
 
     hook = args.hook or next(iter(open_store(store).hooks))
-    data = ROOT / "runs/bench/peers"
+    data = Path(args.out).with_suffix("")  # runs/bench/peers/: the exported rows and directions
     meta = export_rows(store, hook, data)
     print(f"{meta['train_rows']:,} training rows, {meta['eval_rows']:,} held-out rows of {hook} (d_in {meta['d_in']}) from {store}")
     meta["loader_rows_s"] = loader_rate(store, hook, args.batch, 20)
