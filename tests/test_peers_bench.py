@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 from conftest import REPO
 
 
@@ -24,7 +25,11 @@ def test_peers_benchmark_runs_all_three(tiny_store, tmp_path):
     for name, x in runs.items():
         assert x["tok_s"] > 0 and x["peak_rss_mib"] > 50, (name, x)
         assert x["eval_rows"] == held_out and 16 < x["l0"] <= 32 + 1e-6, (name, x)  # at most k = 32 active per row
-        # 6 steps from random directions: each library's own reconstruction already explains some variance
-        assert 0.0 < x["fvu"] < 1.0, (name, x["fvu"])
+        assert np.isfinite(x["fvu"]) and x["fvu"] > 0.0, (name, x["fvu"])
         assert 0.0 <= x["dead_frac"] <= 1.0 and 0.0 <= x["window_dead_frac"] <= 1.0
+    # 6 steps from random directions: sae_jax and sparsify start b_dec at the data's centre (geometric
+    # median / mean) and already explain variance; SAELens starts b_dec at zero, so its FVU is still
+    # about 1 + |mean|^2 / variance (> 1 on residual streams: 1.9 here, 0.97 after 100 steps in the README)
+    for name in ("sae_jax", "sparsify"):
+        assert runs[name]["fvu"] < 1.0, (name, runs[name]["fvu"])
     assert "sae_jax" in r.stdout and "vs sparsify" in r.stdout  # the table
