@@ -122,6 +122,8 @@ class Worker:
 
 
 def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: Path, args) -> list[dict]:
+    from sae_jax.train.step import default_lr
+
     rng = np.random.default_rng(seed)
     D = rng.standard_normal((width, meta["d_in"])).astype(np.float32)
     D /= np.linalg.norm(D, axis=1, keepdims=True)
@@ -134,7 +136,7 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
         "k": args.k,
         "batch": args.batch,
         "steps": steps,
-        "lr": 2e-4 / float(np.sqrt(width / 2**14)),
+        "lr": default_lr(width),  # sae_jax's default, sparsify's rule
         "warmup": args.warmup,
         "decay_frac": 0.2,
         "aux_coef": 1 / 32,
