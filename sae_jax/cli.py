@@ -56,20 +56,31 @@ def _positional_store(argv: list[str], cmd: str) -> Path:
 
 def cmd_harvest(argv, default_file="default.py") -> int:
     from sae_jax.harvest import harvest, summary
+    from sae_jax.parallel import init_distributed
 
     cfg = _load_config(argv, default_file)
+    init_distributed(cfg.distributed)
     t0 = time.perf_counter()
     store = harvest(cfg)
-    print(summary(store))
-    print(f"time       {time.perf_counter() - t0:.1f} s")
+    import jax
+
+    if jax.process_index() == 0:
+        print(summary(store))
+        print(f"time       {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_train(argv) -> int:
+    from sae_jax.parallel import init_distributed
     from sae_jax.train.loop import summary, train
 
     cfg = _load_config(argv, "default.py")
-    print(summary(train(cfg)))
+    init_distributed(cfg.distributed)
+    result = train(cfg)
+    import jax
+
+    if jax.process_index() == 0:
+        print(summary(result))
     return 0
 
 

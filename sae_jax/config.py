@@ -86,6 +86,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.max_nan_streak = 5  # stop after this many non-finite batches in a row
     c.train.verify_store = True  # checksum the store's files before training
     c.train.progress = True
+
+    # several processes (sae_jax.parallel.init_distributed): TPU pod slices, SLURM jobs, CPU processes
+    c.distributed = ml_collections.ConfigDict()
+    c.distributed.auto = False  # jax.distributed.initialize() detects the cluster (Cloud TPU, SLURM, Open MPI)
+    c.distributed.coordinator = ""  # HOST:PORT of process 0 (explicit set-up); empty and auto=False: one process
+    c.distributed.num_processes = 1
+    c.distributed.process_id = 0
+    c.distributed.init_timeout_s = 300  # how long to wait for the coordinator and every process to join
+    c.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: every other one stops with an error
     return c
 
 

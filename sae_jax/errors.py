@@ -9,7 +9,7 @@ from sae_jax.harvest import HarvestError
 from sae_jax.model.hooks import HookError
 from sae_jax.model.loading import ModelLoadError
 from sae_jax.model.tokenizer import TokenizerError
-from sae_jax.parallel import MeshError
+from sae_jax.parallel import DistributedError, MeshError
 from sae_jax.runs import RunError
 from sae_jax.train.loop import TrainError
 
@@ -22,6 +22,7 @@ USER_ERRORS = (
     ModelLoadError,
     TokenizerError,
     MeshError,
+    DistributedError,
     TrainError,
     RunError,
     ExportError,

@@ -5,6 +5,13 @@ padded), so a harvest compiles exactly once. Work is organised in shards of `seq
 contexts: a shard's content depends only on its index and the settings, so a killed harvest
 restarted with the same command regenerates the context stream, skips the shards the manifest
 lists, and ends with exactly the store an uninterrupted run writes.
+
+Several processes (`distributed.*`; the hosts of a pod, the nodes of a job): process p of P
+writes shards p, p + P, p + 2P, ... of the same context stream (each process reads the text
+and skips the others' contexts; the model runs on its own devices), records them in its own
+`manifest.process-p-of-P.json`, and process 0 merges those into the one manifest when all are
+done: the store is the one a single process writes, shard for shard. A restart with any number
+of processes first folds every finished shard into the manifest and writes only the others.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
 from sae_jax.model.hooks import parse_hooks
 from sae_jax.model.loading import LoadedModel, load_model
+
+PARTS = "manifest.process-*-of-*.json"  # one per process of a multi-process harvest, merged at the end
 
 
 class HarvestError(RuntimeError):
@@ -140,17 +149,33 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
         documents(d.source, d.path, d.split, d.text_key, d.tfds_name), lm.tokenizer, d.ctx_len, bos, lm.eos_id, d.shuffle_window, d.seed
     )
     ctx_iter = itertools.chain([next(ctx_iter)], ctx_iter)
-    m = _prepare_dir(out, fingerprint, header)
+    n_proc, me = jax.process_count(), jax.process_index()
+    if me == 0:
+        m = _prepare_dir(out, fingerprint, header)
+        if not m["complete"]:
+            _fold_parts(out, m)
+            for p in out.glob(".tmp-*"):  # leftovers of a killed run: never listed, safe to drop
+                p.unlink()
+    _barrier("sae_jax.harvest: directory ready")
+    if me != 0:
+        m = st.read_manifest(out)
+        if m["fingerprint"] != fingerprint:
+            raise st.StoreError(
+                f"{out}: process {me} runs other harvest settings than process 0 ({', '.join(sorted(_diff_keys(m['fingerprint'], fingerprint)))})"
+            )
     if m["complete"]:
         log(f"{out}: store already complete ({len(m['shards'])} shards); nothing to do")
         return st.open_store(out)
-    for p in out.glob(".tmp-*"):  # leftovers of a killed run: never listed, safe to drop
-        p.unlink()
 
-    done = m["shards"][-1]["contexts"][1] if m["shards"] else 0
-    if done:
-        log(f"{out}: resuming after {len(m['shards'])} shards ({done} of {n_target} contexts)")
-    ctx_iter = itertools.islice(ctx_iter, done, n_target)
+    have = {s["index"] for s in m["shards"]}
+    n_shards = math.ceil(n_target / h.seqs_per_shard)
+    mine = [i for i in range(n_shards) if i % n_proc == me and i not in have]
+    if have:
+        log(
+            f"{out}: resuming: {len(have)} of {n_shards} shards done"
+            + (f"; process {me} of {n_proc} writes {len(mine)}" if n_proc > 1 else "")
+        )
+    ctx_iter = itertools.islice(ctx_iter, n_target)
 
     store_dtype = st.DTYPES[h.dtype]
     fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
@@ -163,37 +188,92 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
     if h.exclude_special:
         special[[i for i in lm.special_ids if i < len(special)]] = True
     widths = {x.name: lm.cfg.hook_width(x.point) for x in hooks}
-    bar = _progress(h.progress, total=n_target * d.ctx_len, initial=done * d.ctx_len)
-    shard = len(m["shards"])
+    left = min(len(mine) * h.seqs_per_shard, n_target - sum(s["contexts"][1] - s["contexts"][0] for s in m["shards"]))
+    bar = _progress(h.progress and me == 0, total=max(left, 0) * d.ctx_len, initial=0)
     totals = st.aggregate_stats(out, m["shards"], list(m["hooks"]))  # of the shards already written
+    written = []  # this process's new shards (several processes: its part of the manifest)
+    part = out / f"manifest.process-{me}-of-{n_proc}.json"
     t0, tokens_run = time.perf_counter(), 0
 
     def finish(index, toks, acts, first):  # on the writer thread: shards land in order
         entry, stats = _write_shard(out, index, toks, acts, first, special, widths, h, store_dtype)
-        totals.add(stats)
-        m["shards"].append(entry)
-        _update_manifest(out, m, totals)
+        if n_proc == 1:
+            totals.add(stats)
+            m["shards"].append(entry)
+            m["shards"].sort(key=lambda s: s["index"])
+            _update_manifest(out, m, totals)
+        else:
+            written.append(entry)
+            st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
 
     # The writer thread shuffles, checksums and writes shard i while the model runs on shard i+1.
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
-        pending = None
+        pending, first = None, 0
         try:
-            while True:
+            for index in range(n_shards):
+                if not mine or index > mine[-1]:
+                    break
                 ctxs = list(itertools.islice(ctx_iter, h.seqs_per_shard))
                 if not ctxs:
                     break
+                start, first = first, first + len(ctxs)
+                if index not in mine:
+                    continue
                 toks = np.stack(ctxs)
                 acts = _run_forward(fwd, state, toks, h.batch_size, bar)
                 if pending is not None:
                     pending.result()
-                pending = writer.submit(finish, shard, toks, acts, done)
-                done += len(ctxs)
+                pending = writer.submit(finish, index, toks, acts, start)
                 tokens_run += toks.size
-                shard += 1
             if pending is not None:
                 pending.result()
         finally:
             bar.close()
+    _barrier("sae_jax.harvest: every process wrote its shards")
+    if me == 0:
+        m = st.read_manifest(out) if n_proc > 1 else m
+        _fold_parts(out, m)
+        _finish_manifest(out, m, n_target, compile_s, time.perf_counter() - t0, tokens_run, h, d, log)
+    _barrier("sae_jax.harvest: manifest written")
+    return st.open_store(out)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _fold_parts(out: Path, m: dict) -> None:
+    """Move the shards that processes of a multi-process harvest recorded in their own manifest
+    parts into the manifest (any earlier layout of processes), then drop the parts."""
+    parts = sorted(out.glob(PARTS))
+    if not parts:
+        return
+    have = {s["index"] for s in m["shards"]}
+    for p in parts:
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise st.StoreError(f"{p}: unreadable manifest part of a multi-process harvest ({e})") from None
+        if rec.get("fingerprint") != m["fingerprint"]:
+            raise st.StoreError(f"{p}: a manifest part of another harvest (its settings differ from {out / st.MANIFEST})")
+        m["shards"] += [s for s in rec["shards"] if s["index"] not in have]
+        have |= {s["index"] for s in rec["shards"]}
+    m["shards"].sort(key=lambda s: s["index"])
+    _update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
+    st.open_store(out, require_complete=False)  # every listed shard must be intact
+    for p in parts:
+        p.unlink()
+
+
+def _finish_manifest(out: Path, m: dict, n_target: int, compile_s: float, loop_s: float, tokens_run: int, h, d, log) -> None:
+    idx = [s["index"] for s in m["shards"]]
+    if idx != list(range(len(idx))):
+        missing = sorted(set(range(max(idx, default=-1) + 1)) - set(idx))
+        raise HarvestError(f"{out}: shards {missing} are missing from the manifest; run the same harvest command again to write them")
+    done = m["shards"][-1]["contexts"][1] if m["shards"] else 0
     m["contexts"] = done
     m["rows"] = sum(s["rows"] for s in m["shards"])
     m["rows_dropped"] = sum(s["rows_dropped"] for s in m["shards"])
@@ -201,12 +281,11 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
     m["corpus_exhausted"] = done < n_target
     # the forward's one compiled shape, and the timing of this (last) invocation, compile excluded
     m["forward"] = {"batch": h.batch_size, "ctx_len": d.ctx_len}
-    m["last_run"] = {"compile_s": round(compile_s, 3), "loop_s": round(time.perf_counter() - t0, 3), "tokens": tokens_run}
+    m["last_run"] = {"compile_s": round(compile_s, 3), "loop_s": round(loop_s, 3), "tokens": tokens_run, "processes": jax.process_count()}
     m["complete"] = True
     if done < n_target:
         log(f"warning: the text source ran out after {done} of {n_target} contexts")
     st.atomic_write_text(out / st.MANIFEST, json_dumps(m))
-    return st.open_store(out)
 
 
 def _progress(enabled: bool, total: int, initial: int):

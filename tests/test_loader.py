@@ -102,3 +102,21 @@ def test_record_range_for_held_out_splits(tiny_store):
     ds = activation_dataset(tiny_store, [H0], 2 * r, seed=0, records=(n - 4, n), num_epochs=1, with_tokens=True)
     seen = {k for b in iterator(ds) for k in _key(b)}
     assert seen == held
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+def test_global_batch_does_not_depend_on_the_group_count(tiny_store, groups):
+    """Multi-process training: the groups' batches, concatenated in group order, are the batch one
+    reader of the whole global batch gets at the same step, across epoch boundaries too."""
+    r = tiny_store.rows_per_record
+    steps = 2 * (tiny_store.n_records // groups) + 3  # past the second epoch boundary
+    one = iterator(activation_dataset(tiny_store, [H0], groups * r, seed=11, with_tokens=True), num_threads=0)
+    parts = [
+        iterator(activation_dataset(tiny_store, [H0], r, seed=11, shard_index=g, shard_count=groups, with_tokens=True), num_threads=0)
+        for g in range(groups)
+    ]
+    for _ in range(steps):
+        want = next(one)
+        got = [next(p) for p in parts]
+        for k in want:
+            np.testing.assert_array_equal(want[k].view(np.uint8), np.concatenate([g[k] for g in got]).view(np.uint8))

@@ -34,25 +34,31 @@ class _ReadRecord:
 
 
 class _RecordOrder:
-    """Global step index -> record id: a seeded permutation per epoch, dealt to data-parallel groups.
+    """Group-local record index -> record id, such that the global batch does not depend on how
+    many data-parallel groups read it.
 
-    Epoch e uses `default_rng([seed, e]).permutation(n)`; group g of G takes every G-th record
-    of it (the same count for every group, so groups stay in lock step). Pure in (i, seed, g, G):
-    an iterator restored at step i continues exactly. (Grain's own `shuffle` computes each index
-    with a Feistel network at ~1 ms per record here, half of the loader's time.)
+    Epoch e is `default_rng([seed, e]).permutation(n)`, cut into `n // (G * b)` global batches of
+    `G * b` records (the remainder is dropped, a different one each epoch). Group g of G reads
+    records `[g * b, (g + 1) * b)` of each global batch, so the groups' batches, concatenated in
+    group order, are the batch a single reader (G = 1, batch `G * b` records) gets at that step:
+    a run on one process and the same run on several read the same rows in the same order. Pure
+    in (i, seed, g, G): an iterator restored at step i continues exactly. (Grain's own `shuffle`
+    computes each index with a Feistel network at ~1 ms per record here, half of the loader's time.)
     """
 
-    def __init__(self, lo: int, n: int, seed: int, group: int, groups: int):
-        self.lo, self.n, self.seed, self.group, self.groups = lo, n, seed, group, groups
-        self.per_group = n // groups
+    def __init__(self, lo: int, n: int, seed: int, group: int, groups: int, per_batch: int):
+        self.lo, self.n, self.seed, self.group, self.groups, self.per_batch = lo, n, seed, group, groups, per_batch
+        self.steps_per_epoch = n // (groups * per_batch)
+        self.per_group = self.steps_per_epoch * per_batch  # records this group reads per epoch
         self._epoch, self._perm = -1, None
 
     def __call__(self, i: int, _=None) -> int:
-        epoch, j = divmod(i, self.per_group)
+        step, j = divmod(i, self.per_batch)
+        epoch, s = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             self._epoch = epoch
-        return self.lo + int(self._perm[self.group + j * self.groups])
+        return self.lo + int(self._perm[(s * self.groups + self.group) * self.per_batch + j])
 
     def __getstate__(self):  # the cached permutation is not worth pickling to workers
         return {**self.__dict__, "_epoch": -1, "_perm": None}
@@ -77,7 +83,9 @@ def activation_dataset(
 ) -> grain.MapDataset:
     """A `grain.MapDataset` of batches `{hook: [batch_size, width]}` (see the module docstring).
 
-    `shard_index/shard_count` select this data-parallel group's share of records;
+    `shard_index/shard_count` select this data-parallel group's share of records: `batch_size`
+    is the group's (local) batch, the global batch is `shard_count * batch_size` rows and the same
+    rows in the same order whatever the count (see `_RecordOrder`);
     `records=(start, stop)` restricts to a contiguous record range (held-out splits);
     `num_epochs=None` repeats forever (each epoch shuffled differently).
     """
@@ -97,13 +105,13 @@ def activation_dataset(
         raise StoreError(f"record range {lo}..{hi} is outside the store's {store.n_records} records ({store.root})")
     n = hi - lo
     per_batch = batch_size // r
-    if n // shard_count < per_batch:
+    if n < shard_count * per_batch:
         raise StoreError(
-            f"{store.root}: {n} records of {r} rows split over {shard_count} data-parallel groups "
-            f"leave fewer than one batch of {batch_size} rows per group"
+            f"{store.root}: {n} records of {r} rows (records {lo}..{hi}) split over {shard_count} data-parallel group(s) "
+            f"leave fewer than one batch of {batch_size} rows per group ({shard_count * batch_size} rows per step in all)"
         )
     parts = list(hooks) + (["tokens"] if with_tokens else [])
-    order = _RecordOrder(lo, n, seed, shard_index, shard_count)
+    order = _RecordOrder(lo, n, seed, shard_index, shard_count, per_batch)
     ds = grain.MapDataset.range(order.per_group).repeat(num_epochs).map_with_index(order)
     ds = ds.map(_ReadRecord(store, parts))
     return ds.batch(per_batch, drop_remainder=True).map(_concat)

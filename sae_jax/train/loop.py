@@ -4,6 +4,13 @@ SAEs or transcoders) on a store, checkpointing with Orbax.
 The run directory holds `config.json`, `checkpoints/` (Orbax CheckpointManager: items `state`
 and `data`, the Grain iterator's position) and `metrics.jsonl`. Running the same command again
 resumes from the latest checkpoint; SIGTERM saves and exits.
+
+Several processes (`distributed.*`, see `sae_jax.parallel.init_distributed`): every process runs
+this same function; each data-parallel group of processes reads its own slice of every global
+batch (the same rows, in the same order, as one process reading the whole batch), the processes
+of a group read the same one, checkpoints are written and restored by all of them together, and
+process 0 alone writes the run's files (config, metrics, plots). A checkpoint restores onto any
+mesh and any number of processes: the data position follows from the step.
 """
 
 from __future__ import annotations
@@ -17,9 +24,9 @@ from pathlib import Path
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from sae_jax import parallel
 from sae_jax.config import default_config
@@ -231,12 +238,29 @@ def _stack(batch, hooks) -> np.ndarray:
     return np.stack([batch[h] for h in hooks])
 
 
-def _prepare_run_dir(run: Path, cfg_json: str) -> None:
+def _host(x) -> np.ndarray:
+    """A device array on the host: its local copy where it is replicated or local, else gathered
+    from every process (a collective: every process calls it at the same point)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _prepare_run_dir(run: Path, cfg_json: str, write: bool = True) -> None:
+    """Check that `run` can hold this run (the same settings as any run already there); `write`:
+    create it and write config.json (process 0; the others check after it)."""
     try:
-        run.mkdir(parents=True, exist_ok=True)
-        probe = run / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
+        if write:
+            run.mkdir(parents=True, exist_ok=True)
+            probe = run / f".write-probe-{jax.process_index()}"
+            probe.write_text("")
+            probe.unlink()
+        elif not run.is_dir():
+            raise TrainError(
+                f"run directory {run} is not visible from process {jax.process_index()}: the run directory must be on a filesystem every process shares"
+            )
     except OSError as e:
         raise TrainError(f"run directory {run} is not writable ({e.strerror})") from None
     cfg_file = run / "config.json"
@@ -249,7 +273,7 @@ def _prepare_run_dir(run: Path, cfg_json: str) -> None:
         if old != new:
             diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} here" for k in new if old[k] != new[k])
             raise TrainError(f"{run} holds a run with other settings ({diff}; {cfg_file}); choose another train.run_dir")
-    else:
+    elif write:
         cfg_file.write_text(cfg_json)
 
 
@@ -262,6 +286,14 @@ def train(c, log=print) -> dict:
     mesh = _mesh(t)
     if t.batch_size % mesh.shape["data"]:
         raise TrainError(f"train.batch_size={t.batch_size} does not divide over {mesh.shape['data']} data-parallel devices")
+    group, groups = parallel.data_group(mesh)
+    local_batch = t.batch_size // groups
+    if local_batch % store.rows_per_record:
+        raise TrainError(
+            f"train.batch_size={t.batch_size} over {groups} data-parallel process groups gives {local_batch} rows per group, "
+            f"not a multiple of the store's {store.rows_per_record} rows per record ({store.root}/manifest.json)"
+        )
+    main = jax.process_index() == 0
     run = Path(t.run_dir).expanduser()
     identity = {
         k: t[k]
@@ -294,7 +326,13 @@ def train(c, log=print) -> dict:
             "encoder_init_scale",
         )
     }
-    _prepare_run_dir(run, json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1))
+    cfg_json = json.dumps({"train_identity": identity, "config": json.loads(c.to_json_best_effort())}, indent=1)
+    if main:
+        _prepare_run_dir(run, cfg_json)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("sae_jax.train: run directory ready")
+        if not main:
+            _prepare_run_dir(run, cfg_json, write=False)
 
     lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
     tx, sched = make_optimizer(spec, lrs, t.steps, t.warmup_steps, t.decay_frac)
@@ -302,13 +340,13 @@ def train(c, log=print) -> dict:
     scale, out_scale = stats(spec.hooks), stats(spec.targets)
     records = train_records(store, t.holdout_shards)
     read = sorted(set(spec.hooks) | set(spec.targets))
-    ds = activation_dataset(store, read, t.batch_size, seed=t.seed, records=records)
+    ds = activation_dataset(store, read, local_batch, seed=t.seed, records=records, shard_index=group, shard_count=groups)
     it = iterator(ds)
 
     # b_dec (in the target's space) from the geometric median of a sample drawn apart from the training stream
     sample_ds = activation_dataset(store, read, t.batch_size, seed=t.seed + 1, records=records)
     sample = _stack(next(iterator(sample_ds, num_threads=0)), spec.targets)
-    sample = jnp.asarray(sample[:, :4096].astype(np.float32) * out_scale[:, None, None])
+    sample = sample[:, :4096].astype(np.float32) * out_scale[:, None, None]  # the same on every process
     if not t.encoder_init_scale > 0:
         raise TrainError(f"train.encoder_init_scale={t.encoder_init_scale!r}: must be positive")
     state = init_state(spec, mesh, tx, jax.random.key(t.seed), sample, t.jumprelu_init_threshold, t.encoder_init_scale)
@@ -320,11 +358,22 @@ def train(c, log=print) -> dict:
     )
     start = mngr.latest_step() or 0
     if start:
-        restored = mngr.restore(
-            start, args=ocp.args.Composite(state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it))
+        # the iterator's own state where this process wrote one; written by another process layout
+        # (resumed on another number of processes), the position follows from the step alone
+        mine = run / "checkpoints" / str(start) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if mine.is_file():
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(state), data=grain.checkpoint.CheckpointRestore(it))
+        else:
+            args = ocp.args.Composite(state=ocp.args.StandardRestore(state))
+        state = mngr.restore(start, args=args)["state"]
+        if not mine.is_file():
+            it.set_state({"next_index": start})
+        elif it.get_state()["next_index"] != start:
+            raise TrainError(f"{mine}: the data iterator is at batch {it.get_state()['next_index']}, the train state at step {start}")
+        log(
+            f"{run}: resumed from step {start}"
+            + (f" (process {jax.process_index()} of {jax.process_count()})" if jax.process_count() > 1 else "")
         )
-        state = restored["state"]
-        log(f"{run}: resumed from step {start}")
     try:
         resolve_impl(t.encoder)  # validated here; `auto` resolves per shape inside the step
     except ValueError as e:
@@ -348,36 +397,47 @@ def train(c, log=print) -> dict:
         threshold_decay=t.threshold_decay,
     )
 
+    # SIGTERM (preemption): one process saves and stops on its own; several must agree on the
+    # step, which JAX's preemption sync point (its own SIGTERM handler) gives them
+    multi = jax.process_count() > 1
     stop = {"sigterm": False}
-    prev = signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
+    prev = None if multi else signal.signal(signal.SIGTERM, lambda *_: stop.update(sigterm=True))
     from tqdm import tqdm
 
-    (run / "members.json").write_text(json.dumps([spec.name(m) for m in range(spec.size)]))
-    write_bank_json(run, spec, store, scale, records, out_scale)
+    if main:
+        (run / "members.json").write_text(json.dumps([spec.name(m) for m in range(spec.size)]))
+        write_bank_json(run, spec, store, scale, records, out_scale)
     from tensorboardX import SummaryWriter
 
-    tb = SummaryWriter(str(run / "tb"))
-    bar = tqdm(total=t.steps, initial=start, unit="step", desc="train", disable=not t.progress, file=sys.stderr, dynamic_ncols=True)
-    metrics_file = open(run / "metrics.jsonl", "a")
+    tb = SummaryWriter(str(run / "tb")) if main else None
+    bar = tqdm(
+        total=t.steps, initial=start, unit="step", desc="train", disable=not (t.progress and main), file=sys.stderr, dynamic_ncols=True
+    )
+    metrics_file = open(run / "metrics.jsonl", "a") if main else None
+    shape = lambda hooks: (len(hooks), t.batch_size, store.width(hooks[0]))  # noqa: E731  the global batch
     last = None
     try:
         t0, tok0 = time.perf_counter(), start
         for s in range(start, t.steps):
             batch = next(it)
-            x = _stack(batch, spec.hooks)
-            state, metrics = step_fn(state, x, _stack(batch, spec.targets)) if spec.transcoder else step_fn(state, x)
+            x = parallel.global_batch(mesh, "x", _stack(batch, spec.hooks), shape(spec.hooks))
+            if spec.transcoder:
+                state, metrics = step_fn(state, x, parallel.global_batch(mesh, "x", _stack(batch, spec.targets), shape(spec.targets)))
+            else:
+                state, metrics = step_fn(state, x)
             done = s + 1
             bar.update(1)
             if done % t.log_every == 0 or done == t.steps:
-                m = jax.device_get(metrics)
-                streak = int(state["nan_streak"])
+                m = {k: _host(v) for k, v in metrics.items()}
+                streak = int(_host(state["nan_streak"]))
                 dt = time.perf_counter() - t0
                 rec = {"step": done, "tokens": done * t.batch_size, "tok_s": (done - tok0) * t.batch_size / max(dt, 1e-9)}
                 rec.update({k: np.asarray(v).tolist() for k, v in m.items()})
-                rec["nan_skips"] = int(state["nan_skips"])
-                metrics_file.write(json.dumps(rec) + "\n")
-                metrics_file.flush()
-                for key, val in rec.items():
+                rec["nan_skips"] = int(_host(state["nan_skips"]))
+                if main:
+                    metrics_file.write(json.dumps(rec) + "\n")
+                    metrics_file.flush()
+                for key, val in rec.items() if main else ():
                     if key not in ("step", "finite"):
                         arr = np.asarray(val, np.float64)
                         if arr.ndim == 0:
@@ -392,6 +452,8 @@ def train(c, log=print) -> dict:
                     raise TrainError(
                         f"{streak} batches in a row gave non-finite loss or gradients (step {done}); stopping. Parameters were not updated by them; the last checkpoint is intact."
                     )
+            if multi and mngr.reached_preemption(done):
+                stop["sigterm"] = True
             mngr.save(
                 done,
                 args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)),
@@ -401,19 +463,22 @@ def train(c, log=print) -> dict:
                 log(f"SIGTERM: saved step {done}; exiting")
                 break
         mngr.wait_until_finished()
-        done_steps = int(state["step"])
+        done_steps = int(_host(state["step"]))
         if done_steps == t.steps:
-            counts = np.asarray(jax.device_get(state["fire_counts"]))
-            np.savez(run / "latent_density.npz", density=counts / (done_steps * t.batch_size), widths=np.asarray(spec.widths))
+            counts = _host(state["fire_counts"])
+            if main:
+                np.savez(run / "latent_density.npz", density=counts / (done_steps * t.batch_size), widths=np.asarray(spec.widths))
     finally:
         bar.close()
-        tb.close()
-        metrics_file.close()
-        signal.signal(signal.SIGTERM, prev)
+        if main:
+            tb.close()
+            metrics_file.close()
+        if not multi:
+            signal.signal(signal.SIGTERM, prev)
         mngr.close()
     from sae_jax.train.plots import plot_run
 
-    plots = plot_run(run) if (run / "metrics.jsonl").is_file() else []
+    plots = plot_run(run) if main and (run / "metrics.jsonl").is_file() else []
     return {"spec": spec, "state": state, "last": last, "run": run, "plots": plots}
 
 

@@ -97,7 +97,7 @@ def _sharded_forward(
 
 def _masks(spec: BankSpec, mesh):
     """(latent mask [M, S] sharded like the latents, ks [M] replicated)."""
-    lat = jax.device_put(jnp.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))
+    lat = jax.device_put(np.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))  # numpy: the same on every process
     return lat, jnp.asarray(spec.ks, jnp.int32)
 
 
