@@ -73,19 +73,16 @@ def run(cmds: list[tuple[dict, list[str]]], grace: float, cwd: str | None = None
                 p.send_signal(sig)
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
-    failed = None
+    failures = []  # (process, code) in the order they were seen; killed by a signal first within one look
     try:
-        while any(p.poll() is None for p in procs):
-            bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if bad:
-                failed = bad[0]
+        while True:
+            codes = [p.poll() for p in procs]
+            new = [(i, c) for i, c in enumerate(codes) if c not in (None, 0) and i not in dict(failures)]
+            failures += sorted(new, key=lambda f: (f[1] >= 0, f[0]))
+            if failures or all(c is not None for c in codes):
                 break
             time.sleep(0.2)
-        if failed is None:
-            bad = [(i, p.returncode) for i, p in enumerate(procs) if p.returncode != 0]
-            failed = bad[0] if bad else None
-        if failed is not None:
-            i, rc = failed
+        if failures:
             live = [j for j, p in enumerate(procs) if p.poll() is None]
             for j in live:
                 procs[j].terminate()
@@ -98,8 +95,15 @@ def run(cmds: list[tuple[dict, list[str]]], grace: float, cwd: str | None = None
                     procs[j].wait()
             for t in pumps:
                 t.join(timeout=5)
-            stopped = f"; stopped process(es) {', '.join(map(str, live))}" if live else ""
-            print(f"launch/local.py: process {i} of {len(procs)} exited with code {rc}{stopped}", file=sys.stderr)
+            i, rc = failures[0]
+            others = [
+                f"process {j} exited with code {p.returncode}" for j, p in enumerate(procs) if j != i and j not in live and p.returncode
+            ]
+            stopped = [f"stopped process(es) {', '.join(map(str, live))}"] if live else []
+            print(
+                f"launch/local.py: process {i} of {len(procs)} exited with code {rc}" + "".join(f"; {x}" for x in others + stopped),
+                file=sys.stderr,
+            )
             return rc if rc > 0 else 128 - rc
         for t in pumps:
             t.join(timeout=5)

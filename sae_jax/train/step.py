@@ -96,8 +96,11 @@ def _sharded_forward(
 
 
 def _masks(spec: BankSpec, mesh):
-    """(latent mask [M, S] sharded like the latents, ks [M] replicated)."""
-    lat = jax.device_put(np.asarray(spec.latent_mask()), parallel.sharding(mesh, "latents"))  # numpy: the same on every process
+    """(latent mask [M, S] sharded like the latents, ks [M] replicated), for use inside a jitted
+    function: computed there from an iota (a closed-over array that spans other processes'
+    devices is not allowed in a multi-process run, and this one costs nothing to build)."""
+    widths = jnp.asarray(spec.widths, jnp.int32)
+    lat = jax.lax.with_sharding_constraint(jnp.arange(spec.width)[None, :] < widths[:, None], parallel.sharding(mesh, "latents"))
     return lat, jnp.asarray(spec.ks, jnp.int32)
 
 
@@ -123,8 +126,12 @@ def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: i
 def make_loss(spec: BankSpec, mesh, with_aux: bool = False, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
     """`loss(params, x, y, dead, coefs, aux_coef) -> (loss, aux)` on scaled inputs: `bank_loss` over the mesh (tests, tools)."""
     fwd = _sharded_forward(spec, mesh, with_aux, encoder, block, eps=eps)
-    lat, ks = _masks(spec, mesh)
-    return lambda params, x, y, dead, coefs, aux_coef=0.0: bank_loss(fwd, params, x, y, lat, ks, dead & lat, coefs, aux_coef, spec.k_aux)
+
+    def loss(params, x, y, dead, coefs, aux_coef=0.0):
+        lat, ks = _masks(spec, mesh)
+        return bank_loss(fwd, params, x, y, lat, ks, dead & lat, coefs, aux_coef, spec.k_aux)
+
+    return loss
 
 
 def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
@@ -132,16 +139,17 @@ def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096,
     scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
     selects over the batch), reconstruction, latents, FVU and AuxK loss per member."""
     fwd = _sharded_forward(spec, mesh, spec.sparse, encoder, block, eps=eps)
-    lat, ks = _masks(spec, mesh)
 
     @jax.jit
     def apply(params, x, dead, y):
+        lat, ks = _masks(spec, mesh)
+        dead = jnp.zeros_like(lat) if dead is None else dead
         x = x.astype(jnp.float32)
         out = _apply(fwd, params, x, lat, ks, dead & lat)
         fvu, auxk = losses(y.astype(jnp.float32), out["x_hat"], out["e_hat"], (dead & lat).sum(1), spec.k_aux)
         return Output(out["x_hat"][-1], out.get("values"), out.get("indices"), fvu[-1], auxk, out["l0"], fvu)
 
-    return lambda params, x, dead=None, y=None: apply(params, x, jnp.zeros_like(lat) if dead is None else dead, x if y is None else y)
+    return lambda params, x, dead=None, y=None: apply(params, x, dead, x if y is None else y)
 
 
 def _project_out_parallel(g_dec, w_dec):
@@ -220,7 +228,6 @@ def make_train_step(
     steps over which the L1 / L0 coefficient rises linearly from 0; `bandwidth`: JumpReLU's
     straight-through kernel width; `threshold_decay`: BatchTopK's running threshold."""
     fwd = {aux: _sharded_forward(spec, mesh, aux and spec.sparse, encoder, block, compute_dtype, bandwidth) for aux in (False, True)}
-    lat_mask, ks = _masks(spec, mesh)
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
     out_scale = scale if output_scale is None else jnp.asarray(output_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
@@ -228,6 +235,7 @@ def make_train_step(
     renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
 
     def step(state, x, y=None):
+        lat_mask, ks = _masks(spec, mesh)
         y = (x if y is None else y).astype(jnp.float32) * out_scale
         x = x.astype(jnp.float32) * scale
         dead = (state["tokens_since_fired"] >= dead_tokens) & lat_mask
