@@ -3,6 +3,7 @@
     sae-jax harvest [--config=configs/default.py] [--config.harvest.out=DIR ...]
     sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
     sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, train, eval
+    sae-jax compile-check [--devices N] [--memory-gib G] [--peak-tflops T] [--mfu F] [--d-in D] [--json PATH] [--config.x=y ...]
     sae-jax eval    RUN [--member NAME] [--store DIR] [--tokens N] [--contexts N] [--out DIR]
     sae-jax export  RUN --format saelens|sparsify|npz --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
     sae-jax atlas   RUN [--member NAME] [--contexts N] [--top N] [--out DIR]
@@ -104,6 +105,41 @@ def cmd_demo(argv) -> int:
     print(f"eval       {time.perf_counter() - t2:.1f} s ({paths[0]})")
     print(f"next       sae-jax export {cfg.train.run_dir} --format saelens --out {cfg.train.run_dir}/export/saelens")
     print(f"           sae-jax atlas {cfg.train.run_dir}")
+    return 0
+
+
+def cmd_compile_check(argv) -> int:
+    """Compile the train step for the configured mesh without training (sae_jax/train/compile_check.py)."""
+    import re
+
+    import argparse
+
+    p = argparse.ArgumentParser(prog="sae-jax compile-check", description=cmd_compile_check.__doc__)
+    p.add_argument("--devices", type=int, default=0, help="compile for N simulated CPU devices (a pod's mesh from here)")
+    p.add_argument("--memory-gib", type=float, default=None, help="per-device memory: refuse (exit 1) a step that needs more")
+    p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the tokens/s estimate (default: known TPUs/GPUs)")
+    p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the estimate assumes")
+    p.add_argument("--d-in", type=int, default=0, help="the hooks' width, to check without a store (name the hooks in train.hooks)")
+    p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    a, rest = p.parse_known_args(argv[1:])
+    if a.devices:
+        if a.devices < 1:
+            raise SystemExit("sae-jax compile-check: --devices must be at least 1")
+        flags_env = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
+        os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={a.devices}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+    from sae_jax.train.compile_check import compile_check, refusal, report
+
+    cfg = _load_config([argv[0], *rest], "default.py")
+    rep = compile_check(cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib)
+    print(report(rep))
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(rep, indent=1))
+    if rep["fits"] is False:
+        print(f"sae-jax compile-check: refused: {refusal(rep)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -247,6 +283,7 @@ COMMANDS = {
     "export": cmd_export,
     "atlas": cmd_atlas,
     "train": cmd_train,
+    "compile-check": cmd_compile_check,
     "info": cmd_info,
     "verify": cmd_verify,
 }

@@ -11,6 +11,7 @@ from sae_jax.model.loading import ModelLoadError
 from sae_jax.model.tokenizer import TokenizerError
 from sae_jax.parallel import DistributedError, MeshError
 from sae_jax.runs import RunError
+from sae_jax.train.compile_check import CompileCheckError
 from sae_jax.train.loop import TrainError
 
 USER_ERRORS = (
@@ -24,6 +25,7 @@ USER_ERRORS = (
     MeshError,
     DistributedError,
     TrainError,
+    CompileCheckError,
     RunError,
     ExportError,
     EvalError,

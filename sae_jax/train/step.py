@@ -161,14 +161,7 @@ def _renormalise(w_dec):
     return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
 
 
-def init_state(
-    spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001, encoder_scale: float = ENCODER_INIT_SCALE
-) -> dict:
-    """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d_out]`
-    (the targets: a transcoder's output hook)."""
-    pshard = parallel.param_shardings(mesh, spec)
-    rep = parallel.NamedSharding(mesh, parallel.P())
-
+def _state_fn(spec: BankSpec, tx, init_threshold: float, encoder_scale: float):
     def make(key, sample):
         b_dec = None if sample is None else jax.vmap(geometric_median)(sample)
         params = init_params(spec, key, b_dec, init_threshold, encoder_scale)
@@ -187,7 +180,12 @@ def init_state(
             state["threshold_norm"] = jnp.zeros((), jnp.float32)
         return state
 
-    abstract = jax.eval_shape(make, key, sample)
+    return make
+
+
+def _state_shardings(spec: BankSpec, mesh, tx, abstract) -> dict:
+    pshard = parallel.param_shardings(mesh, spec)
+    rep = parallel.NamedSharding(mesh, parallel.P())
     shardings = jax.tree.map(lambda _: rep, abstract)
     shardings["params"] = pshard
     shardings["tokens_since_fired"] = parallel.sharding(mesh, "latents")
@@ -196,7 +194,27 @@ def init_state(
     shardings["opt_state"] = optax.tree_utils.tree_map_params(
         tx, lambda _, s: s, abstract["opt_state"], pshard, transform_non_params=lambda _: rep
     )
-    return jax.jit(make, out_shardings=shardings)(key, sample)
+    return shardings
+
+
+def init_state(
+    spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001, encoder_scale: float = ENCODER_INIT_SCALE
+) -> dict:
+    """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d_out]`
+    (the targets: a transcoder's output hook)."""
+    make = _state_fn(spec, tx, init_threshold, encoder_scale)
+    abstract = jax.eval_shape(make, key, sample)
+    return jax.jit(make, out_shardings=_state_shardings(spec, mesh, tx, abstract))(key, sample)
+
+
+def abstract_state(spec: BankSpec, mesh, tx) -> dict:
+    """The train state as `jax.ShapeDtypeStruct`s with their shardings, nothing allocated: for
+    compiling the step ahead of time (`sae-jax compile-check`)."""
+    make = _state_fn(spec, tx, 0.001, ENCODER_INIT_SCALE)
+    sample = jax.ShapeDtypeStruct((spec.size, 8, spec.dout), jnp.float32)
+    abstract = jax.eval_shape(make, jax.random.key(0), sample)
+    shardings = _state_shardings(spec, mesh, tx, abstract)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
 
 
 def batchtopk_threshold(state) -> np.ndarray:

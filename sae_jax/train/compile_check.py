@@ -1,0 +1,216 @@
+"""`sae-jax compile-check`: compile the train step for a mesh and config, train nothing, and say
+what a step needs per device and what it should deliver.
+
+    sae-jax compile-check --devices 64 --memory-gib 16 --peak-tflops 197 \\
+        --config.train.store=STORE --config.train.widths=1048576 --config.train.mesh_model=8
+
+The step is lowered from abstract arrays (`jax.ShapeDtypeStruct` with the run's shardings:
+nothing is allocated, so a configuration far larger than this machine compiles) and compiled by
+the backend at hand. `--devices N` compiles for N simulated CPU devices, which is how a pod's
+mesh is checked from a laptop: the state and batch bytes per device are then exact (they follow
+from the shapes and the shardings), the temporaries are the CPU compiler's buffer assignment
+(the TPU and GPU compilers' differ; check on the target for the last few percent).
+
+Memory per device = XLA's arguments + outputs - aliased (the donated state) + temporaries.
+FLOPs per step are the formula of DESIGN.md (encoder matmul 2·B·d_in·W per member plus the
+sparse decoder and backward terms, or their dense counterparts for ReLU / JumpReLU); tokens/s =
+batch / (FLOPs / (devices x peak x MFU)).
+"""
+
+from __future__ import annotations
+
+import time
+import numpy as np
+
+GIB = 2**30
+# dense bf16 peak per chip or GPU (vendor figures, TFLOP/s), matched against `device_kind`
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+class CompileCheckError(ValueError):
+    pass
+
+
+class _Shapes:
+    """Stands in for a store when there is none here (`--d-in`): the hooks and their width."""
+
+    def __init__(self, hooks: list[str], d_in: int):
+        self.root = f"(no store: --d-in {d_in})"
+        self.hooks = {h: {"width": d_in} for h in hooks}
+        self.rows_per_record = 1
+
+    def check_hook(self, h: str) -> None:
+        if h not in self.hooks:
+            raise CompileCheckError(f"hook {h!r}: with --d-in every hook is named in train.hooks")
+
+    def width(self, h: str) -> int:
+        self.check_hook(h)
+        return self.hooks[h]["width"]
+
+
+def step_flops(spec, batch: int) -> float:
+    """FLOPs of one train step of the bank (forward and backward), AuxK excluded."""
+    W, d_in, d_out = spec.width, spec.d_in, spec.dout
+    total = 0.0
+    for k in spec.ks:
+        if spec.sparse:  # encoder matmul; decode, its two gradients and the encoder's sparse gradient over the k winners
+            total += 2 * batch * d_in * W + 2 * batch * k * (3 * d_out + d_in)
+        else:  # dense: encoder forward and weight gradient, decoder forward and both gradients
+            total += 4 * batch * d_in * W + 6 * batch * W * d_out
+    return total
+
+
+def _peak(kind: str, given: float | None) -> float | None:
+    if given:
+        return given
+    for name, tf in PEAK_TFLOPS.items():
+        if kind.startswith(name):
+            return tf
+    return None
+
+
+def _device_memory() -> int | None:
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (CPU devices have none)
+        return None
+    return stats.get("bytes_limit")
+
+
+def compile_check(
+    c, *, d_in: int | None = None, peak_tflops: float | None = None, mfu: float = 0.5, memory_gib: float | None = None
+) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from sae_jax import parallel
+    from sae_jax.data.store import DTYPES, open_store
+    from sae_jax.train.loop import TrainError, _mesh, _names, bank_spec
+    from sae_jax.train.step import abstract_state, default_lr, make_optimizer, make_train_step
+
+    t = c.train
+    if not 0 < mfu <= 1:
+        raise CompileCheckError(f"--mfu {mfu}: a fraction in (0, 1]")
+    if d_in:
+        hooks = _names(t.hooks)
+        if not hooks:
+            raise CompileCheckError("--d-in: name the hooks in train.hooks (there is no store to list them)")
+        store, dtype = _Shapes(hooks + _names(t.out_hooks), d_in), jnp.bfloat16
+    else:
+        store = open_store(t.store)
+        dtype = DTYPES[store.manifest["dtype"]]
+    spec = bank_spec(c, store)
+    mesh = _mesh(t)
+    n_data = mesh.shape["data"]
+    if t.batch_size % n_data:
+        raise TrainError(f"train.batch_size={t.batch_size} does not divide over {n_data} data-parallel devices")
+    lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
+    tx, sched = make_optimizer(spec, lrs, t.steps, t.warmup_steps, t.decay_frac)
+    state = abstract_state(spec, mesh, tx)
+    ones = np.ones(spec.size, np.float32)
+    step = make_train_step(
+        spec, mesh, tx, sched, ones, t.dead_tokens, t.aux_coef, t.encoder, t.encoder_block, t.encoder_dtype,
+        output_scale=ones, bandwidth=t.jumprelu_bandwidth, threshold_decay=t.threshold_decay,
+    )  # fmt: skip
+    x_sharding = parallel.sharding(mesh, "x")
+    x = jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_in), dtype, sharding=x_sharding)
+    args = (state, x) + (
+        (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.dout), dtype, sharding=x_sharding),) if spec.transcoder else ()
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+
+    def per_device(tree) -> int:
+        return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+    ma = compiled.memory_analysis()
+    peak_bytes = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = step_flops(spec, t.batch_size)
+    dev = mesh.devices.flat[0]
+    kind = dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
+    peak = _peak(getattr(dev, "device_kind", ""), peak_tflops)
+    limit = memory_gib * GIB if memory_gib else _device_memory()
+    rep = {
+        "mesh": {"data": n_data, "model": mesh.shape["model"]},
+        "devices": mesh.devices.size,
+        "device_kind": kind,
+        "members": spec.size,
+        "width": spec.width,
+        "d_in": spec.d_in,
+        "batch": t.batch_size,
+        "compile_s": compile_s,
+        "bytes_per_device": {
+            "params": per_device(state["params"]),
+            "optimizer": per_device(state["opt_state"]),
+            "state": per_device(state),
+            "batch": per_device(args[1:]),
+            "xla_arguments": int(ma.argument_size_in_bytes),
+            "xla_outputs": int(ma.output_size_in_bytes),
+            "xla_aliased": int(ma.alias_size_in_bytes),
+            "xla_temporaries": int(ma.temp_size_in_bytes),
+            "peak": int(peak_bytes),
+        },
+        "step_flops": flops,
+        "xla_flops_per_device": float(cost.get("flops", 0.0)) if cost else None,
+        "peak_tflops_per_device": peak,
+        "mfu": mfu,
+        "tokens_per_s": t.batch_size / (flops / (mesh.devices.size * peak * 1e12 * mfu)) if peak else None,
+        "memory_limit_bytes": limit,
+        "fits": None if limit is None else bool(peak_bytes <= limit),
+    }
+    return rep
+
+
+def report(rep: dict) -> str:
+    b = rep["bytes_per_device"]
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    m = rep["mesh"]
+    lines = [
+        f"mesh       data={m['data']} x model={m['model']} on {rep['devices']} {rep['device_kind']} devices",
+        f"bank       {rep['members']} member(s), width {rep['width']:,}, d_in {rep['d_in']}, batch {rep['batch']:,} ({rep['batch'] // m['data']:,} rows per device)",
+        f"compile    {rep['compile_s']:.1f} s",
+        f"state      {mib(b['state'])} per device (params {mib(b['params'])}, optimizer {mib(b['optimizer'])}); batch {mib(b['batch'])}",
+        f"XLA        arguments {mib(b['xla_arguments'])}, outputs {mib(b['xla_outputs'])} (aliased {mib(b['xla_aliased'])}), "
+        f"temporaries {mib(b['xla_temporaries'])}",
+        f"memory     {mib(b['peak'])} per device at the step's peak",
+        f"flops      {rep['step_flops']:.3g} per step ({rep['step_flops'] / rep['devices']:.3g} per device)"
+        + (f"; XLA counts {rep['xla_flops_per_device']:.3g} per device (loops counted once)" if rep["xla_flops_per_device"] else ""),
+    ]
+    if rep["tokens_per_s"]:
+        sec = rep["batch"] / rep["tokens_per_s"]
+        lines.append(
+            f"expected   {rep['tokens_per_s']:,.0f} tok/s ({sec * 1e3:.2f} ms/step) at {rep['mfu']:.0%} of "
+            f"{rep['peak_tflops_per_device']:g} TFLOP/s x {rep['devices']} devices"
+        )
+    else:
+        lines.append("expected   (give --peak-tflops: the device's peak is not in the table)")
+    if rep["memory_limit_bytes"] is not None:
+        lim = rep["memory_limit_bytes"] / GIB
+        verdict = "fits" if rep["fits"] else "DOES NOT FIT"
+        lines.append(f"limit      {lim:,.2f} GiB per device: {verdict} ({b['peak'] / rep['memory_limit_bytes']:.0%} of it)")
+    return "\n".join(lines)
+
+
+def refusal(rep: dict) -> str:
+    b = rep["bytes_per_device"]
+    return (
+        f"the step needs {b['peak'] / GIB:.2f} GiB per device (state {b['state'] / GIB:.2f}, batch {b['batch'] / GIB:.2f}, "
+        f"temporaries {b['xla_temporaries'] / GIB:.2f}), over the {rep['memory_limit_bytes'] / GIB:.2f} GiB limit: "
+        "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
+    )

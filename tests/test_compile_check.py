@@ -1,0 +1,56 @@
+"""`sae-jax compile-check`: the step compiled for a mesh without training, per-device memory,
+FLOPs, tokens/s, and a refusal with the numbers when it does not fit."""
+
+import json
+
+from conftest import run_cli
+
+
+def _args(store, **kw):
+    c = {"train.store": str(store.root), "train.widths": "256", "train.ks": "8", "train.batch_size": 512, "train.mesh_model": 2, **kw}
+    return [f"--config.{k}={v}" for k, v in c.items()]
+
+
+def test_compile_check_reports_exact_state_bytes(tiny_store, tmp_path):
+    out = tmp_path / "cc.json"
+    r = run_cli("compile-check", "--devices", "8", "--peak-tflops", "100", "--json", str(out), *_args(tiny_store), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["mesh"] == {"data": 4, "model": 2} and rep["devices"] == 8
+    # 2 members (the store's two hooks), d_in 576, width 256 split over model=2: W_enc, W_dec [2, 576, 128], b_enc [2, 128], b_dec [2, 576]
+    m, d, w = 2, 576, 128
+    params = 4 * (2 * m * d * w + m * w + m * d)
+    b = rep["bytes_per_device"]
+    assert b["params"] == params and b["optimizer"] >= 2 * params  # Adam: two moments (+ counts)
+    assert b["batch"] == 2 * m * (512 // 4) * d  # bfloat16 rows of this device's data slice
+    assert b["peak"] >= b["state"] and b["xla_arguments"] >= b["state"]
+    assert rep["step_flops"] == m * (2 * 512 * d * 256 + 2 * 512 * 8 * 4 * d)
+    assert abs(rep["tokens_per_s"] - 512 / (rep["step_flops"] / (8 * 100e12 * 0.5))) < 1e-6 * rep["tokens_per_s"]
+    assert "memory " in r.stdout and "per device at the step's peak" in r.stdout and "tok/s" in r.stdout
+
+
+def test_compile_check_refuses_what_does_not_fit(tiny_store):
+    r = run_cli("compile-check", "--devices", "8", "--memory-gib", "0.001", *_args(tiny_store), timeout=600)
+    assert r.returncode == 1
+    assert "DOES NOT FIT" in r.stdout
+    assert "refused: the step needs" in r.stderr and "GiB per device" in r.stderr and "over the 0.00 GiB limit" in r.stderr
+
+
+def test_compile_check_without_a_store_and_bad_input(tiny_store):
+    r = run_cli(
+        "compile-check",
+        "--devices",
+        "16",
+        "--d-in",
+        "768",
+        "--config.train.hooks=blocks.8.hook_resid_post",
+        "--config.train.widths=4096",
+        "--config.train.mesh_model=4",
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data=4 x model=4 on 16 cpu devices" in r.stdout
+    r = run_cli("compile-check", "--devices", "6", *_args(tiny_store, **{"train.mesh_model": 4}), timeout=600)
+    assert r.returncode == 1 and "mesh data=1 x model=4 needs 4 devices, there are 6" in r.stderr, r.stderr[-2000:]
+    r = run_cli("compile-check", "--devices", "8", "--d-in", "768", timeout=600)
+    assert r.returncode == 1 and "name the hooks in train.hooks" in r.stderr, r.stderr[-2000:]
