@@ -110,9 +110,8 @@ def cmd_demo(argv) -> int:
 
 def cmd_compile_check(argv) -> int:
     """Compile the train step for the configured mesh without training (sae_jax/train/compile_check.py)."""
-    import re
-
     import argparse
+    import re
 
     p = argparse.ArgumentParser(prog="sae-jax compile-check", description=cmd_compile_check.__doc__)
     p.add_argument("--devices", type=int, default=0, help="compile for N simulated CPU devices (a pod's mesh from here)")

@@ -20,6 +20,7 @@ batch / (FLOPs / (devices x peak x MFU)).
 from __future__ import annotations
 
 import time
+
 import numpy as np
 
 GIB = 2**30
