@@ -92,7 +92,13 @@ def init_distributed(d, log=print) -> bool:
     if d.auto:
         if d.coordinator:
             raise DistributedError("distributed.auto=True detects the coordinator: leave distributed.coordinator empty")
-        jax.distributed.initialize(**timeouts)
+        try:
+            jax.distributed.initialize(**timeouts)
+        except ValueError as e:  # JAX found no cluster environment (TPU metadata, SLURM, Open MPI)
+            raise DistributedError(
+                f"distributed.auto=True: no cluster detected here ({e}); on one machine use launch/local.py or "
+                "distributed.coordinator/num_processes/process_id"
+            ) from None
         return True
     if not d.coordinator:
         if d.num_processes > 1:
