@@ -334,3 +334,30 @@ def test_local_launcher_dry_run(n):
             f" -m sae_jax.cli train --config.train.steps=5 --config.distributed.coordinator=localhost:4321 --config.distributed.num_processes={n} --config.distributed.process_id={i}"
             in line
         )
+
+
+def test_sigterm_saves_every_process_at_one_step(tiny_store, tmp_path):
+    """A preemption: SIGTERM to the launcher reaches both processes, which agree on a step
+    through JAX's preemption sync point, save it together and exit cleanly."""
+    import re
+
+    run = tmp_path / "r"
+    args = _train_args(tiny_store, run, **{"train.steps": 100000, "train.log_every": 1, "train.checkpoint_every": 100000})
+    launcher = subprocess.Popen(
+        [*LAUNCH, "-n", "2", "-d", "4", "--", *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for_step(run, launcher)
+        launcher.send_signal(signal.SIGTERM)
+        out, err = launcher.communicate(timeout=120)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 0, out[-2000:] + err[-2000:]
+    saved = {int(s) for s in re.findall(r"\[p[01]\] SIGTERM: saved step (\d+); exiting", out)}
+    assert len(saved) == 1 and len(re.findall(r"SIGTERM: saved step", out)) == 2, out[-3000:]
+    step = saved.pop()
+    assert sorted(p.name for p in (run / "checkpoints" / str(step) / "data").glob("process_*")) == [
+        "process_0-of-2.json",
+        "process_1-of-2.json",
+    ]
+    assert open_run(run).step == step
