@@ -8,6 +8,8 @@
     sae-jax export  RUN --format saelens|sparsify|npz --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
     sae-jax atlas   RUN [--member NAME] [--contexts N] [--top N] [--out DIR]
     sae-jax plot    RUN
+    sae-jax import-cache CACHE --out STORE [--hooks A,B] [--dtype bfloat16] [--rows-per-record N]   # a SAELens activation cache -> a store
+    sae-jax export-cache STORE --out DIR [--hooks A,B] [--context-size N] [--dtype float32]         # a store -> a SAELens activation cache
     sae-jax info    STORE
     sae-jax verify  STORE
 
@@ -242,6 +244,44 @@ def cmd_atlas(argv) -> int:
     return 0
 
 
+def cmd_import_cache(argv) -> int:
+    """Import a SAELens activation cache (a datasets directory) into a store."""
+    import argparse
+
+    from sae_jax.data.saelens_cache import import_cache
+
+    p = argparse.ArgumentParser(prog="sae-jax import-cache", description=cmd_import_cache.__doc__)
+    p.add_argument("cache", help="the directory SAELens's CacheActivationsRunner saved")
+    p.add_argument("--out", required=True, help="the store to write (a new or empty directory)")
+    p.add_argument("--hooks", default="", help="comma-separated hook columns (default: every activation column)")
+    p.add_argument("--dtype", default="bfloat16", help="store dtype: bfloat16, float16 or float32")
+    p.add_argument("--rows-per-record", type=int, default=1024)
+    p.add_argument("--shard-rows", type=int, default=65536, help="rows per shard (a multiple of --rows-per-record)")
+    p.add_argument("--seed", type=int, default=0, help="the within-shard shuffle")
+    a = p.parse_args(argv[1:])
+    hooks = [h.strip() for h in a.hooks.split(",") if h.strip()] or None
+    import_cache(a.cache, a.out, hooks, dtype=a.dtype, rows_per_record=a.rows_per_record, shard_rows=a.shard_rows, seed=a.seed)
+    return 0
+
+
+def cmd_export_cache(argv) -> int:
+    """Export a store as a SAELens activation cache (a datasets directory)."""
+    import argparse
+
+    from sae_jax.data.saelens_cache import export_cache
+
+    p = argparse.ArgumentParser(prog="sae-jax export-cache", description=cmd_export_cache.__doc__)
+    p.add_argument("store")
+    p.add_argument("--out", required=True, help="the cache directory to write (new or empty)")
+    p.add_argument("--hooks", default="", help="comma-separated hooks (default: every hook of the store)")
+    p.add_argument("--context-size", type=int, default=128, help="store rows per dataset row (SAELens's context_size)")
+    p.add_argument("--dtype", default="float32", help="float32 or float16")
+    a = p.parse_args(argv[1:])
+    hooks = [h.strip() for h in a.hooks.split(",") if h.strip()] or None
+    export_cache(a.store, a.out, hooks, context_size=a.context_size, dtype=a.dtype)
+    return 0
+
+
 def cmd_plot(argv) -> int:
     from sae_jax.train.plots import plot_run
 
@@ -283,6 +323,8 @@ COMMANDS = {
     "atlas": cmd_atlas,
     "train": cmd_train,
     "compile-check": cmd_compile_check,
+    "import-cache": cmd_import_cache,
+    "export-cache": cmd_export_cache,
     "info": cmd_info,
     "verify": cmd_verify,
 }

@@ -34,6 +34,7 @@ from sae_jax.config import harvest_fingerprint_fields
 from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
+from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
 from sae_jax.model.hooks import parse_hooks
 from sae_jax.model.loading import LoadedModel, load_model
 
@@ -79,12 +80,7 @@ def _prepare_dir(out: Path, fingerprint: dict, header: dict) -> dict:
         if m["shards"]:
             st.open_store(out, require_complete=False)  # listed shards must be intact to build on them
         return m
-    if out.exists() and any(p for p in out.iterdir() if not p.name.startswith(".tmp-")):
-        raise st.StoreError(f"{out} exists and holds files but no {st.MANIFEST}: refusing to write a store into it")
-    out.mkdir(parents=True, exist_ok=True)
-    m = {**header, "fingerprint": fingerprint, "shards": [], "complete": False}
-    st.atomic_write_text(mpath, json_dumps(m))
-    return m
+    return new_manifest(out, header, fingerprint)
 
 
 def _diff_keys(a, b, prefix=""):
@@ -93,10 +89,6 @@ def _diff_keys(a, b, prefix=""):
             yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
     elif a != b:
         yield prefix.rstrip(".")
-
-
-def json_dumps(m: dict) -> str:
-    return json.dumps(m, indent=1) + "\n"
 
 
 def make_forward(model, hooks, dtype):
@@ -201,7 +193,7 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
             totals.add(stats)
             m["shards"].append(entry)
             m["shards"].sort(key=lambda s: s["index"])
-            _update_manifest(out, m, totals)
+            update_manifest(out, m, totals)
         else:
             written.append(entry)
             st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
@@ -262,7 +254,7 @@ def _fold_parts(out: Path, m: dict) -> None:
         m["shards"] += [s for s in rec["shards"] if s["index"] not in have]
         have |= {s["index"] for s in rec["shards"]}
     m["shards"].sort(key=lambda s: s["index"])
-    _update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
+    update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
     st.open_store(out, require_complete=False)  # every listed shard must be intact
     for p in parts:
         p.unlink()
@@ -340,39 +332,19 @@ def _outliers(acts: dict[str, np.ndarray], ci, pi, ratio: float) -> np.ndarray:
 
 
 def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dtype) -> tuple[dict, dict]:
-    n, t = toks.shape
+    """The rows of one shard's contexts (special tokens and outliers left out), written through
+    the store writer's `write_rows` (seeded shuffle, whole records, statistics, atomic files)."""
     ci, pi = np.nonzero(~special[toks])  # [n, t] -> candidate rows
     outlier = _outliers(acts, ci, pi, h.outlier_ratio)
     ci, pi = ci[~outlier], pi[~outlier]
-    rng = np.random.default_rng([h.seed, index])
-    perm = rng.permutation(len(ci))
-    n_rows = len(perm) - len(perm) % h.rows_per_record
-    perm = perm[:n_rows]
-    dropped = len(ci) - n_rows
-    ci, pi = ci[perm], pi[perm]
     tokens = np.stack([toks[ci, pi], (first_ctx + ci).astype(np.int32), pi.astype(np.int32)], axis=1).astype(np.int32)
-    arrays, stats = {}, {}
-    for hook, a in acts.items():
-        rows = np.ascontiguousarray(a[ci, pi]).astype(store_dtype, copy=False)
-        assert rows.shape == (n_rows, widths[hook])
-        f = rows.astype(np.float32)
-        stats[f"{hook}/sum"] = f.sum(0, dtype=np.float64)
-        stats[f"{hook}/sum_sq_norm"] = np.float64(np.einsum("ij,ij->", f, f, dtype=np.float64))
-        stats[f"{hook}/count"] = np.int64(n_rows)
-        arrays[hook] = rows
-    entry = st.write_shard(out, index, arrays, tokens, stats, h.rows_per_record)
-    entry["contexts"] = [first_ctx, first_ctx + n]
+    arrays = {hook: a[ci, pi] for hook, a in acts.items()}
+    for hook, a in arrays.items():
+        assert a.shape == (len(ci), widths[hook])
+    entry, stats = write_rows(out, index, arrays, tokens, h.seed, h.rows_per_record, store_dtype)
+    entry["contexts"] = [first_ctx, first_ctx + len(toks)]
     entry["rows_outliers"] = int(outlier.sum())
-    entry["rows_dropped"] = dropped
     return entry, stats
-
-
-def _update_manifest(out: Path, m: dict, totals: st.StatsAccumulator) -> None:
-    for hook, t in totals.result().items():
-        m["hooks"][hook]["mean"] = [float(x) for x in t["mean"]]
-        m["hooks"][hook]["mean_sq_norm"] = t["mean_sq_norm"]
-    m["rows"] = sum(s["rows"] for s in m["shards"])
-    st.atomic_write_text(out / st.MANIFEST, json_dumps(m))
 
 
 def summary(store: st.Store) -> str:
