@@ -13,6 +13,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.path = "embedded"
     c.model.dtype = "float32"  # compute dtype of the forward pass
+    c.model.backend = "flax"  # flax (JAX, any device) | torch (transformers in a worker process; sae_jax/model/torch_backend.py)
+    c.model.torch_python = ""  # torch backend: a Python with torch + transformers (default: $SAE_JAX_TORCH_PYTHON, else this one)
+    c.model.torch_device = "cpu"  # torch backend: cpu | cuda | cuda:N
+    c.model.torch_hooks = ""  # torch backend: NAME=MODULE:in|out,... for models without a preset (see hf_modules.py)
 
     # Text and its tokenization into contexts.
     c.data = ml_collections.ConfigDict()

@@ -35,7 +35,7 @@ from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
 from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
-from sae_jax.model.hooks import parse_hooks
+from sae_jax.model.hooks import parse_hook, parse_hooks
 from sae_jax.model.loading import LoadedModel, load_model
 
 PARTS = "manifest.process-*-of-*.json"  # one per process of a multi-process harvest, merged at the end
@@ -108,15 +108,35 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
     """Run the harvest `c` describes (see the module docstring). `lm`: the model of
     `c.model`, already loaded (saves reloading it; the caller vouches that it is that model)."""
     _check_settings(c)
+    if c.model.backend not in ("flax", "torch"):
+        raise HarvestError(f"model.backend={c.model.backend!r}: flax or torch")
+    torch_backend = c.model.backend == "torch"
+    own_model = lm is None
+    if lm is None and torch_backend:
+        from sae_jax.model.torch_backend import TorchModel
+
+        names = [parse_hook(x).name for x in str(c.harvest.hooks).split(",") if x.strip()]
+        m = c.model
+        lm = TorchModel(m.path, names, python=m.torch_python, device=m.torch_device, dtype=m.dtype, torch_hooks=m.torch_hooks)
+    lm = lm or load_model(c.model.path, c.model.dtype)
+    try:
+        return _harvest(c, lm, log, torch_backend)
+    finally:
+        if own_model and torch_backend:
+            lm.close()
+
+
+def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
     h, d = c.harvest, c.data
     out = Path(h.out).expanduser()
-    lm = lm or load_model(c.model.path, c.model.dtype)
     hooks = parse_hooks(h.hooks, lm.cfg.n_layers)
     src = describe(d.source, d.path, d.split, d.text_key, d.tfds_name)
     bos = lm.bos_id if d.prepend_bos else None
     body = d.ctx_len - (bos is not None)
     n_target = math.ceil(h.tokens / body)
     fingerprint = {**harvest_fingerprint_fields(c), "model": lm.identity["digest"], "source": src, "hooks": [x.name for x in hooks]}
+    if torch_backend:  # (absent for the Flax backend, so stores written before the option keep their fingerprint)
+        fingerprint["backend"] = "torch"
     fingerprint = json.loads(json.dumps(fingerprint))  # compared with the manifest's JSON copy
     header = {
         "format": st.FORMAT,
@@ -170,11 +190,17 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
     ctx_iter = itertools.islice(ctx_iter, n_target)
 
     store_dtype = st.DTYPES[h.dtype]
-    fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
     t0 = time.perf_counter()
-    # Compiled once, ahead of time, for the one fixed shape; the loop calls only this executable
-    # (a batch of another shape would be an error, never a silent recompilation).
-    fwd = fwd.lower(state, jax.ShapeDtypeStruct((h.batch_size, d.ctx_len), jnp.int32)).compile()
+    if torch_backend:
+        state = None
+
+        def fwd(_, tokens):
+            return {k: v.astype(store_dtype) for k, v in lm.forward(np.asarray(tokens)).items()}
+    else:
+        fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
+        # Compiled once, ahead of time, for the one fixed shape; the loop calls only this executable
+        # (a batch of another shape would be an error, never a silent recompilation).
+        fwd = fwd.lower(state, jax.ShapeDtypeStruct((h.batch_size, d.ctx_len), jnp.int32)).compile()
     compile_s = time.perf_counter() - t0
     special = np.zeros(lm.cfg.vocab_size + 1, dtype=bool)
     if h.exclude_special:

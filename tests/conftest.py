@@ -78,3 +78,21 @@ def tiny_run(tiny_store, tmp_path_factory):
     t.mesh_model, t.checkpoint_every, t.log_every, t.dead_tokens, t.progress = 2, 12, 12, 2048, False
     train(c, log=lambda *a: None)
     return Path(t.run_dir)
+
+
+PEER_PYTHON = Path(os.environ.get("SAE_JAX_PEER_PYTHON", REPO / ".peer-venv" / "bin" / "python"))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory):
+    """Tiny random models of every family the zoo loads, built and saved by transformers in the
+    peer venv (tests/peers/tiny_models.py), with their reference activations (ARCH.npz)."""
+    import subprocess
+
+    assert PEER_PYTHON.exists(), f"{PEER_PYTHON} missing: `make peer-venv` builds the venv with torch + transformers these tests need"
+    out = tmp_path_factory.mktemp("tiny_models")
+    r = subprocess.run(
+        [str(PEER_PYTHON), str(REPO / "tests" / "peers" / "tiny_models.py"), str(out)], capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out

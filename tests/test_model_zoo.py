@@ -5,33 +5,23 @@ compared (fp32)."""
 
 import dataclasses
 import json
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO
 
 from sae_jax.model.hooks import POINTS, Hook
 from sae_jax.model.loading import ModelLoadError, build_model, load_model, read_model
 from sae_jax.model.transformer import RoPE
 
-PEER_PYTHON = Path(os.environ.get("SAE_JAX_PEER_PYTHON", REPO / ".peer-venv" / "bin" / "python"))
 ARCHS = ["gpt2", "llama", "llama3_rope", "qwen2", "qwen3", "gemma2", "gemma3"]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    assert PEER_PYTHON.exists(), f"{PEER_PYTHON} missing: `make peer-venv` builds the venv with transformers these tests need"
-    out = tmp_path_factory.mktemp("tiny_models")
-    r = subprocess.run(
-        [str(PEER_PYTHON), str(REPO / "tests" / "peers" / "tiny_models.py"), str(out)], capture_output=True, text=True, timeout=900
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
-    return out
+def tiny(tiny_hf_models):
+    return tiny_hf_models
 
 
 def _run(lm, tokens):

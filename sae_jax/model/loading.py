@@ -408,16 +408,9 @@ def read_gguf(path: Path) -> tuple[dict, dict, object, dict]:
 
 def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
     from safetensors.numpy import load_file
-    from tokenizers import Tokenizer
 
     path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.is_file():
-        raise ModelLoadError(f"{path}: no config.json (a Hugging Face model directory needs config.json and *.safetensors)")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from None
+    hf = read_hf_config(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weight files")
@@ -427,7 +420,25 @@ def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
             sd.update(load_file(str(f)))
         except Exception as e:
             raise ModelLoadError(f"{f}: unreadable safetensors file ({e})") from None
-    tok_file = path / "tokenizer.json"
+    tok, info = read_hf_tokenizer(path, hf)
+    return hf, sd, tok, info
+
+
+def read_hf_config(path: Path) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json (a Hugging Face model directory needs config.json and *.safetensors)")
+    try:
+        return json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON ({e})") from None
+
+
+def read_hf_tokenizer(path: Path, hf: dict):
+    """(tokenizers.Tokenizer, {special_ids, bos_id, eos_id}) of a HF directory."""
+    from tokenizers import Tokenizer
+
+    tok_file = Path(path) / "tokenizer.json"
     if not tok_file.is_file():
         raise ModelLoadError(f"{path}: no tokenizer.json")
     tok = Tokenizer.from_file(str(tok_file))
@@ -436,8 +447,7 @@ def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
         for t, i in tok.get_vocab(with_added_tokens=True).items()
         if t in {a.content for a in tok.get_added_tokens_decoder().values() if a.special}
     }
-    info = {"special_ids": sorted(special), "bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id")}
-    return hf, sd, tok, info
+    return tok, {"special_ids": sorted(special), "bos_id": hf.get("bos_token_id"), "eos_id": hf.get("eos_token_id")}
 
 
 def save_hf_dir(out: Path, hf: dict, sd: dict, tokenizer) -> None:

@@ -18,16 +18,36 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers as tf
-from tokenizers import Tokenizer
+from tokenizers import Regex, Tokenizer, pre_tokenizers
 from tokenizers.models import WordLevel
 
 V, T = 96, 20
-COMMON = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+COMMON = dict(
+    vocab_size=V,
+    hidden_size=64,
+    intermediate_size=96,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 
 
 def configs() -> dict:
     return {
-        "gpt2": tf.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0),
+        "gpt2": tf.GPT2Config(
+            vocab_size=V,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0,
+            embd_pdrop=0,
+            attn_pdrop=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
         "llama": tf.LlamaConfig(**COMMON, num_hidden_layers=2, tie_word_embeddings=False, rope_theta=5000.0, rms_norm_eps=1e-5),
         "llama3_rope": tf.LlamaConfig(
             **COMMON,
@@ -75,8 +95,12 @@ MODELS = {
 
 
 def _tokenizer() -> Tokenizer:
-    vocab = {f"w{i}": i for i in range(V)}
-    return Tokenizer(WordLevel(vocab, unk_token="w0"))
+    """Characters: ids 3..94 for the printable ASCII characters from space, 0-2 for unknown, BOS, EOS
+    (so real text gives varied ids below the tiny vocabulary)."""
+    vocab = {"<unk>": 0, "<bos>": 1, "<eos>": 2, **{chr(32 + i): 3 + i for i in range(V - 3)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return tok
 
 
 def _parts(model, arch):

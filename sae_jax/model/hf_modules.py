@@ -1,0 +1,46 @@
+"""Where each hook point lives in a Hugging Face transformers model: (module path, "in" | "out").
+
+"out" is the module's output (its first element when it returns a tuple), "in" its first
+input (the `hidden_states` argument). The PyTorch harvest backend hooks these modules; the
+points mean what they mean in the Flax model (`sae_jax/model/transformer.py`): `attn_out` and
+`mlp_out` are what attention and the MLP add to the residual stream (after Gemma's post-norms),
+`mlp_in` the MLP's normalised input, `resid_mid` the stream between them.
+"""
+
+from __future__ import annotations
+
+from sae_jax.model.hooks import Hook
+
+_LLAMA = {  # Llama, Qwen2, Qwen3, Mistral-style: model.layers.L
+    "resid_pre": ("model.layers.{L}", "in"),
+    "attn_z": ("model.layers.{L}.self_attn.o_proj", "in"),
+    "attn_out": ("model.layers.{L}.self_attn", "out"),
+    "resid_mid": ("model.layers.{L}.post_attention_layernorm", "in"),
+    "mlp_in": ("model.layers.{L}.mlp", "in"),
+    "mlp_out": ("model.layers.{L}.mlp", "out"),
+    "resid_post": ("model.layers.{L}", "out"),
+}
+_GEMMA = {  # Gemma 2 / 3: post-norms on both sub-blocks
+    **_LLAMA,
+    "attn_out": ("model.layers.{L}.post_attention_layernorm", "out"),
+    "resid_mid": ("model.layers.{L}.pre_feedforward_layernorm", "in"),
+    "mlp_out": ("model.layers.{L}.post_feedforward_layernorm", "out"),
+}
+_GPT2 = {
+    "resid_pre": ("transformer.h.{L}", "in"),
+    "attn_z": ("transformer.h.{L}.attn.c_proj", "in"),
+    "attn_out": ("transformer.h.{L}.attn", "out"),
+    "resid_mid": ("transformer.h.{L}.ln_2", "in"),
+    "mlp_in": ("transformer.h.{L}.mlp", "in"),
+    "mlp_out": ("transformer.h.{L}.mlp", "out"),
+    "resid_post": ("transformer.h.{L}", "out"),
+}
+PRESETS = {"llama": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gemma2": _GEMMA, "gemma3": _GEMMA, "gpt2": _GPT2}
+
+
+def module_of(hook: Hook, family: str) -> tuple[str, str]:
+    """(module path, "in" | "out") of a hook point in a transformers model of `family`."""
+    if family not in PRESETS:
+        raise KeyError(f"no hook preset for the {family!r} family (presets: {', '.join(PRESETS)}); name the modules yourself")
+    path, where = PRESETS[family][hook.point]
+    return path.format(L=hook.layer), where
