@@ -48,16 +48,16 @@ class ExportError(RuntimeError):
     pass
 
 
-def hf_module(hook: str) -> str | None:
-    """The Hugging Face (Llama-family) module path whose output a hook is, or None."""
-    h = parse_hook(hook)
-    return {
-        "resid_post": f"layers.{h.layer}",
-        "resid_pre": f"layers.{h.layer - 1}" if h.layer > 0 else "embed_tokens",
-        "attn_out": f"layers.{h.layer}.self_attn",
-        "mlp_in": f"layers.{h.layer}.post_attention_layernorm",
-        "mlp_out": f"layers.{h.layer}.mlp",
-    }.get(h.point)
+def hf_module(hook: str, architecture: str = "LlamaForCausalLM") -> str | None:
+    """The Hugging Face module (relative to the base model) whose output a hook is, or None."""
+    from sae_jax.model.hf_modules import output_module
+    from sae_jax.model.loading import FAMILIES
+
+    return output_module(parse_hook(hook), FAMILIES.get(architecture, "llama"))
+
+
+def _arch(run: Run) -> str:
+    return run.store_meta.get("model", {}).get("architecture", "LlamaForCausalLM")
 
 
 def _cast(arrays: dict[str, np.ndarray], dtype: str) -> dict:
@@ -78,8 +78,8 @@ def _metadata(run: Run, m: int) -> dict:
         "model_name": st["model"]["name"],
         "hook_name": mem.hook,
         "hook_head_index": None,
-        **({"hook_name_out": mem.out_hook, "hf_hook_name_out": hf_module(mem.out_hook)} if mem.transcoder else {}),
-        "hf_hook_name": hf_module(mem.hook),
+        **({"hook_name_out": mem.out_hook, "hf_hook_name_out": hf_module(mem.out_hook, _arch(run))} if mem.transcoder else {}),
+        "hf_hook_name": hf_module(mem.hook, _arch(run)),
         "context_size": st["ctx_len"],
         "prepend_bos": st["bos_prepended"],
         "exclude_special_tokens": st["exclude_special"],
@@ -155,7 +155,7 @@ def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:
         )
     if mem.transcoder and run.meta["d_out"] != run.meta["d_in"]:
         raise ExportError(f"{mem.name}: sparsify transcoders need d_out == d_in (here {run.meta['d_out']} != {run.meta['d_in']})")
-    sub = folder / (hf_module(mem.hook) or mem.hook)
+    sub = folder / (hf_module(mem.hook, _arch(run)) or mem.hook)
     sub.mkdir(parents=True)
     cfg = {
         "activation": "topk",

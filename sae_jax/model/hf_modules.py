@@ -44,3 +44,31 @@ def module_of(hook: Hook, family: str) -> tuple[str, str]:
         raise KeyError(f"no hook preset for the {family!r} family (presets: {', '.join(PRESETS)}); name the modules yourself")
     path, where = PRESETS[family][hook.point]
     return path.format(L=hook.layer), where
+
+
+# The module whose *output* a hook point is, relative to the base model (what sparsify calls a
+# hookpoint, `layers.6` for Llama, `h.6` for GPT-2); None where no module outputs it.
+_OUT = {
+    "llama": {
+        "resid_post": "layers.{L}",
+        "attn_out": "layers.{L}.self_attn",
+        "mlp_in": "layers.{L}.post_attention_layernorm",
+        "mlp_out": "layers.{L}.mlp",
+    },
+    "gemma": {
+        "resid_post": "layers.{L}",
+        "attn_out": "layers.{L}.post_attention_layernorm",
+        "mlp_in": "layers.{L}.pre_feedforward_layernorm",
+        "mlp_out": "layers.{L}.post_feedforward_layernorm",
+    },
+    "gpt2": {"resid_post": "h.{L}", "attn_out": "h.{L}.attn", "mlp_in": "h.{L}.ln_2", "mlp_out": "h.{L}.mlp"},
+}
+_FIRST = {"llama": "embed_tokens", "gemma": None, "gpt2": "drop"}  # resid_pre.0 (Gemma scales the embedding outside a module)
+
+
+def output_module(hook: Hook, family: str = "llama") -> str | None:
+    table = "gemma" if family in ("gemma2", "gemma3") else "gpt2" if family == "gpt2" else "llama"
+    if hook.point == "resid_pre":
+        return _OUT[table]["resid_post"].format(L=hook.layer - 1) if hook.layer > 0 else _FIRST[table]
+    f = _OUT[table].get(hook.point)
+    return f.format(L=hook.layer) if f else None
