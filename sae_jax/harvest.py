@@ -251,6 +251,9 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
     if me == 0:
         m = st.read_manifest(out) if n_proc > 1 else m
         _fold_parts(out, m)
+        # the statistics summed over the shards in index order: the same bits however the shards
+        # were written (resumed, by several processes)
+        update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
         _finish_manifest(out, m, n_target, compile_s, time.perf_counter() - t0, tokens_run, h, d, log)
     _barrier("sae_jax.harvest: manifest written")
     return st.open_store(out)
