@@ -225,6 +225,7 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
             st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
 
     # The writer thread shuffles, checksums and writes shard i while the model runs on shard i+1.
+    todo = set(mine)
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
         pending, first = None, 0
         try:
@@ -235,7 +236,7 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
                 if not ctxs:
                     break
                 start, first = first, first + len(ctxs)
-                if index not in mine:
+                if index not in todo:
                     continue
                 toks = np.stack(ctxs)
                 acts = _run_forward(fwd, state, toks, h.batch_size, bar)
