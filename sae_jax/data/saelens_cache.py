@@ -18,6 +18,7 @@ Needs `datasets` (`pip install 'sae-jax[hf]'`; the dev install has it).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +151,21 @@ def export_cache(store, out, hooks: list[str] | None = None, *, context_size: in
                 done += 1
             left = [p[n * context_size :] for p in parts]
 
-    ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(out.parent / f".tmp-{out.name}-cache"))
-    ds.save_to_disk(str(out))
     import shutil
 
-    shutil.rmtree(out.parent / f".tmp-{out.name}-cache", ignore_errors=True)
+    # written beside `out` and renamed into place when complete: an interrupted export leaves no
+    # directory that loads as a (short) cache
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, cache = out.parent / f".tmp-{out.name}", out.parent / f".tmp-{out.name}-cache"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        ds = datasets.Dataset.from_generator(rows, features=datasets.Features(features), cache_dir=str(cache))
+        ds.save_to_disk(str(tmp))
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f"{out}: {n_ctx:,} rows of {context_size} tokens ({', '.join(hooks)}), {store.n_rows - n_ctx * context_size} store rows left over")
     return out
