@@ -14,7 +14,6 @@ pairs (the module's input or output).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
@@ -26,27 +25,9 @@ import numpy as np
 
 from sae_jax.model.hooks import parse_hook
 from sae_jax.model.loading import FAMILIES, ModelLoadError, hf_dir_digest, read_hf_config, read_hf_tokenizer
+from sae_jax.model.torch_worker import read_array, write_array
 
 WORKER = Path(__file__).with_name("torch_worker.py")
-
-
-def _write(fp, a: np.ndarray) -> None:
-    """An array in .npy format onto a pipe (numpy's own writer wants a seekable file)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
-    fp.write(buf.getvalue())
-
-
-def _read(fp) -> np.ndarray:
-    """One .npy array from a pipe."""
-    version = np.lib.format.read_magic(fp)
-    header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran, dtype = header(fp)
-    n = int(np.prod(shape)) * dtype.itemsize
-    data = fp.read(n)
-    if len(data) != n:
-        raise EOFError(f"pipe closed after {len(data)} of {n} bytes")
-    return np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
 
 
 @dataclass(frozen=True)
@@ -134,7 +115,7 @@ class TorchModel:
             raise ModelLoadError(f"the PyTorch worker exited with code {self.proc.returncode}")
         self.proc.stdin.write((json.dumps(msg) + "\n").encode())
         for a in arrays:
-            _write(self.proc.stdin, a)
+            write_array(self.proc.stdin, a)
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -148,7 +129,7 @@ class TorchModel:
 
     def forward(self, tokens: np.ndarray) -> dict[str, np.ndarray]:
         self._request({"forward": True}, [np.asarray(tokens, np.int32)])
-        return {h: _read(self.proc.stdout) for h in self.hook_names}
+        return {h: read_array(self.proc.stdout) for h in self.hook_names}
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -1,5 +1,6 @@
 """The PyTorch side of the PyTorch harvest backend: runs in any Python with torch and transformers
-(it imports nothing from sae_jax), driven over stdin/stdout by `sae_jax.model.torch_backend`.
+(it imports nothing from sae_jax, and torch only inside `main`, so the backend imports its frame
+helpers), driven over stdin/stdout by `sae_jax.model.torch_backend`.
 
 Protocol: one JSON line per message, arrays in .npy format right after their line.
   <- {"path", "device", "dtype", "hooks": [[name, module path, "in"|"out"], ...]}
@@ -18,14 +19,14 @@ import traceback
 import numpy as np
 
 
-def _write(fp, a: np.ndarray) -> None:
+def write_array(fp, a: np.ndarray) -> None:
     """An array in .npy format onto a pipe (numpy's own writer wants a seekable file)."""
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
     fp.write(buf.getvalue())
 
 
-def _read(fp) -> np.ndarray:
+def read_array(fp) -> np.ndarray:
     """One .npy array from a pipe."""
     version = np.lib.format.read_magic(fp)
     header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
@@ -44,7 +45,7 @@ class _Done(Exception):
 def _send(out, msg: dict, arrays=()):
     out.write((json.dumps(msg) + "\n").encode())
     for a in arrays:
-        _write(out, a)
+        write_array(out, a)
     out.flush()
 
 
@@ -92,7 +93,7 @@ def main() -> int:
         line = inp.readline()
         if not line:
             return 0
-        tokens = _read(inp)
+        tokens = read_array(inp)
         got.clear()
         try:
             with torch.no_grad():
