@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from sae_jax.model.hooks import Hook
 
-_LLAMA = {  # Llama, Qwen2, Qwen3, Mistral-style: model.layers.L
+_LLAMA = {  # Llama, Qwen2, Qwen3: model.layers.L
     "resid_pre": ("model.layers.{L}", "in"),
     "attn_z": ("model.layers.{L}.self_attn.o_proj", "in"),
     "attn_out": ("model.layers.{L}.self_attn", "out"),

@@ -1,5 +1,5 @@
 """Decoder-only transformers as one Flax NNX module with named hook points: the Llama family
-(Llama 2/3, SmolLM, Mistral-style), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm), Gemma 2 (pre- and
+(Llama 2/3, SmolLM), Qwen2 (q/k/v biases), Qwen3 (q/k RMSNorm), Gemma 2 (pre- and
 post-norms, scaled embeddings, attention and final logit soft-capping, alternating sliding-window
 and global attention), Gemma 3 (Gemma 2 with q/k norms, no soft-capping, a local and a global
 RoPE base) and GPT-2 (LayerNorm, learned positions, GELU MLP, biases everywhere).
