@@ -78,7 +78,8 @@ def speed(a) -> None:
     import numpy as np
 
     from sae_jax import parallel
-    from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import TrainStep
 
     d_in = 576
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
@@ -86,9 +87,8 @@ def speed(a) -> None:
     fns = {}
     for name, settings in ARCHS:
         spec = _bank(name, settings, a.width, d_in)
-        tx, sched = make_optimizer(spec, np.full(spec.size, default_lr(a.width)), 1000, 10, 0.2)
-        st = init_state(spec, mesh, tx, jax.random.key(0), None)
-        step = make_train_step(spec, mesh, tx, sched, np.full(spec.size, 0.05), 10**7, 1 / 32)
+        step = TrainStep(spec, mesh, TrainSettings.defaults(steps=1000, warmup_steps=10), np.full(spec.size, 0.05))
+        st = step.init_state(jax.random.key(0), None)
         x = jnp.asarray(rng.normal(size=(spec.size, a.batch, d_in)), jnp.float32)
         st, m = step(st, x)  # compile
         jax.block_until_ready(m["loss"])

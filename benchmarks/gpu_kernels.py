@@ -67,13 +67,14 @@ def encoder_time(B, d, S, k, impl, reps):
 def step_time(B, d, S, k, impl, reps):
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import TrainStep
 
     spec = BankSpec(("h",), (S,), (k,), d, S, min(d // 2, 512))
     mesh = parallel.make_mesh(jax.device_count(), 1)
-    tx, sched = make_optimizer(spec, np.array([default_lr(S)]), 1000, 10, 0.2)
-    state = init_state(spec, mesh, tx, jax.random.key(0), None)
-    step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 10**9, 1 / 32, encoder=impl, compute_dtype="bfloat16")
+    settings = TrainSettings.defaults(steps=1000, warmup_steps=10, dead_tokens=10**9, encoder=impl, encoder_dtype="bfloat16")
+    step = TrainStep(spec, mesh, settings)
+    state = step.init_state(jax.random.key(0), None)
     x = jax.random.normal(jax.random.key(1), (1, B, d), jnp.bfloat16)
     holder = {"s": state}
 

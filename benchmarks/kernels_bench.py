@@ -32,29 +32,25 @@ B, K = 4096, 32
 
 def _setup(d_in: int, d_sae: int, encoder: str):
     import jax
-    import numpy as np
 
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import default_lr, make_optimizer, make_train_step
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import TrainStep
 
     spec = BankSpec(("h",), (d_sae,), (K,), d_in, d_sae, min(d_in // 2, 512))
     mesh = parallel.make_mesh(1, 1)
-    tx, sched = make_optimizer(spec, np.array([default_lr(d_sae)]), 1000, 10, 0.2)
-    step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 10**7, 1 / 32, encoder=encoder)
-    return jax, spec, mesh, tx, step
+    step = TrainStep(spec, mesh, TrainSettings.defaults(steps=1000, warmup_steps=10, encoder=encoder))
+    return jax, spec, mesh, step
 
 
 def memory(d_in: int, d_sae: int, encoder: str) -> dict:
-    jax, spec, mesh, tx, step = _setup(d_in, d_sae, encoder)
+    jax, spec, mesh, step = _setup(d_in, d_sae, encoder)
     import jax.numpy as jnp
 
-    from sae_jax.train.step import init_state
-
-    abstract = jax.eval_shape(lambda: init_state(spec, mesh, tx, jax.random.key(0), None))
     x = jax.ShapeDtypeStruct((1, B, d_in), jnp.bfloat16)
     t0 = time.perf_counter()
-    ma = step.lower(abstract, x).compile().memory_analysis()
+    ma = step.lower(step.abstract_state(), x).compile().memory_analysis()
     return {
         "what": "memory",
         "encoder": encoder,
@@ -68,13 +64,11 @@ def memory(d_in: int, d_sae: int, encoder: str) -> dict:
 
 
 def timing(d_in: int, d_sae: int, encoder: str, steps: int, with_matmul: bool) -> dict:
-    jax, spec, mesh, tx, step = _setup(d_in, d_sae, encoder)
+    jax, spec, mesh, step = _setup(d_in, d_sae, encoder)
     import jax.numpy as jnp
     import numpy as np
 
-    from sae_jax.train.step import init_state
-
-    state = init_state(spec, mesh, tx, jax.random.key(0), None)
+    state = step.init_state(jax.random.key(0), None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(1, B, d_in)), jnp.bfloat16)
 
     holder = {"s": state}

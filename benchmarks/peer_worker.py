@@ -84,26 +84,33 @@ class SaeJax(Trainer):
 
         from sae_jax import parallel
         from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, geometric_median
-        from sae_jax.train.step import init_state, make_optimizer, make_train_step
+        from sae_jax.train.settings import TrainSettings
+        from sae_jax.train.step import TrainStep
 
         self.jax, self.jnp = jax, jnp
         d, w, k = cfg["d_in"], cfg["width"], cfg["k"]
         self.spec = BankSpec(("h",), (w,), (k,), d, w, d // 2)
         self.mesh = parallel.make_mesh(1, 1)
-        tx, sched = make_optimizer(self.spec, np.array([cfg["lr"]]), cfg["steps"], cfg["warmup"], cfg["decay_frac"])
+        settings = TrainSettings.defaults(
+            lr=cfg["lr"],
+            steps=cfg["steps"],
+            warmup_steps=cfg["warmup"],
+            decay_frac=cfg["decay_frac"],
+            dead_tokens=cfg["dead_tokens"],
+            aux_coef=cfg["aux_coef"],
+            encoder=cfg.get("encoder", "auto"),
+        )
+        self.step = TrainStep(self.spec, self.mesh, settings, np.array([float(cfg["input_scale"])]))
         # the input scale sae-jax train takes from the store's statistics: unit mean squared norm
         self.scale = float(cfg["input_scale"])
         first = self.batch()[:4096] * self.scale
         b_dec = geometric_median(jnp.asarray(first))
-        state = init_state(self.spec, self.mesh, tx, jax.random.key(cfg["seed"]), None)
+        state = self.step.init_state(jax.random.key(cfg["seed"]), None)
         D = jnp.asarray(np.load(cfg["init"]))
         state["params"]["W_dec"] = jax.device_put(D[None], state["params"]["W_dec"].sharding)
         state["params"]["W_enc"] = jax.device_put(D.T[None] * ENCODER_INIT_SCALE, state["params"]["W_enc"].sharding)
         state["params"]["b_dec"] = jax.device_put(b_dec[None], state["params"]["b_dec"].sharding)
         self.state = state
-        self.step = make_train_step(
-            self.spec, self.mesh, tx, sched, np.array([self.scale]), cfg["dead_tokens"], cfg["aux_coef"], encoder=cfg.get("encoder", "auto")
-        )
         self.x_sharding = parallel.sharding(self.mesh, "x")
         self.metrics = None
 

@@ -30,14 +30,14 @@ def measure(devices: int, data: int, model: int, d_sae: int, steps: int) -> dict
 
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import default_lr, init_state, make_optimizer, make_train_step
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import TrainStep
 
     d_in, k, B = 576, 32, 4096
     spec = BankSpec(("h",), (d_sae,), (k,), d_in, d_sae, d_in // 2)
     mesh = parallel.make_mesh(data, model)
-    tx, sched = make_optimizer(spec, np.array([default_lr(d_sae)]), 1000, 10, 0.2)
-    state = init_state(spec, mesh, tx, jax.random.key(0), None)
-    step = make_train_step(spec, mesh, tx, sched, np.array([0.05]), 10**7, 1 / 32)
+    step = TrainStep(spec, mesh, TrainSettings.defaults(steps=1000, warmup_steps=10), np.array([0.05]))
+    state = step.init_state(jax.random.key(0), None)
     x = jax.device_put(jnp.asarray(np.random.default_rng(0).normal(size=(1, B, d_in)), jnp.bfloat16), parallel.sharding(mesh, "x"))
 
     holder = {"s": state}

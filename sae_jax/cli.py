@@ -28,11 +28,38 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 USAGE = __doc__
 
 
+# the config sections each config-driven job reads (what its --help lists)
+SECTIONS = {
+    "harvest": ("model", "data", "harvest", "distributed"),
+    "train": ("train", "distributed"),
+    "demo": ("model", "data", "harvest", "train"),
+    "compile-check": ("train",),
+}
+
+
+def _wants_help(argv: list[str]) -> bool:
+    return any(a in ("-h", "--help", "-help", "--helpfull") for a in argv[1:])
+
+
+def _config_help(argv: list[str], default_file: str) -> str:
+    from sae_jax.config import describe_fields
+
+    job = argv[0].split()[-1]
+    return (
+        f"usage: sae-jax {job} [--config=configs/{default_file}] [--config.SECTION.FIELD=VALUE ...]\n\n"
+        f"Settings (defaults from sae_jax/config.py; a config file under configs/ changes a few):" + describe_fields(SECTIONS[job])
+    )
+
+
 def _load_config(argv: list[str], default_file: str):
     from absl import flags
     from ml_collections import config_flags
 
     from sae_jax.config import default_config
+
+    if _wants_help(argv):
+        print(_config_help(argv, default_file))
+        raise SystemExit(0)
 
     fv = flags.FlagValues()
     path = CONFIG_DIR / default_file
@@ -76,8 +103,10 @@ def cmd_harvest(argv, default_file="default.py") -> int:
 def cmd_train(argv) -> int:
     from sae_jax.parallel import init_distributed
     from sae_jax.train.loop import summary, train
+    from sae_jax.train.settings import TrainSettings
 
     cfg = _load_config(argv, "default.py")
+    TrainSettings.from_config(cfg.train)  # every rule that needs no device, before any work
     init_distributed(cfg.distributed)
     result = train(cfg)
     import jax
@@ -89,12 +118,15 @@ def cmd_train(argv) -> int:
 
 def cmd_demo(argv) -> int:
     """Harvest (configs/demo.py), train its bank on the store, evaluate it; print the results."""
+    import jax
+
     from sae_jax.eval.core import evaluate, write_report
     from sae_jax.harvest import harvest, summary
+    from sae_jax.train.loop import settings_for, train
     from sae_jax.train.loop import summary as train_summary
-    from sae_jax.train.loop import train
 
     cfg = _load_config(argv, "demo.py")
+    settings_for(cfg, jax.device_count())  # the train settings checked before the harvest
     t0 = time.perf_counter()
     print(summary(harvest(cfg)))
     t1 = time.perf_counter()
@@ -122,6 +154,10 @@ def cmd_compile_check(argv) -> int:
     p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the estimate assumes")
     p.add_argument("--d-in", type=int, default=0, help="the hooks' width, to check without a store (name the hooks in train.hooks)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    if _wants_help(argv):
+        p.print_help()
+        print("\n" + _config_help(argv, "default.py"))
+        return 0
     a, rest = p.parse_known_args(argv[1:])
     if a.devices:
         if a.devices < 1:
@@ -342,14 +378,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from absl import flags
 
-    from sae_jax.errors import USER_ERRORS
+    from sae_jax.errors import SaeJaxError
 
     try:
         return COMMANDS[cmd]([f"sae-jax {cmd}", *argv[2:]])
     except flags.Error as e:
         print(f"sae-jax {cmd}: bad flag: {e}", file=sys.stderr)
         return 2
-    except USER_ERRORS as e:
+    except SaeJaxError as e:
         print(f"sae-jax {cmd}: error: {e}", file=sys.stderr)
         return 1
 

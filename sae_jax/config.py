@@ -49,8 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Train: a bank of dictionaries of one architecture, one member per (hook, width, sparsity
     # setting) in the product of the lists.
     c.train = ml_collections.ConfigDict()
-    c.train.store = "runs/store"
-    c.train.run_dir = "runs/train"
+    c.train.store = "runs/store"  # the activation store to train on (sae-jax harvest writes one)
+    c.train.run_dir = "runs/train"  # config, checkpoints, metrics, plots; run the same command again to resume
     c.train.architecture = "topk"  # topk | batchtopk | jumprelu | relu (see sae_jax/sae/bank.py)
     c.train.hooks = ""  # comma-separated; empty: every hook of the store
     # transcoders: the output hook of each input hook in train.hooks (same order); empty: SAEs
@@ -62,17 +62,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.l0_coefs = ""  # jumprelu: L0 coefficients
     c.train.sparsity_warmup_frac = 0.1  # the L1 / L0 coefficient rises linearly from 0 over this fraction of steps
     c.train.jumprelu_bandwidth = 0.001  # straight-through kernel width (Gemma Scope)
-    c.train.jumprelu_init_threshold = 0.001
+    c.train.jumprelu_init_threshold = 0.001  # jumprelu: initial threshold (inputs at unit mean squared norm)
     c.train.batchtopk_cap = 4  # batchtopk: candidates kept per row = cap x k (rows past it are counted)
     c.train.threshold_decay = 0.99  # batchtopk: running mean of the batch threshold (the exported JumpReLU threshold)
     c.train.matryoshka_prefixes = ""  # topk / batchtopk: nested prefix sizes, e.g. "128,512,2048" (the full width is the last)
     c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
-    c.train.steps = 200
+    c.train.steps = 200  # optimiser steps (tokens = steps x batch_size)
     c.train.lr = 0.0  # 0: 2e-4 / sqrt(width / 2^14) per member
-    c.train.warmup_steps = 20
+    c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
-    c.train.aux_coef = 1 / 32
+    c.train.aux_coef = 1 / 32  # weight of the AuxK loss (dead latents reconstruct the residual)
     c.train.k_aux = 0  # 0: d_in // 2 (at most the smallest width)
     c.train.encoder_init_scale = 3**-0.5  # initial encoder column norm (inputs at unit mean squared norm); see sae/bank.py
     # TopK encoder: auto (Pallas on GPU/TPU; on CPU row-blocked `rows`, or `stream` at widths where
@@ -80,16 +80,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.encoder = "auto"
     c.train.encoder_block = 4096  # latents per streamed block
     c.train.encoder_dtype = "float32"  # the encoder matmul's inputs: float32 or bfloat16 (accumulation float32)
-    c.train.mesh_data = 0  # 0: every device not on the model axis
-    c.train.mesh_model = 1
-    c.train.checkpoint_every = 50
-    c.train.keep_checkpoints = 3
-    c.train.log_every = 10
-    c.train.seed = 0
+    c.train.mesh_data = 0  # devices on the data (batch) axis; 0: every device not on the model axis
+    c.train.mesh_model = 1  # devices the latents are split over (a divisor of the device count)
+    c.train.checkpoint_every = 50  # steps between checkpoints (SIGTERM and the last step always save)
+    c.train.keep_checkpoints = 3  # checkpoints kept on disk (oldest deleted)
+    c.train.log_every = 10  # steps between metric records (the only steps that sync with the devices)
+    c.train.seed = 0  # parameter init and the record order
     c.train.holdout_shards = 1  # the store's last shards, left out of training for `sae-jax eval`
     c.train.max_nan_streak = 5  # stop after this many non-finite batches in a row
     c.train.verify_store = True  # checksum the store's files before training
-    c.train.progress = True
+    c.train.progress = True  # a progress bar on stderr
 
     # several processes (sae_jax.parallel.init_distributed): TPU pod slices, SLURM jobs, CPU processes
     c.distributed = ml_collections.ConfigDict()
@@ -122,3 +122,31 @@ def harvest_fingerprint_fields(c: ml_collections.ConfigDict) -> dict:
             )
         },
     }
+
+
+def describe_fields(sections: tuple[str, ...]) -> str:
+    """Every field of `sections` with its default and the comment beside (or above) it in
+    `default_config`'s source: what `sae-jax JOB --help` prints."""
+    import inspect
+    import re
+
+    c = default_config()
+    docs: dict[str, str] = {}
+    pending: list[str] = []
+    for line in inspect.getsource(default_config).splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            pending.append(stripped.lstrip("# ").strip())
+            continue
+        m = re.match(r"c\.(\w+)\.(\w+)\s*=[^#]*(?:#\s*(.*))?$", stripped)
+        if m:
+            docs[f"{m[1]}.{m[2]}"] = " ".join([*pending, m[3] or ""]).strip()
+        pending = []
+    out = []
+    for section in sections:
+        out.append(f"\n{section}:")
+        for name in [n for n in docs if n.startswith(f"{section}.")]:  # in the source's order
+            out.append(f"  --config.{name}={c[section][name.split('.')[1]]!r}")
+            if docs[name]:
+                out.append(f"      {docs[name]}")
+    return "\n".join(out)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
 from sae_jax.model.hooks import parse_hook
 from sae_jax.runs import Run, RunError
 
@@ -44,7 +45,7 @@ DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 SAELENS_VERSION = "6.0.0"  # the config layout written (sae_lens >= 6 reads it)
 
 
-class ExportError(RuntimeError):
+class ExportError(SaeJaxError, RuntimeError):
     pass
 
 

@@ -35,13 +35,14 @@ from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
 from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
+from sae_jax.errors import SaeJaxError
 from sae_jax.model.hooks import parse_hook, parse_hooks
 from sae_jax.model.loading import LoadedModel, load_model
 
 PARTS = "manifest.process-*-of-*.json"  # one per process of a multi-process harvest, merged at the end
 
 
-class HarvestError(RuntimeError):
+class HarvestError(SaeJaxError, RuntimeError):
     pass
 
 

@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from sae_jax.errors import SaeJaxError
+
 RULES = {"batch": "data", "d_sae": "model", "bank": None, "d_in": None, "d_out": None, "k": None}
 
 # logical axes of each array the train step touches
@@ -38,11 +40,11 @@ LOGICAL = {
 }
 
 
-class MeshError(ValueError):
+class MeshError(SaeJaxError, ValueError):
     pass
 
 
-class DistributedError(RuntimeError):
+class DistributedError(SaeJaxError, RuntimeError):
     pass
 
 

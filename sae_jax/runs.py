@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
 
-class RunError(RuntimeError):
+
+class RunError(SaeJaxError, RuntimeError):
     """A run directory that cannot be evaluated or exported; the message names the file."""
 
 

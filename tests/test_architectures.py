@@ -10,7 +10,8 @@ import pytest
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec, heaviside, jumprelu
-from sae_jax.train.step import batchtopk_threshold, init_state, make_forward, make_optimizer, make_train_step
+from sae_jax.train.settings import TrainSettings
+from sae_jax.train.step import TrainStep, batchtopk_threshold, init_state, make_forward, make_optimizer
 
 D = 32
 
@@ -120,9 +121,11 @@ def test_jumprelu_straight_through_gradients():
 
 def _train(spec, shape, x, y=None, steps=6):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
-    tx, sched = make_optimizer(spec, np.full(spec.size, 2e-3), 100, 2, 0.2)
-    st = init_state(spec, mesh, tx, jax.random.key(0), jnp.asarray((x if y is None else y)[:, :32]), 0.01)
-    step = make_train_step(spec, mesh, tx, sched, np.ones(spec.size), 64, 1 / 32, sparsity_warmup=3, bandwidth=0.05)
+    settings = TrainSettings.defaults(
+        lr=2e-3, steps=100, warmup_steps=2, dead_tokens=64, sparsity_warmup_frac=0.03, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01
+    )
+    step = TrainStep(spec, mesh, settings)
+    st = step.init_state(jax.random.key(0), jnp.asarray((x if y is None else y)[:, :32]))
     for _ in range(steps):
         st, m = step(st, jnp.asarray(x)) if y is None else step(st, jnp.asarray(x), jnp.asarray(y))
     return jax.device_get(st), jax.device_get(m)
@@ -169,17 +172,20 @@ def _config(store, **train):
 BAD = [
     ({"architecture": "gated"}, "train.architecture='gated': choose from topk, batchtopk, jumprelu, relu"),
     ({"architecture": "relu", "l1_coefs": "0.5,-1"}, "coefficients must be finite and >= 0 (got -1.0)"),
-    ({"architecture": "relu"}, "needs train.l1_coefs"),
-    ({"architecture": "jumprelu", "l0_coefs": "1e-2", "l1_coefs": "1"}, "train.l1_coefs is set but train.architecture='jumprelu'"),
+    ({"architecture": "relu"}, "train.architecture='relu' needs one or more sparsity coefficients"),
+    (
+        {"architecture": "jumprelu", "l0_coefs": "1e-2", "l1_coefs": "1"},
+        "train.l1_coefs='1': set, but train.architecture='jumprelu' does not use it",
+    ),
     ({"architecture": "topk", "matryoshka_prefixes": "32,16"}, "strictly increasing"),
     ({"architecture": "topk", "widths": "64,128", "matryoshka_prefixes": "16,64"}, "below the smallest width (64"),
     ({"architecture": "jumprelu", "l0_coefs": "1", "matryoshka_prefixes": "16"}, "Matryoshka works with topk or batchtopk"),
     ({"out_hooks": "blocks.1.hook_mlp_out"}, "train.out_hooks: the transcoder output hook 'blocks.1.hook_mlp_out' is not in the store"),
     (
         {"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.attn.hook_z,blocks.1.hook_resid_post"},
-        "give one output hook per input hook",
+        "one output hook per input hook",
     ),
-    ({"skip": True}, "train.skip=True is a transcoder setting"),
+    ({"skip": True}, "train.skip=True: a transcoder setting"),
     ({"architecture": "batchtopk", "batchtopk_cap": 0}, "train.batchtopk_cap=0"),
     ({"architecture": "jumprelu", "l0_coefs": "1", "jumprelu_bandwidth": 0.0}, "train.jumprelu_bandwidth=0.0: must be > 0"),
     ({"architecture": "relu", "l1_coefs": "x"}, "train.l1_coefs='x': expected comma-separated numbers"),
@@ -188,25 +194,28 @@ BAD = [
 
 @pytest.mark.parametrize("settings,message", BAD, ids=[m[:40] for _, m in BAD])
 def test_bad_settings_are_refused(tiny_store, settings, message):
-    from sae_jax.train.loop import TrainError, bank_spec
+    from sae_jax.errors import SaeJaxError
+    from sae_jax.train.loop import bank_spec
 
-    with pytest.raises(TrainError, match=__import__("re").escape(message)):
-        bank_spec(_config(tiny_store, **{"widths": "64", "ks": "4", **settings}), tiny_store)
+    with pytest.raises(SaeJaxError, match=__import__("re").escape(message)):
+        bank_spec(TrainSettings.from_config(_config(tiny_store, **{"widths": "64", "ks": "4", **settings}).train), tiny_store)
 
 
 def test_bank_spec_of_a_transcoder_bank(tiny_store):
     from sae_jax.train.loop import bank_spec
 
     spec = bank_spec(
-        _config(
-            tiny_store,
-            architecture="batchtopk",
-            hooks="blocks.1.attn.hook_z",
-            out_hooks="blocks.1.hook_resid_post",
-            widths="64,128",
-            ks="4,8",
-            skip=True,
-            matryoshka_prefixes="16,32",
+        TrainSettings.from_config(
+            _config(
+                tiny_store,
+                architecture="batchtopk",
+                hooks="blocks.1.attn.hook_z",
+                out_hooks="blocks.1.hook_resid_post",
+                widths="64,128",
+                ks="4,8",
+                skip=True,
+                matryoshka_prefixes="16,32",
+            ).train
         ),
         tiny_store,
     )
@@ -289,14 +298,20 @@ STEPS, BATCH, WIDTH = 1000, 512, 1024
 def _fit(spec, sf, lr=2e-3, eps=0.003, th0=0.003, steps=STEPS, pair=None):
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(1)
-    tx, sched = make_optimizer(spec, np.full(spec.size, lr), steps, 50, 0.2)
     sample = (pair or sf.sample)(4096, rng)
     xs, ys = sample if pair else (sample, sample)
     s_in, s_out = 1 / np.sqrt((xs**2).sum(1).mean()), 1 / np.sqrt((ys**2).sum(1).mean())
-    st = init_state(spec, mesh, tx, jax.random.key(0), jnp.asarray(ys[None] * s_out), th0)
-    step = make_train_step(
-        spec, mesh, tx, sched, np.array([s_in]), 100_000, 1 / 32, output_scale=np.array([s_out]), sparsity_warmup=steps // 10, bandwidth=eps
+    settings = TrainSettings.defaults(
+        lr=lr,
+        steps=steps,
+        warmup_steps=50,
+        dead_tokens=100_000,
+        sparsity_warmup_frac=0.1,
+        jumprelu_bandwidth=eps,
+        jumprelu_init_threshold=th0,
     )
+    step = TrainStep(spec, mesh, settings, np.array([s_in]), np.array([s_out]))
+    st = step.init_state(jax.random.key(0), jnp.asarray(ys[None] * s_out))
     for _ in range(steps):
         if pair:
             xb, yb = pair(BATCH, rng)

@@ -8,17 +8,17 @@ import pytest
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec
-from sae_jax.train.step import _sharded_forward, init_state, make_forward, make_optimizer, make_train_step
+from sae_jax.train.settings import TrainSettings
+from sae_jax.train.step import TrainStep, _sharded_forward, init_state, make_forward, make_optimizer
 
 SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
 
 
 def _run(shape, x, steps=5):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
-    tx, sched = make_optimizer(SPEC, np.array([1e-3, 2e-3]), 100, 5, 0.2)
-    st = init_state(SPEC, mesh, tx, jax.random.key(0), jnp.asarray(x[:, :32]))
     # latents unfired for 100 tokens count as dead, so AuxK is live from the third step on
-    step = make_train_step(SPEC, mesh, tx, sched, np.ones(2), 100, 1 / 32)
+    step = TrainStep(SPEC, mesh, TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100))
+    st = step.init_state(jax.random.key(0), jnp.asarray(x[:, :32]))
     for _ in range(steps):
         st, m = step(st, jnp.asarray(x))
     return jax.device_get(st["params"]), jax.device_get(m)
@@ -81,11 +81,10 @@ def test_recovers_known_features():
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(1)
     steps, B = 1500, 512
-    tx, sched = make_optimizer(spec, np.array([2e-3]), steps, 50, 0.2)
     sample = sf.sample(4096, rng)
     scale = 1 / np.sqrt((sample**2).sum(1).mean())
-    st = init_state(spec, mesh, tx, jax.random.key(0), jnp.asarray(sample[None] * scale))
-    step = make_train_step(spec, mesh, tx, sched, np.array([scale]), 100_000, 1 / 32)
+    step = TrainStep(spec, mesh, TrainSettings.defaults(lr=2e-3, steps=steps, warmup_steps=50, dead_tokens=100_000), np.array([scale]))
+    st = step.init_state(jax.random.key(0), jnp.asarray(sample[None] * scale))
     data = sf.sample(steps * B, rng).reshape(steps, 1, B, 64)
     for i in range(steps):
         st, m = step(st, jnp.asarray(data[i]))

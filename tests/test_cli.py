@@ -35,13 +35,13 @@ def test_cli_errors(tmp_path):
 
 def test_every_config_file_loads_and_names_real_settings():
     """Each configs/*.py builds a config whose keys are the defaults' (a stale key would make
-    `--config=` fail for the user) and whose train settings `bank_spec` accepts."""
+    `--config=` fail for the user) and whose train settings pass every rule."""
     import importlib.util
 
     from conftest import REPO
 
     from sae_jax.config import default_config
-    from sae_jax.train.loop import _check_settings, _sparsity_settings
+    from sae_jax.train.settings import TrainSettings
 
     base = default_config()
     files = sorted((REPO / "configs").glob("*.py"))
@@ -53,5 +53,4 @@ def test_every_config_file_loads_and_names_real_settings():
         c = mod.get_config()
         for section in c:
             assert set(c[section].keys()) == set(base[section].keys()), f
-        _check_settings(c.train)
-        _sparsity_settings(c.train, c.train.architecture)
+        TrainSettings.from_config(c.train)  # every rule that needs neither store nor devices

@@ -51,6 +51,6 @@ def test_compile_check_without_a_store_and_bad_input(tiny_store):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data=4 x model=4 on 16 cpu devices" in r.stdout
     r = run_cli("compile-check", "--devices", "6", *_args(tiny_store, **{"train.mesh_model": 4}), timeout=600)
-    assert r.returncode == 1 and "mesh data=1 x model=4 needs 4 devices, there are 6" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1 and "train.mesh_model=4 does not divide the 6 devices" in r.stderr, r.stderr[-2000:]
     r = run_cli("compile-check", "--devices", "8", "--d-in", "768", timeout=600)
     assert r.returncode == 1 and "name the hooks in train.hooks" in r.stderr, r.stderr[-2000:]

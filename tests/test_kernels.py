@@ -189,20 +189,20 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
 
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import init_state, make_optimizer, make_train_step
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import TrainStep
 
     n = jax.device_count()
     B, d, S, k, k_aux = 512 * n, 16, 1 << 14, 8, 8
     spec = BankSpec(("h",), (S,), (k,), d, S, k_aux)
     mesh = parallel.make_mesh(n, 1)
     B_local = B // n  # shapes in the partitioned program are per device
-    tx, sched = make_optimizer(spec, np.array([1e-3]), 100, 1, 0.2)
-    abstract = jax.eval_shape(lambda: init_state(spec, mesh, tx, jax.random.key(0), None))
     x = jax.ShapeDtypeStruct((1, B, d), jnp.float32)
 
     def compiled(encoder):
-        step = make_train_step(spec, mesh, tx, sched, np.array([1.0]), 100, 1 / 32, encoder=encoder, block=1024)
-        return step.lower(abstract, x).compile()
+        settings = TrainSettings.defaults(lr=1e-3, steps=100, warmup_steps=1, dead_tokens=100, encoder=encoder, encoder_block=1024)
+        step = TrainStep(spec, mesh, settings)
+        return step.lower(step.abstract_state(), x).compile()
 
     def sizes(c):
         return [np.prod([int(v) for v in dims.split(",")]) for dims in re.findall(r"\[([0-9,]+)\]", c.as_text()) if dims]

@@ -14,8 +14,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
 
-class EmptyCorpusError(ValueError):
+
+class EmptyCorpusError(SaeJaxError, ValueError):
     pass
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
+
 FORMAT = "sae_jax.activation_store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -40,7 +42,7 @@ TOKEN_FIELDS = ("token_id", "context", "position")
 _WRITER_OPTIONS = "group_size:1,uncompressed"  # group_size 1: a random read decodes one record
 
 
-class StoreError(RuntimeError):
+class StoreError(SaeJaxError, RuntimeError):
     """A store that is missing, damaged, or not what the command expects; the message names the file."""
 
 

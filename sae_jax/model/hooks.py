@@ -22,6 +22,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from sae_jax.errors import SaeJaxError
+
 POINTS = ("resid_pre", "attn_z", "attn_out", "resid_mid", "mlp_in", "mlp_out", "resid_post")
 
 _FORMATS = {
@@ -36,7 +38,7 @@ _FORMATS = {
 _PARSE = [(re.compile("^" + re.escape(f).replace(r"\{\}", r"(\d+)") + "$"), p) for p, f in _FORMATS.items()]
 
 
-class HookError(ValueError):
+class HookError(SaeJaxError, ValueError):
     """A hook name that is malformed or does not exist in the model."""
 
 

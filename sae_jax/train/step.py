@@ -18,6 +18,7 @@ import optax
 
 from sae_jax import parallel
 from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
+from sae_jax.train.settings import TrainSettings
 
 
 class Output(NamedTuple):
@@ -222,35 +223,59 @@ def batchtopk_threshold(state) -> np.ndarray:
     return np.asarray(state["threshold_ema"]) / max(float(state["threshold_norm"]), 1e-12)
 
 
-def make_train_step(
-    spec: BankSpec,
-    mesh,
-    tx,
-    sched,
-    input_scale: np.ndarray,
-    dead_tokens: int,
-    aux_coef: float,
-    encoder: str = "auto",
-    block: int = 4096,
-    compute_dtype=None,
-    *,
-    output_scale: np.ndarray | None = None,
-    sparsity_warmup: int = 0,
-    bandwidth: float = 0.001,
-    threshold_decay: float = 0.99,
-):
-    """Build the jitted `step(state, x) -> (state, metrics)` (transcoders: `step(state, x, y)`);
-    `x [M, B, d_in]` raw activations of each member's input hook, `y [M, B, d_out]` the raw targets.
-    `encoder`: the TopK encoder implementation (`kernels.topk.IMPLS`), `block` its latent block,
-    `compute_dtype` its matmul input dtype (None: the parameters' float32). `sparsity_warmup`:
-    steps over which the L1 / L0 coefficient rises linearly from 0; `bandwidth`: JumpReLU's
-    straight-through kernel width; `threshold_decay`: BatchTopK's running threshold."""
-    fwd = {aux: _sharded_forward(spec, mesh, aux and spec.sparse, encoder, block, compute_dtype, bandwidth) for aux in (False, True)}
+class TrainStep:
+    """The one step builder (`train`, `compile-check`, the benchmarks and the tests all use it):
+    from the bank, the mesh and the typed settings, the optimiser (`tx`, `sched`), the jitted
+    `step(state, x) -> (state, metrics)` (transcoders: `step(state, x, y)`), and the state it
+    runs on (`init_state`, or `abstract_state` to compile without allocating). `x [M, B, d_in]`
+    are raw activations of each member's input hook, `y [M, B, d_out]` the raw targets;
+    `input_scale` / `output_scale` [M] bring them to unit mean squared norm (default 1)."""
+
+    def __init__(self, spec: BankSpec, mesh, settings: TrainSettings, input_scale=None, output_scale=None):
+        self.spec, self.mesh, self.settings = spec, mesh, settings
+        self.tx, self.sched = build_optimizer(spec, settings)
+        ones = np.ones(spec.size, np.float32)
+        input_scale = ones if input_scale is None else input_scale
+        self.jitted = _jit_step(
+            spec, mesh, settings, self.tx, self.sched, input_scale, input_scale if output_scale is None else output_scale
+        )
+
+    def __call__(self, state, x, y=None):
+        return self.jitted(state, x) if y is None else self.jitted(state, x, y)
+
+    def lower(self, *args):
+        return self.jitted.lower(*args)
+
+    def init_state(self, key, sample: np.ndarray | None) -> dict:
+        """The state, created sharded; `b_dec` from the geometric median of `sample [M, N, d_out]` (scaled targets)."""
+        s = self.settings
+        return init_state(self.spec, self.mesh, self.tx, key, sample, s.jumprelu_init_threshold, s.encoder_init_scale)
+
+    def abstract_state(self) -> dict:
+        return abstract_state(self.spec, self.mesh, self.tx)
+
+
+def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
+    """Each member's learning rate: `train.lr`, or (0) the width rule `default_lr`."""
+    return np.asarray([settings.lr or default_lr(w) for w in spec.widths], np.float32)
+
+
+def build_optimizer(spec: BankSpec, settings: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    return make_optimizer(spec, member_lrs(spec, settings), settings.steps, settings.warmup_steps, settings.decay_frac)
+
+
+def _jit_step(spec: BankSpec, mesh, settings: TrainSettings, tx, sched, input_scale, output_scale):
+    s = settings
+    fwd = {
+        aux: _sharded_forward(spec, mesh, aux and spec.sparse, s.encoder, s.encoder_block, s.encoder_dtype, s.jumprelu_bandwidth)
+        for aux in (False, True)
+    }
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
-    out_scale = scale if output_scale is None else jnp.asarray(output_scale, jnp.float32)[:, None, None]
+    out_scale = jnp.asarray(output_scale, jnp.float32)[:, None, None]
     widths = jnp.asarray(spec.widths, jnp.float32)
     coefs = jnp.asarray(spec.coefs if spec.coefs else [0.0] * spec.size, jnp.float32)
     renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
+    dead_tokens, aux_coef, sparsity_warmup, threshold_decay = s.dead_tokens, s.aux_coef, s.sparsity_warmup_steps, s.threshold_decay
 
     def step(state, x, y=None):
         lat_mask, ks = _masks(spec, mesh)

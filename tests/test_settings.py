@@ -1,0 +1,122 @@
+"""`TrainSettings`: every train setting checked before any work, through the CLI as a user runs it."""
+
+import dataclasses
+
+import pytest
+
+from sae_jax import cli
+from sae_jax.config import default_config
+from sae_jax.train.settings import SettingsError, TrainSettings
+
+# one bad value per setting: the value, and what the message must say besides the key
+BAD = {
+    "store": ("", "must name a directory"),
+    "run_dir": (" ", "must name a directory"),
+    "architecture": ("gated", "choose from topk, batchtopk, jumprelu, relu"),
+    "out_hooks": ("blocks.1.hook_mlp_out", "name the transcoders' input hooks"),
+    "skip": (True, "a transcoder setting"),
+    "widths": ("64,0", "positive widths"),
+    "ks": ("0", "between 1 and the smallest width"),
+    "l1_coefs": ("0.1", "does not use it"),
+    "l0_coefs": ("x", "expected comma-separated numbers"),
+    "sparsity_warmup_frac": (1.5, "in [0, 1]"),
+    "jumprelu_bandwidth": (0.0, "> 0"),
+    "jumprelu_init_threshold": (-1.0, "> 0"),
+    "batchtopk_cap": (0, "at least 1"),
+    "threshold_decay": (1.0, "in [0, 1)"),
+    "matryoshka_prefixes": ("64,32", "strictly increasing"),
+    "batch_size": (0, "positive"),
+    "steps": (-3, "positive"),
+    "lr": (-1.0, ">= 0 and finite"),
+    "warmup_steps": (-1, ">= 0"),
+    "decay_frac": (2.0, "in [0, 1]"),
+    "dead_tokens": (0, "positive"),
+    "aux_coef": (-0.5, ">= 0"),
+    "k_aux": (10**9, "at most the smallest width"),
+    "encoder_init_scale": (0.0, "positive"),
+    "encoder": ("fast", "choose from auto"),
+    "encoder_block": (0, "positive"),
+    "encoder_dtype": ("float8", "float32, bfloat16"),
+    "mesh_data": (-1, ">= 0"),
+    "mesh_model": (3, "does not divide the 8 devices"),
+    "checkpoint_every": (0, "positive"),
+    "keep_checkpoints": (0, "positive"),
+    "log_every": (0, "positive"),
+    "seed": (-1, ">= 0"),
+    "holdout_shards": (-1, ">= 0"),
+    "max_nan_streak": (0, "positive"),
+    "verify_store": ("maybe", "verify_store"),
+    "progress": ("perhaps", "progress"),
+}
+# settings whose every value is valid on its own: a hook name is checked against the store
+# (tests/test_architectures.py::test_bad_settings_are_refused)
+NO_RULE_WITHOUT_A_STORE = {"hooks"}
+
+
+def test_every_setting_has_a_typed_field_and_a_bad_value():
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    assert fields == set(default_config().train.keys())
+    assert set(BAD) | NO_RULE_WITHOUT_A_STORE == fields
+
+
+@pytest.mark.parametrize("key", sorted(BAD))
+def test_bad_setting_exits_naming_the_key_and_writes_nothing(key, tmp_path, capsys):
+    value, said = BAD[key]
+    run, store = tmp_path / "run", tmp_path / "store"
+    args = [f"--config.train.run_dir={run}", f"--config.train.store={store}", f"--config.train.{key}={value}"]
+    code = cli.main(["sae-jax", "train", *args])
+    err = capsys.readouterr().err
+    assert code in (1, 2), err
+    assert f"train.{key}" in err and said in err, err
+    assert "Traceback" not in err
+    assert not run.exists() and not store.exists() and not any(tmp_path.iterdir())
+
+
+def test_mesh_rules_name_the_device_count():
+    s = TrainSettings.defaults(mesh_model=4, batch_size=4096)
+    assert s.mesh_shape(8) == (2, 4)
+    with pytest.raises(SettingsError, match="train.mesh_model=4 does not divide the 6 devices"):
+        s.mesh_shape(6)
+    with pytest.raises(SettingsError, match="train.mesh_data=4 x train.mesh_model=4 = 16 devices, there are 8"):
+        s.replace(mesh_data=4).mesh_shape(8)
+    with pytest.raises(SettingsError, match="train.batch_size=100 does not divide over 8 data-parallel devices"):
+        s.replace(mesh_model=1, batch_size=100).mesh_shape(8)
+
+
+def test_settings_are_typed_frozen_and_rechecked_on_replace():
+    s = TrainSettings.defaults(widths=(64, 128), ks=(4,))
+    assert s.widths == (64, 128) and isinstance(s.lr, float) and s.sparse
+    c = default_config()
+    c.train.widths, c.train.ks, c.train.matryoshka_prefixes = " 64, 128", "4,8", "16,32"
+    t = TrainSettings.from_config(c.train)
+    assert (t.widths, t.ks, t.matryoshka_prefixes) == ((64, 128), (4, 8), (16, 32))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.lr = 1.0
+    with pytest.raises(SettingsError, match="train.lr=-0.1"):
+        t.replace(lr=-0.1)
+    # a run's identity compares lists as parsed: an earlier run's "64, 128" is the same run
+    assert TrainSettings.canonical_identity({"widths": "64, 128", "ks": "4,8", "matryoshka_prefixes": "16,32"}) == {
+        **TrainSettings.canonical_identity({}),
+        "widths": "64,128",
+        "ks": "4,8",
+        "matryoshka_prefixes": "16,32",
+    }
+
+
+@pytest.mark.parametrize("job", ["train", "harvest", "demo", "compile-check"])
+def test_help_lists_each_field_with_its_default_and_meaning(job, capsys):
+    try:
+        code = cli.main(["sae-jax", job, "--help"])
+    except SystemExit as e:  # the config-driven jobs print their fields and exit
+        code = e.code
+    assert code == 0
+    out = capsys.readouterr().out
+    sections = cli.SECTIONS[job]
+    c = default_config()
+    for section in sections:
+        for key, value in c[section].items():
+            assert f"--config.{section}.{key}={value!r}" in out, (job, key)
+    if "train" in sections:
+        assert "tokens per step (a multiple of the store's rows per record)" in out  # train.batch_size's comment
+    if "harvest" in sections:
+        assert "contexts per forward pass" in out  # harvest.batch_size's comment
