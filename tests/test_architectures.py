@@ -175,12 +175,15 @@ BAD = [
     ({"architecture": "relu"}, "train.architecture='relu' needs one or more sparsity coefficients"),
     (
         {"architecture": "jumprelu", "l0_coefs": "1e-2", "l1_coefs": "1"},
-        "train.l1_coefs='1': set, but train.architecture='jumprelu' does not use it",
+        "set, but train.architecture='jumprelu' does not use it",
     ),
     ({"architecture": "topk", "matryoshka_prefixes": "32,16"}, "strictly increasing"),
     ({"architecture": "topk", "widths": "64,128", "matryoshka_prefixes": "16,64"}, "below the smallest width (64"),
     ({"architecture": "jumprelu", "l0_coefs": "1", "matryoshka_prefixes": "16"}, "Matryoshka works with topk or batchtopk"),
-    ({"out_hooks": "blocks.1.hook_mlp_out"}, "train.out_hooks: the transcoder output hook 'blocks.1.hook_mlp_out' is not in the store"),
+    (
+        {"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.hook_mlp_out"},
+        "train.out_hooks: the transcoder output hook 'blocks.1.hook_mlp_out' is not in the store",
+    ),
     (
         {"hooks": "blocks.1.hook_resid_post", "out_hooks": "blocks.1.attn.hook_z,blocks.1.hook_resid_post"},
         "one output hook per input hook",

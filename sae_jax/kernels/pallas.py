@@ -24,6 +24,8 @@ matmul: cheap for k << d (k 32-64, d 576-2304), the regime these kernels target.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -40,46 +42,80 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _merge_block(run_v, run_i, pre, start, kp: int):
-    """Top kp of (running values/indices [tb, kp]) U (block pre-activations [tb, blk], latent
-    ids start + column), descending. Ties go to the running entries, then the lowest column."""
-    tb, blk = pre.shape
+def _gated_merge(run_v, run_i, pre, start, k: int):
+    """Merge a block of pre-activations [tb, blk] (latent ids start + column) into the running
+    top-k slots (values / ids [tb, kp], unordered; slots >= k hold +inf and are never touched).
+
+    The row's running k-th value (the minimum over its k slots) is a threshold: only block
+    entries above it can enter. The loop runs as many rounds as the largest such count in the
+    tile (at most k); each round puts every row's block maximum in place of its running minimum
+    where it is larger, and knocks that maximum out of the block. Exact: a row with c entries
+    above its threshold needs at most c rounds, since each entry that enters only raises it.
+    Ties keep the running entry (a lower latent id) and take the lowest block column first."""
+    tb, kp = run_v.shape
+    blk = pre.shape[1]
     col_r = lax.broadcasted_iota(jnp.int32, (tb, kp), 1)
     col_b = lax.broadcasted_iota(jnp.int32, (tb, blk), 1)
     big = jnp.int32(2**30)
-    new_v = jnp.full((tb, kp), NEG, jnp.float32)
-    new_i = jnp.zeros((tb, kp), jnp.int32)
-    for t in range(kp):
-        m_r = jnp.max(run_v, axis=1, keepdims=True)
+    thr = jnp.min(run_v, axis=1, keepdims=True)
+    count = jnp.sum((pre > thr).astype(jnp.int32), axis=1, keepdims=True)
+    rounds = jnp.minimum(jnp.max(count), k)
+
+    def one_round(_, carry):
+        run_v, run_i, pre = carry
         m_b = jnp.max(pre, axis=1, keepdims=True)
-        take_b = m_b > m_r
-        p_r = jnp.min(jnp.where(run_v == m_r, col_r, big), axis=1, keepdims=True)
         p_b = jnp.min(jnp.where(pre == m_b, col_b, big), axis=1, keepdims=True)
-        i_r = jnp.sum(jnp.where(col_r == p_r, run_i, 0), axis=1, keepdims=True)
-        m = jnp.where(take_b, m_b, m_r)
-        idx = jnp.where(take_b, p_b + start, i_r)
-        new_v = jnp.where(col_r == t, m, new_v)
-        new_i = jnp.where(col_r == t, idx, new_i)
-        pre = jnp.where(take_b & (col_b == p_b), NEG, pre)
-        run_v = jnp.where(~take_b & (col_r == p_r), NEG, run_v)
-    return new_v, new_i
+        m_r = jnp.min(run_v, axis=1, keepdims=True)
+        p_r = jnp.min(jnp.where(run_v == m_r, col_r, big), axis=1, keepdims=True)
+        put = (m_b > m_r) & (col_r == p_r)
+        run_v = jnp.where(put, m_b, run_v)
+        run_i = jnp.where(put, p_b + start, run_i)
+        pre = jnp.where(col_b == p_b, NEG, pre)
+        return run_v, run_i, pre
+
+    run_v, run_i, _ = lax.fori_loop(0, rounds, one_round, (run_v, run_i, pre))
+    return run_v, run_i
 
 
-def _tpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, kp: int, block: int):
+def _init_slots(shape, k: int):
+    """Running slots: -inf in the k real ones, +inf in the padding (never the minimum)."""
+    col = lax.broadcasted_iota(jnp.int32, shape, 1)
+    return jnp.where(col < k, NEG, jnp.inf).astype(jnp.float32), jnp.zeros(shape, jnp.int32)
+
+
+def gated_rounds(pre, k: int, row_tile: int, block: int):
+    """The gated merge's trip count for every (row tile, latent block) of `pre [B, S]`, [B / tb,
+    S / block] int32, and the ungated merge's (k per block): what the kernels run, computed
+    without them (pure JAX) to measure the gate on real activations."""
+    B, S = pre.shape
+    tiles = pre.reshape(B // row_tile, row_tile, S // block, block).transpose(2, 0, 1, 3)  # [nb, nt, tb, blk]
+
+    def step(run, blk):  # run: the exact running top-k values [nt, tb, k]
+        thr = jnp.min(run, axis=-1, keepdims=True)
+        count = jnp.sum(blk > thr, axis=-1)
+        rounds = jnp.minimum(jnp.max(count, axis=-1), k)
+        run = lax.top_k(jnp.concatenate([run, blk], axis=-1), k)[0]
+        return run, rounds
+
+    run0 = jnp.full((B // row_tile, row_tile, k), NEG, jnp.float32)
+    _, rounds = lax.scan(step, run0, tiles.astype(jnp.float32))
+    return rounds.T, jnp.full((B // row_tile, S // block), k, jnp.int32)
+
+
+def _tpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, k: int, block: int):
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _():
-        v_ref[...] = jnp.full(v_ref.shape, NEG, jnp.float32)
-        i_ref[...] = jnp.zeros(i_ref.shape, jnp.int32)
+        v_ref[...], i_ref[...] = _init_slots(v_ref.shape, k)
 
     pre = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32) + b_ref[...].astype(jnp.float32)
-    v, i = _merge_block(v_ref[...], i_ref[...], pre, j * block, kp)
+    v, i = _gated_merge(v_ref[...], i_ref[...], pre, j * block, k)
     v_ref[...] = v
     i_ref[...] = i
 
 
-def _gpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, kp: int, block: int, n_blocks: int, d_chunk: int, n_chunks: int):
+def _gpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, k: int, block: int, n_blocks: int, d_chunk: int, n_chunks: int):
     tb = x_ref.shape[0]
 
     def one_block(j, carry):
@@ -93,16 +129,35 @@ def _gpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, kp: int, block: int, n_blo
 
         pre = lax.fori_loop(0, n_chunks, mm, jnp.zeros((tb, block), jnp.float32))
         pre = pre + b_ref[:, pl.ds(start, block)].astype(jnp.float32)
-        return _merge_block(run_v, run_i, pre, start, kp)
+        return _gated_merge(run_v, run_i, pre, start, k)
 
-    init = (jnp.full((tb, kp), NEG, jnp.float32), jnp.zeros((tb, kp), jnp.int32))
+    init = _init_slots(v_ref.shape, k)
     v, i = lax.fori_loop(0, n_blocks, one_block, init)
     v_ref[...] = v
     i_ref[...] = i
 
 
-def _interpret(backend: str):
-    if jax.default_backend() == backend:
+# the platform a program is being compiled for, where it is not this process's backend
+# (deviceless ahead-of-time compilation for a TPU topology or GPU target: `compile_check`)
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("sae_jax_pallas_target", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Lower the kernels for `platform` ('tpu' / 'gpu') with its real compiler, not in interpret mode."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    return _TARGET.get() or jax.default_backend()
+
+
+def _interpret(backend: str, target: str):
+    if target == backend:
         return False
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
@@ -121,8 +176,8 @@ def _pad(a, axis, mult, value=0.0):
     return jnp.pad(a, pads, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "backend", "row_tile", "d_chunk"))
-def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chunk: int = 64):
+@functools.partial(jax.jit, static_argnames=("k", "block", "backend", "row_tile", "d_chunk", "target"))
+def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chunk: int = 64, target: str = ""):
     rows, d = x.shape
     s = w.shape[1]
     kp = _pow2(k)
@@ -140,7 +195,7 @@ def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chun
         from jax.experimental.pallas import tpu as pltpu
 
         v, i = pl.pallas_call(
-            functools.partial(_tpu_kernel, kp=kp, block=block),
+            functools.partial(_tpu_kernel, k=k, block=block),
             grid=(n_rows, n_blocks),
             in_specs=[
                 pl.BlockSpec((tb, d), lambda r, j: (r, 0)),
@@ -150,7 +205,7 @@ def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chun
             out_specs=[pl.BlockSpec((tb, kp), lambda r, j: (r, 0)), pl.BlockSpec((tb, kp), lambda r, j: (r, 0))],
             out_shape=out_shape,
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-            interpret=_interpret("tpu"),
+            interpret=_interpret("tpu", target),
         )(xp, wp, bp)
     else:
         dc = _pow2(min(d_chunk, d))
@@ -158,7 +213,7 @@ def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chun
         wp = _pad(wp, 0, dc)
         n_chunks = xp.shape[1] // dc
         v, i = pl.pallas_call(
-            functools.partial(_gpu_kernel, kp=kp, block=block, n_blocks=n_blocks, d_chunk=dc, n_chunks=n_chunks),
+            functools.partial(_gpu_kernel, k=k, block=block, n_blocks=n_blocks, d_chunk=dc, n_chunks=n_chunks),
             grid=(n_rows,),
             in_specs=[
                 pl.BlockSpec((tb, xp.shape[1]), lambda r: (r, 0)),
@@ -167,12 +222,18 @@ def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chun
             ],
             out_specs=[pl.BlockSpec((tb, kp), lambda r: (r, 0)), pl.BlockSpec((tb, kp), lambda r: (r, 0))],
             out_shape=out_shape,
-            interpret=_interpret("gpu"),
+            interpret=_interpret("gpu", target),
         )(xp, wp, bp)
-    return v[:rows, :k], i[:rows, :k]
+    return _ordered(v[:rows, :k], i[:rows, :k])
+
+
+def _ordered(v, i):
+    """The k winners in lax.top_k's order: value descending, then latent id ascending (once, at the end)."""
+    neg_v, i = lax.sort((-v, i), num_keys=2)
+    return -neg_v, i
 
 
 def topk_candidates(x, w, biases, k: int, block: int, backend: str):
     """[(values [B, k], indices [B, k]) per bias]: the fused kernel once per bias variant.
     (The AuxK variant recomputes the matmul here; sharing it inside the kernel is future work.)"""
-    return [_one(x, w, b, k=k, block=block, backend=backend) for b in biases]
+    return [_one(x, w, b, k=k, block=block, backend=backend, target=target_platform()) for b in biases]

@@ -56,7 +56,9 @@ def resolve_impl(impl: str, rows: int = 0, width: int = 0) -> str:
         raise ValueError(f"unknown TopK encoder implementation {impl!r} (choose from {', '.join(IMPLS)})")
     if impl != "auto":
         return impl
-    backend = jax.default_backend()
+    from sae_jax.kernels.pallas import target_platform
+
+    backend = target_platform()
     if backend in ("gpu", "tpu"):
         return f"pallas_{backend}"
     if rows <= 0 or width <= 0:
