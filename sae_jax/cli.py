@@ -154,11 +154,16 @@ def cmd_compile_check(argv) -> int:
     p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the estimate assumes")
     p.add_argument("--d-in", type=int, default=0, help="the hooks' width, to check without a store (name the hooks in train.hooks)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
+    p.add_argument("--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)")
     if _wants_help(argv):
         p.print_help()
         print("\n" + _config_help(argv, "default.py"))
         return 0
     a, rest = p.parse_known_args(argv[1:])
+    if a.topology and a.devices:
+        raise SystemExit("sae-jax compile-check: --topology and --devices exclude each other (the topology says the devices)")
+    if a.topology:
+        os.environ["JAX_PLATFORMS"] = "cpu"  # this host compiles; the program is for the topology's chips
     if a.devices:
         if a.devices < 1:
             raise SystemExit("sae-jax compile-check: --devices must be at least 1")
@@ -168,7 +173,7 @@ def cmd_compile_check(argv) -> int:
     from sae_jax.train.compile_check import compile_check, refusal, report
 
     cfg = _load_config([argv[0], *rest], "default.py")
-    rep = compile_check(cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib)
+    rep = compile_check(cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology)
     print(report(rep))
     if a.json:
         import json

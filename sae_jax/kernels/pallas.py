@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 
 NEG = -jnp.inf
 MAX_BLOCK = {"gpu": 128, "tpu": 512}
-ROW_TILE = {"gpu": 64, "tpu": 128}
+ROW_TILE = {"gpu": 64, "tpu": 256}
 
 
 def _pow2(n: int) -> int:
@@ -102,24 +102,31 @@ def gated_rounds(pre, k: int, row_tile: int, block: int):
     return rounds.T, jnp.full((B // row_tile, S // block), k, jnp.int32)
 
 
-def _tpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, k: int, block: int):
+def _tpu_kernel(x_ref, w_ref, *refs, ks: tuple[int, ...], block: int):
+    """Grid (row tile, latent block): one matmul per block, then a gated merge per bias variant
+    (the TopK bias, and AuxK's, -inf on live latents) into its own running slots."""
+    n = len(ks)
+    b_refs, outs = refs[:n], refs[n:]
     j = pl.program_id(1)
 
     @pl.when(j == 0)
     def _():
-        v_ref[...], i_ref[...] = _init_slots(v_ref.shape, k)
+        for t, k in enumerate(ks):
+            outs[2 * t][...], outs[2 * t + 1][...] = _init_slots(outs[2 * t].shape, k)
 
-    pre = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32) + b_ref[...].astype(jnp.float32)
-    v, i = _gated_merge(v_ref[...], i_ref[...], pre, j * block, k)
-    v_ref[...] = v
-    i_ref[...] = i
+    pre = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
+    for t, k in enumerate(ks):
+        v, i = _gated_merge(outs[2 * t][...], outs[2 * t + 1][...], pre + b_refs[t][...].astype(jnp.float32), j * block, k)
+        outs[2 * t][...] = v
+        outs[2 * t + 1][...] = i
 
 
-def _gpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, k: int, block: int, n_blocks: int, d_chunk: int, n_chunks: int):
+def _gpu_kernel(x_ref, w_ref, *refs, ks: tuple[int, ...], block: int, n_blocks: int, d_chunk: int, n_chunks: int):
+    n = len(ks)
+    b_refs, outs = refs[:n], refs[n:]
     tb = x_ref.shape[0]
 
     def one_block(j, carry):
-        run_v, run_i = carry
         start = j * block
 
         def mm(c, acc):
@@ -128,13 +135,14 @@ def _gpu_kernel(x_ref, w_ref, b_ref, v_ref, i_ref, *, k: int, block: int, n_bloc
             return acc + jnp.dot(xs, ws, preferred_element_type=jnp.float32)
 
         pre = lax.fori_loop(0, n_chunks, mm, jnp.zeros((tb, block), jnp.float32))
-        pre = pre + b_ref[:, pl.ds(start, block)].astype(jnp.float32)
-        return _gated_merge(run_v, run_i, pre, start, k)
+        return tuple(
+            _gated_merge(*carry[t], pre + b_refs[t][:, pl.ds(start, block)].astype(jnp.float32), start, k) for t, k in enumerate(ks)
+        )
 
-    init = _init_slots(v_ref.shape, k)
-    v, i = lax.fori_loop(0, n_blocks, one_block, init)
-    v_ref[...] = v
-    i_ref[...] = i
+    init = tuple(_init_slots(outs[2 * t].shape, k) for t, k in enumerate(ks))
+    final = lax.fori_loop(0, n_blocks, one_block, init)
+    for t in range(n):
+        outs[2 * t][...], outs[2 * t + 1][...] = final[t]
 
 
 # the platform a program is being compiled for, where it is not this process's backend
@@ -176,55 +184,61 @@ def _pad(a, axis, mult, value=0.0):
     return jnp.pad(a, pads, constant_values=value)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "backend", "row_tile", "d_chunk", "target"))
-def _one(x, w, b, *, k: int, block: int, backend: str, row_tile: int = 0, d_chunk: int = 64, target: str = ""):
+def _slots(k: int, backend: str) -> int:
+    """Running slots for k winners: TPU vregs hold 128 lanes; Triton wants powers of two."""
+    return -(-k // 128) * 128 if backend == "tpu" else _pow2(k)
+
+
+VMEM_LIMIT = 64 * 2**20  # scoped VMEM the TPU kernel may use (v5e/v6e have 128 MiB, v5p 95; the default scope is 16-32)
+
+
+@functools.partial(jax.jit, static_argnames=("ks", "block", "backend", "row_tile", "d_chunk", "target"))
+def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_tile: int = 0, d_chunk: int = 64, target: str = ""):
+    """[(values [B, k], ids [B, k]) per bias]: one pass over the latents, the matmul once."""
     rows, d = x.shape
     s = w.shape[1]
-    kp = _pow2(k)
+    kps = tuple(_slots(k, backend) for k in ks)
     # tiles sized for the hardware: a GPU program holds a [tb, block] f32 tile in registers /
-    # shared memory (64 x 128); a TPU step a [tb, block] VMEM tile (lanes of 128, 8-row sublanes)
-    block = min(block, MAX_BLOCK[backend])
-    block = max(_pow2(min(block, max(s, kp))), kp)
-    tb = row_tile or min(ROW_TILE[backend], _pow2(rows))
+    # shared memory (64 x 128); a TPU step a [tb, block] VMEM tile (lanes of 128, 8-row sublanes),
+    # with tb rows sharing each streamed W block (tb FLOPs per byte of W in bf16)
+    block = _pow2(min(block, MAX_BLOCK[backend], max(s, 1)))
+    block = max(block, 128 if backend == "tpu" else 16)
+    tb = row_tile or max(min(ROW_TILE[backend], _pow2(rows)), 8)
     xp = _pad(x, 0, tb)
     wp = _pad(w, 1, block)
-    bp = _pad(b.reshape(1, -1), 1, block, NEG)
+    bps = [_pad(b.reshape(1, -1), 1, block, NEG) for b in biases]
     n_rows, n_blocks = xp.shape[0] // tb, wp.shape[1] // block
-    out_shape = (jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.float32), jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.int32))
+    out_shape = []
+    for kp in kps:
+        out_shape += [jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.float32), jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.int32)]
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        v, i = pl.pallas_call(
-            functools.partial(_tpu_kernel, k=k, block=block),
+        outs = pl.pallas_call(
+            functools.partial(_tpu_kernel, ks=ks, block=block),
             grid=(n_rows, n_blocks),
-            in_specs=[
-                pl.BlockSpec((tb, d), lambda r, j: (r, 0)),
-                pl.BlockSpec((d, block), lambda r, j: (0, j)),
-                pl.BlockSpec((1, block), lambda r, j: (0, j)),
-            ],
-            out_specs=[pl.BlockSpec((tb, kp), lambda r, j: (r, 0)), pl.BlockSpec((tb, kp), lambda r, j: (r, 0))],
+            in_specs=[pl.BlockSpec((tb, d), lambda r, j: (r, 0)), pl.BlockSpec((d, block), lambda r, j: (0, j))]
+            + [pl.BlockSpec((1, block), lambda r, j: (0, j)) for _ in biases],
+            out_specs=[pl.BlockSpec((tb, kp), lambda r, j: (r, 0)) for kp in kps for _ in (0, 1)],
             out_shape=out_shape,
-            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+            compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT),
             interpret=_interpret("tpu", target),
-        )(xp, wp, bp)
+        )(xp, wp, *bps)
     else:
         dc = _pow2(min(d_chunk, d))
         xp = _pad(xp, 1, dc)
         wp = _pad(wp, 0, dc)
         n_chunks = xp.shape[1] // dc
-        v, i = pl.pallas_call(
-            functools.partial(_gpu_kernel, k=k, block=block, n_blocks=n_blocks, d_chunk=dc, n_chunks=n_chunks),
+        outs = pl.pallas_call(
+            functools.partial(_gpu_kernel, ks=ks, block=block, n_blocks=n_blocks, d_chunk=dc, n_chunks=n_chunks),
             grid=(n_rows,),
-            in_specs=[
-                pl.BlockSpec((tb, xp.shape[1]), lambda r: (r, 0)),
-                pl.BlockSpec(wp.shape, lambda r: (0, 0)),
-                pl.BlockSpec(bp.shape, lambda r: (0, 0)),
-            ],
-            out_specs=[pl.BlockSpec((tb, kp), lambda r: (r, 0)), pl.BlockSpec((tb, kp), lambda r: (r, 0))],
+            in_specs=[pl.BlockSpec((tb, xp.shape[1]), lambda r: (r, 0)), pl.BlockSpec(wp.shape, lambda r: (0, 0))]
+            + [pl.BlockSpec(b.shape, lambda r: (0, 0)) for b in bps],
+            out_specs=[pl.BlockSpec((tb, kp), lambda r: (r, 0)) for kp in kps for _ in (0, 1)],
             out_shape=out_shape,
             interpret=_interpret("gpu", target),
-        )(xp, wp, bp)
-    return _ordered(v[:rows, :k], i[:rows, :k])
+        )(xp, wp, *bps)
+    return [_ordered(outs[2 * t][:rows, :k], outs[2 * t + 1][:rows, :k]) for t, k in enumerate(ks)]
 
 
 def _ordered(v, i):
@@ -233,7 +247,7 @@ def _ordered(v, i):
     return -neg_v, i
 
 
-def topk_candidates(x, w, biases, k: int, block: int, backend: str):
-    """[(values [B, k], indices [B, k]) per bias]: the fused kernel once per bias variant.
-    (The AuxK variant recomputes the matmul here; sharing it inside the kernel is future work.)"""
-    return [_one(x, w, b, k=k, block=block, backend=backend, target=target_platform()) for b in biases]
+def topk_candidates(x, w, biases, ks, block: int, backend: str):
+    """[(values [B, k], indices [B, k]) per bias, k from `ks`]: one fused pass (AuxK's selection
+    shares the TopK matmul and keeps its own slot count)."""
+    return _fused(x, w, tuple(biases), ks=tuple(ks), block=block, backend=backend, target=target_platform())

@@ -141,8 +141,10 @@ def _rows(x, w, biases, k, cd=None):
     return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
 
 
-def _forward(x, w, biases, k, impl, block, cd=None):
-    """`cd`: the matmul's input dtype (None: as given); accumulation is always float32."""
+def _forward(x, w, biases, ks, impl, block, cd=None):
+    """[(values, ids) per bias, k from `ks`] (the XLA paths select max(ks) for every bias; slice).
+    `cd`: the matmul's input dtype (None: as given); accumulation is always float32."""
+    k = max(ks)
     if cd is not None:
         x = x.astype(cd)
     if impl == "dense":
@@ -154,7 +156,7 @@ def _forward(x, w, biases, k, impl, block, cd=None):
     if impl in ("pallas_gpu", "pallas_tpu"):
         from sae_jax.kernels import pallas
 
-        return pallas.topk_candidates(x, w if cd is None else w.astype(cd), biases, k, block, backend=impl.removeprefix("pallas_"))
+        return pallas.topk_candidates(x, w if cd is None else w.astype(cd), biases, ks, block, backend=impl.removeprefix("pallas_"))
     raise ValueError(f"unknown TopK encoder implementation {impl!r}")
 
 
@@ -189,7 +191,7 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
 def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
     biases = (b,) if aux_b is None else (b, aux_b)
-    out = _forward(x, w, biases, k if aux_b is None else max(k, k_aux), impl, block, cd)
+    out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), impl, block, cd)
     (v, i) = out[0]
     v, i = v[:, :k], i[:, :k]
     if aux_b is None:

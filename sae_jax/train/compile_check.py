@@ -19,6 +19,8 @@ batch / (FLOPs / (devices x peak x MFU)).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import time
 
 import numpy as np
@@ -38,6 +40,20 @@ PEAK_TFLOPS = {
     "NVIDIA H200": 989.0,
     "NVIDIA H100": 989.0,
     "NVIDIA A100": 312.0,
+}
+
+
+# HBM per chip or GPU (vendor figures, GiB), for a target compiled without its memory_stats()
+HBM_GIB = {
+    "TPU v4": 32.0,
+    "TPU v5 lite": 16.0,
+    "TPU v5e": 16.0,
+    "TPU v5p": 95.0,
+    "TPU v5": 95.0,
+    "TPU v6 lite": 32.0,
+    "TPU v6e": 32.0,
+    "NVIDIA H200": 141.0,
+    "NVIDIA H100": 80.0,
 }
 
 
@@ -74,6 +90,13 @@ def step_flops(spec, batch: int) -> float:
     return total
 
 
+def _hbm(kind: str) -> int | None:
+    for name, gib in HBM_GIB.items():
+        if kind.startswith(name):
+            return int(gib * GIB)
+    return None
+
+
 def _peak(kind: str, given: float | None) -> float | None:
     if given:
         return given
@@ -93,18 +116,49 @@ def _device_memory() -> int | None:
     return stats.get("bytes_limit")
 
 
+def target_devices(topology: str) -> list:
+    """The devices of a TPU topology (`v5e:2x2`, `v5p:2x2x1`, `v6e:2x2`, ...) for deviceless
+    ahead-of-time compilation with libtpu's compiler; this process's own devices when empty."""
+    import jax
+
+    if not topology:
+        return jax.devices()
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # keeps libtpu from probing for a host it is not on
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as e:  # noqa: BLE001  (no libtpu, or a name it does not know)
+        if importlib.util.find_spec("libtpu") is None:
+            raise CompileCheckError(
+                f"--topology {topology}: compiling for a TPU needs libtpu in this Python (`make tpu-venv` builds .tpu-venv with it; "
+                "run .tpu-venv/bin/sae-jax compile-check ...)"
+            ) from None
+        raise CompileCheckError(f"--topology {topology!r}: libtpu does not know it ({str(e).splitlines()[0][:300]}); e.g. v5e:2x2, v5p:2x2x1, v6e:2x2") from None
+
+
 def compile_check(
-    c, *, d_in: int | None = None, peak_tflops: float | None = None, mfu: float = 0.5, memory_gib: float | None = None
+    c,
+    *,
+    d_in: int | None = None,
+    peak_tflops: float | None = None,
+    mfu: float = 0.5,
+    memory_gib: float | None = None,
+    topology: str = "",
 ) -> dict:
     import jax
     import jax.numpy as jnp
 
     from sae_jax import parallel
     from sae_jax.data.store import DTYPES, open_store
+    from sae_jax.kernels.pallas import compiling_for
     from sae_jax.train.loop import bank_spec, make_mesh, settings_for
     from sae_jax.train.step import TrainStep
 
-    t = settings_for(c, jax.device_count())
+    devices = target_devices(topology)
+    platform = devices[0].platform
+    t = settings_for(c, len(devices))
     if not 0 < mfu <= 1:
         raise CompileCheckError(f"--mfu {mfu}: a fraction in (0, 1]")
     if d_in:
@@ -115,9 +169,10 @@ def compile_check(
         store = open_store(t.store)
         dtype = DTYPES[store.manifest["dtype"]]
     spec = bank_spec(t, store)
-    mesh = make_mesh(t)
+    mesh = make_mesh(t, devices)
     n_data = mesh.shape["data"]
-    step = TrainStep(spec, mesh, t)
+    with compiling_for(platform):  # the encoder's `auto` and the Pallas kernels for the target, not this host
+        step = TrainStep(spec, mesh, t)
     state = step.abstract_state()
     x_sharding = parallel.sharding(mesh, "x")
     x = jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_in), dtype, sharding=x_sharding)
@@ -125,7 +180,8 @@ def compile_check(
         (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.dout), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
     t0 = time.perf_counter()
-    compiled = step.lower(*args).compile()
+    with compiling_for(platform):
+        compiled = step.lower(*args).compile()
     compile_s = time.perf_counter() - t0
 
     def per_device(tree) -> int:
@@ -139,7 +195,7 @@ def compile_check(
     dev = mesh.devices.flat[0]
     kind = dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
     peak = _peak(getattr(dev, "device_kind", ""), peak_tflops)
-    limit = memory_gib * GIB if memory_gib else _device_memory()
+    limit = memory_gib * GIB if memory_gib else (_hbm(getattr(dev, "device_kind", "")) if topology else _device_memory())
     rep = {
         "mesh": {"data": n_data, "model": mesh.shape["model"]},
         "devices": mesh.devices.size,
