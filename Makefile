@@ -7,8 +7,9 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 # The peers (SAELens, sparsify) that the export tests load exports with: torch wants Python 3.11.
 PEER_PYTHON ?= $(shell command -v /usr/bin/python3.11 || PYENV_VERSION=3.11.7 pyenv which python3.11)
 PEER_VENV   := .peer-venv
+TPU_VENV    := .tpu-venv
 
-.PHONY: demo test lint install install-dev peer-venv chromium clean-demo
+.PHONY: demo test test-fast lint install install-dev peer-venv tpu-venv chromium clean-demo
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "sae_jax needs Python >= 3.12 (set PYTHON=python3.12)")'
@@ -30,6 +31,13 @@ $(PEER_VENV)/.installed: tests/peers/requirements.txt
 	$(PEER_VENV)/bin/pip install -q -r tests/peers/requirements.txt
 	touch $@
 
+# this project with libtpu (jax[tpu] pins the libtpu that matches jax): compile for TPU topologies
+$(TPU_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/pip install -q --upgrade pip
+	$(TPU_VENV)/bin/pip install -q -e '.[tpu]'
+	touch $@
+
 # headless Chromium for the latent atlas page's browser test (Debian's package)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
@@ -41,9 +49,15 @@ demo: $(VENV)/.installed
 	$(BIN)/sae-jax demo
 
 peer-venv: $(PEER_VENV)/.installed
+tpu-venv: $(TPU_VENV)/.installed
 
-test: $(VENV)/.installed-dev $(PEER_VENV)/.installed chromium
+# every test (what CI runs)
+test: $(VENV)/.installed-dev $(PEER_VENV)/.installed $(TPU_VENV)/.installed chromium
 	$(BIN)/python -m pytest -q
+
+# the edit-run loop: no peers' venv, no browser, no libtpu, nothing that takes minutes
+test-fast: $(VENV)/.installed-dev
+	$(BIN)/python -m pytest -q -m "not slow and not peers and not browser and not aot"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

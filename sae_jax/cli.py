@@ -154,7 +154,9 @@ def cmd_compile_check(argv) -> int:
     p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the estimate assumes")
     p.add_argument("--d-in", type=int, default=0, help="the hooks' width, to check without a store (name the hooks in train.hooks)")
     p.add_argument("--json", default="", help="also write the numbers to this JSON file")
-    p.add_argument("--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)")
+    p.add_argument(
+        "--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)"
+    )
     if _wants_help(argv):
         p.print_help()
         print("\n" + _config_help(argv, "default.py"))

@@ -135,7 +135,9 @@ def target_devices(topology: str) -> list:
                 f"--topology {topology}: compiling for a TPU needs libtpu in this Python (`make tpu-venv` builds .tpu-venv with it; "
                 "run .tpu-venv/bin/sae-jax compile-check ...)"
             ) from None
-        raise CompileCheckError(f"--topology {topology!r}: libtpu does not know it ({str(e).splitlines()[0][:300]}); e.g. v5e:2x2, v5p:2x2x1, v6e:2x2") from None
+        raise CompileCheckError(
+            f"--topology {topology!r}: libtpu does not know it ({str(e).splitlines()[0][:300]}); e.g. v5e:2x2, v5p:2x2x1, v6e:2x2"
+        ) from None
 
 
 def compile_check(
