@@ -6,7 +6,7 @@
 For each d_sae: the encoder alone (`topk_encode`, forward, bf16 inputs) and the full train step
 (forward with bf16 encoder matmuls, `train.encoder_dtype=bfloat16`; sparse backward; Adam;
 decoder renormalisation; float32 parameters) with the dense reference and with the fused kernel
-(`auto`: Pallas on GPU/TPU). MFU as DESIGN.md defines it: (2 B d_in d_sae + the sparse
+(`auto`: Pallas on GPU/TPU). MFU as docs/design.md (section 8) defines it: (2 B d_in d_sae + the sparse
 terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
 alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
 Goals: encoder MFU >= 50%; the step >= 2x faster than dense at 2^18; 2^20 trains on one H100.

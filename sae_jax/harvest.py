@@ -127,14 +127,10 @@ def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
             lm.close()
 
 
-def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
+def _identity(c, lm, hooks, src: str, bos, n_target: int, torch_backend: bool) -> tuple[dict, dict]:
+    """(fingerprint, manifest header) of the store this harvest writes: the fingerprint must
+    match a store already there (a restart with other settings is refused)."""
     h, d = c.harvest, c.data
-    out = Path(h.out).expanduser()
-    hooks = parse_hooks(h.hooks, lm.cfg.n_layers)
-    src = describe(d.source, d.path, d.split, d.text_key, d.tfds_name)
-    bos = lm.bos_id if d.prepend_bos else None
-    body = d.ctx_len - (bos is not None)
-    n_target = math.ceil(h.tokens / body)
     fingerprint = {**harvest_fingerprint_fields(c), "model": lm.identity["digest"], "source": src, "hooks": [x.name for x in hooks]}
     if torch_backend:  # (absent for the Flax backend, so stores written before the option keep their fingerprint)
         fingerprint["backend"] = "torch"
@@ -156,6 +152,31 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
         "token_fields": list(st.TOKEN_FIELDS),
         "contexts_target": n_target,
     }
+    return fingerprint, header
+
+
+def _compiled_forward(lm, hooks, h, ctx_len: int, store_dtype, torch_backend: bool):
+    """(forward(state, tokens [batch, ctx]) -> {hook: activations}, state)."""
+    if torch_backend:
+
+        def fwd(_, tokens):
+            return {k: v.astype(store_dtype) for k, v in lm.forward(np.asarray(tokens)).items()}
+
+        return fwd, None
+    fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
+    # Compiled once, ahead of time, for the one fixed shape; the loop calls only this executable
+    # (a batch of another shape would be an error, never a silent recompilation).
+    return fwd.lower(state, jax.ShapeDtypeStruct((h.batch_size, ctx_len), jnp.int32)).compile(), state
+
+
+def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
+    h, d = c.harvest, c.data
+    out = Path(h.out).expanduser()
+    hooks = parse_hooks(h.hooks, lm.cfg.n_layers)
+    src = describe(d.source, d.path, d.split, d.text_key, d.tfds_name)
+    bos = lm.bos_id if d.prepend_bos else None
+    n_target = math.ceil(h.tokens / (d.ctx_len - (bos is not None)))
+    fingerprint, header = _identity(c, lm, hooks, src, bos, n_target, torch_backend)
     # Read the first context before touching the output directory: a bad or empty text source
     # fails here and leaves nothing behind.
     ctx_iter = contexts(
@@ -192,16 +213,7 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
 
     store_dtype = st.DTYPES[h.dtype]
     t0 = time.perf_counter()
-    if torch_backend:
-        state = None
-
-        def fwd(_, tokens):
-            return {k: v.astype(store_dtype) for k, v in lm.forward(np.asarray(tokens)).items()}
-    else:
-        fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
-        # Compiled once, ahead of time, for the one fixed shape; the loop calls only this executable
-        # (a batch of another shape would be an error, never a silent recompilation).
-        fwd = fwd.lower(state, jax.ShapeDtypeStruct((h.batch_size, d.ctx_len), jnp.int32)).compile()
+    fwd, state = _compiled_forward(lm, hooks, h, d.ctx_len, store_dtype, torch_backend)
     compile_s = time.perf_counter() - t0
     special = np.zeros(lm.cfg.vocab_size + 1, dtype=bool)
     if h.exclude_special:

@@ -12,7 +12,7 @@ from the shapes and the shardings), the temporaries are the CPU compiler's buffe
 (the TPU and GPU compilers' differ; check on the target for the last few percent).
 
 Memory per device = XLA's arguments + outputs - aliased (the donated state) + temporaries.
-FLOPs per step are the formula of DESIGN.md (encoder matmul 2·B·d_in·W per member plus the
+FLOPs per step are the formula of docs/design.md section 8 (encoder matmul 2·B·d_in·W per member plus the
 sparse decoder and backward terms, or their dense counterparts for ReLU / JumpReLU); tokens/s =
 batch / (FLOPs / (devices x peak x MFU)).
 """

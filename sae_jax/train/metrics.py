@@ -50,11 +50,11 @@ class MetricsWriter:
 
     def log(self, step: int, metrics: dict, state: dict) -> dict:
         """One record: the step's metrics [M] per member, tokens/s since the last record, NaN counts."""
+        values = {k: host(v).tolist() for k, v in metrics.items()}  # waits for the step: the clock reads after it
+        values["nan_skips"] = int(host(state["nan_skips"]))
+        values["nan_streak"] = int(host(state["nan_streak"]))
         dt = time.perf_counter() - self.t0
-        rec = {"step": step, "tokens": step * self.batch_size, "tok_s": (step - self.step0) * self.batch_size / max(dt, 1e-9)}
-        rec.update({k: host(v).tolist() for k, v in metrics.items()})
-        rec["nan_skips"] = int(host(state["nan_skips"]))
-        rec["nan_streak"] = int(host(state["nan_streak"]))
+        rec = {"step": step, "tokens": step * self.batch_size, "tok_s": (step - self.step0) * self.batch_size / max(dt, 1e-9), **values}
         if self.main:
             self.file.write(json.dumps(rec) + "\n")
             self.file.flush()
