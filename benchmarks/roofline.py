@@ -40,7 +40,7 @@ CHIPS = {  # peak bf16 TFLOP/s, HBM GB/s, MXU (tensor-core) FLOPs per vector op,
 D_IN, K, B = 2304, 64, 8192
 # mean gated rounds per block measured by benchmarks/merge_rounds.py (SmolLM2 blocks.6.hook_resid_post,
 # fresh dictionary, k=64, tile 256 x block 512); widths between are interpolated in log2
-MEASURED_ROUNDS = {65536: 7.39, 262144: 3.50}
+MEASURED_ROUNDS = {65536: 7.39, 262144: 3.50, 1048576: 1.81}
 
 
 def merge_ops(tb: int, kp: int, blk: int, k: int) -> tuple[float, float]:

@@ -43,10 +43,21 @@ def test_train_step_compiles_for_tpu_with_auxk(tmp_path, topology, encoder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["pallas_tpu", "stream"])
-def test_2_18_latents_compile_for_v5p(tmp_path, encoder):
-    r, rep = _compile_check(tmp_path, "v5p:1x1x1", 262144, encoder)
+@pytest.mark.parametrize("topology,mesh_model", [("v5e:2x2", 4), ("v5p:1x1x1", 1)])
+def test_2_18_latents_compile_for_v5e_and_v5p(tmp_path, topology, mesh_model, encoder):
+    """2^18 latents: over 4 v5e chips (the latents split 4 ways), or on one v5p chip."""
+    r, rep = _compile_check(tmp_path, topology, 262144, encoder, f"--config.train.mesh_model={mesh_model}")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert rep["fits"] is True
+    assert rep["fits"] is True and rep["mesh"]["model"] == mesh_model
+
+
+def test_what_the_tpu_compiler_refuses_is_a_clear_error(tmp_path):
+    """2^18 latents on one 16 GiB v5e chip: libtpu's own HBM check refuses the program; the
+    command says so in one line with the state's size and what to change, exit 1."""
+    r, rep = _compile_check(tmp_path, "v5e:1x1", 262144, "pallas_tpu")
+    assert r.returncode == 1 and rep is None, r.stderr[-3000:]
+    assert "refused by the tpu TPU v5 lite compiler" in r.stderr and "CompileTimeHbmOom" in r.stderr
+    assert "state 13.50 GiB per device" in r.stderr and "raise train.mesh_model" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

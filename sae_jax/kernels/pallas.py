@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 
 NEG = -jnp.inf
 MAX_BLOCK = {"gpu": 128, "tpu": 512}
-ROW_TILE = {"gpu": 64, "tpu": 256}
+ROW_TILE = {"gpu": 64, "tpu": 512}
 
 
 def _pow2(n: int) -> int:

@@ -90,6 +90,17 @@ def step_flops(spec, batch: int) -> float:
     return total
 
 
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of abstract arrays with shardings (exact: shapes and shardings)."""
+    import jax
+
+    return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def dev_kind(dev) -> str:
+    return dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
+
+
 def _hbm(kind: str) -> int | None:
     for name, gib in HBM_GIB.items():
         if kind.startswith(name):
@@ -183,11 +194,19 @@ def compile_check(
     )
     t0 = time.perf_counter()
     with compiling_for(platform):
-        compiled = step.lower(*args).compile()
+        try:
+            compiled = step.lower(*args).compile()
+        except jax.errors.JaxRuntimeError as e:  # the target's compiler refuses (HBM or VMEM out of memory)
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            first = " ".join(str(e).split("See https")[0].split())
+            raise CompileCheckError(
+                f"refused by the {dev_kind(devices[0])} compiler: {first[:600]} (state {per_device_bytes(args[0]) / GIB:.2f} GiB per device); "
+                "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
+            ) from None
     compile_s = time.perf_counter() - t0
 
-    def per_device(tree) -> int:
-        return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+    per_device = per_device_bytes
 
     ma = compiled.memory_analysis()
     peak_bytes = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
@@ -195,7 +214,7 @@ def compile_check(
     cost = cost[0] if isinstance(cost, list) else cost
     flops = step_flops(spec, t.batch_size)
     dev = mesh.devices.flat[0]
-    kind = dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
+    kind = dev_kind(dev)
     peak = _peak(getattr(dev, "device_kind", ""), peak_tflops)
     limit = memory_gib * GIB if memory_gib else (_hbm(getattr(dev, "device_kind", "")) if topology else _device_memory())
     rep = {
