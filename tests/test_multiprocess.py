@@ -229,7 +229,7 @@ def test_bad_distributed_settings(tiny_store, tmp_path):
 def test_mesh_and_store_slice_errors_on_two_processes(tiny_store, tmp_path):
     r = _launch(2, 4, _train_args(tiny_store, tmp_path / "a", **{"train.mesh_data": 3, "train.mesh_model": 2}))
     assert r.returncode == 1, r.stdout[-2000:]
-    assert "mesh data=3 x model=2 needs 6 devices, there are 8 (2 processes x 4)" in r.stdout
+    assert "train.mesh_data=3 x train.mesh_model=2 = 6 devices, there are 8 (2 processes x 4)" in r.stdout
     # the training records (all shards but the last) hold fewer rows than one global batch
     n_train = sum(s["records"] for s in tiny_store.shards[:-1])
     batch = (n_train + 1) * tiny_store.rows_per_record

@@ -54,7 +54,7 @@ def settings_for(c, devices: int | None = None) -> TrainSettings:
     device count is given): what the CLI calls before it opens the store."""
     s = TrainSettings.from_config(c.train)
     if devices is not None:
-        s.mesh_shape(devices)
+        s.mesh_shape(devices, f" ({jax.process_count()} processes x {jax.local_device_count()})" if jax.process_count() > 1 else "")
     return s
 
 
@@ -71,12 +71,14 @@ def train(c, log=print) -> TrainResult:
     records = train_records(store, s.holdout_shards)
     read = sorted(set(spec.hooks) | set(spec.targets))
 
+    # data: this process's slice of every global batch
+    it = iterator(activation_dataset(store, read, local_batch, seed=s.seed, records=records, shard_index=group, shard_count=groups))
+
     # model: the step, its state created sharded (b_dec from a sample drawn apart from the stream)
     step = TrainStep(spec, mesh, s, scale, out_scale)
     state = step.init_state(jax.random.key(s.seed), _b_dec_sample(store, s, spec, read, records, out_scale))
 
-    # data and checkpoints: resume where the latest checkpoint left off
-    it = iterator(activation_dataset(store, read, local_batch, seed=s.seed, records=records, shard_index=group, shard_count=groups))
+    # checkpoints: resume where the latest one left off
     ckpt = Checkpoints(run, s.checkpoint_every, s.keep_checkpoints)
     state, start = ckpt.restore(state, it)
     if start:

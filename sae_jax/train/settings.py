@@ -115,18 +115,19 @@ class TrainSettings:
     def sparsity_warmup_steps(self) -> int:
         return int(round(self.sparsity_warmup_frac * self.steps))
 
-    def mesh_shape(self, devices: int) -> tuple[int, int]:
-        """(data, model) over `devices` devices: every device used, the batch split evenly over `data`."""
+    def mesh_shape(self, devices: int, where: str = "") -> tuple[int, int]:
+        """(data, model) over `devices` devices (`where`: how they are spread, for the message):
+        every device used, the batch split evenly over `data`."""
         model = self.mesh_model
         if devices % model:
             raise SettingsError(
-                f"train.mesh_model={model} does not divide the {devices} devices: choose a divisor of {devices} "
+                f"train.mesh_model={model} does not divide the {devices} devices{where}: choose a divisor of {devices} "
                 f"({', '.join(str(d) for d in range(1, devices + 1) if devices % d == 0)})"
             )
         data = self.mesh_data or devices // model
         if data * model != devices:
             raise SettingsError(
-                f"train.mesh_data={data} x train.mesh_model={model} = {data * model} devices, there are {devices}: "
+                f"train.mesh_data={data} x train.mesh_model={model} = {data * model} devices, there are {devices}{where}: "
                 f"set train.mesh_data={devices // model} (or 0 for every device not on the model axis)"
             )
         if self.batch_size % data:
