@@ -107,7 +107,7 @@ def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh, ar
 
 def test_train_bad_input(tiny_store, tmp_path):
     r = run_cli("train", *_args(tiny_store, tmp_path / "a", **{"train.ks": "65"}))
-    assert r.returncode == 1 and "k=65 must be between 1 and the width" in r.stderr
+    assert r.returncode == 1 and "train.ks='65': every k must be between 1 and the smallest width (64)" in r.stderr
     r = run_cli("train", *_args(tiny_store, tmp_path / "b", **{"train.hooks": "blocks.5.hook_mlp_out"}))
     assert r.returncode == 1 and "hook 'blocks.5.hook_mlp_out' is not in this store" in r.stderr
     r = run_cli("train", *_args(tiny_store, tmp_path / "c", **{"train.batch_sise": 3}))
@@ -117,7 +117,7 @@ def test_train_bad_input(tiny_store, tmp_path):
     r = run_cli("train", *_args(tiny_store, blocker / "run"))
     assert r.returncode == 1 and "is not writable" in r.stderr
     r = run_cli("train", *_args(tiny_store, tmp_path / "d", **{"train.mesh_data": 3, "train.mesh_model": 2}))
-    assert r.returncode == 1 and "needs 6 devices" in r.stderr
+    assert r.returncode == 1 and "train.mesh_data=3 x train.mesh_model=2 = 6 devices, there are 8" in r.stderr
 
 
 def _poison(store, hook, tmp_path):
