@@ -173,8 +173,8 @@ def fvu(a) -> None:
                     "l0": rec["sparsity"]["l0"],
                     "dead_frac": rec["latents"]["dead_frac"],
                     "truncated_frac": rec["sparsity"]["truncated_frac"],
-                    "train_fvu": res["last"]["fvu"][m],
-                    "train_l0": res["last"]["l0"][m],
+                    "train_fvu": res.last["fvu"][m],
+                    "train_l0": res.last["l0"][m],
                 }
             )
         print(f"{name}: {wall:.0f} s, {tok_s[name]:,.0f} tok/s", flush=True)

@@ -58,7 +58,7 @@ def test_a_written_store_trains(tmp_path):
     t.store, t.run_dir, t.widths, t.ks, t.batch_size, t.steps, t.progress = str(out), str(tmp_path / "run"), "64", "4", 256, 6, False
     t.log_every, t.mesh_data = 6, 0
     r = train(c, log=lambda *x: None)
-    assert r["last"]["step"] == 6 and 0 < r["last"]["fvu"][0] < 2
+    assert r.last["step"] == 6 and 0 < r.last["fvu"][0] < 2
 
 
 def test_writer_bad_input(tmp_path):

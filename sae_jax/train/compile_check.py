@@ -136,6 +136,7 @@ def target_devices(topology: str) -> list:
         return jax.devices()
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # keeps libtpu from probing for a host it is not on
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: several checks at once need no exclusive chip
     from jax.experimental import topologies
 
     try:
