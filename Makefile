@@ -8,8 +8,9 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 PEER_PYTHON ?= $(shell command -v /usr/bin/python3.11 || PYENV_VERSION=3.11.7 pyenv which python3.11)
 PEER_VENV   := .peer-venv
 TPU_VENV    := .tpu-venv
+GPU_VENV    := .gpu-venv
 
-.PHONY: demo test test-fast lint install install-dev peer-venv tpu-venv chromium clean-demo
+.PHONY: demo test test-fast lint install install-dev peer-venv tpu-venv gpu-venv chromium clean-demo
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 12) else "sae_jax needs Python >= 3.12 (set PYTHON=python3.12)")'
@@ -38,6 +39,13 @@ $(TPU_VENV)/.installed: pyproject.toml
 	$(TPU_VENV)/bin/pip install -q -e '.[tpu]'
 	touch $@
 
+# this project with jax's CUDA plugin and libraries: compile for H100/H200 targets without a GPU
+$(GPU_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install -q --upgrade pip
+	$(GPU_VENV)/bin/pip install -q -e '.[cuda-aot]'
+	touch $@
+
 # headless Chromium for the latent atlas page's browser test (Debian's package)
 chromium:
 	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
@@ -50,12 +58,13 @@ demo: $(VENV)/.installed
 
 peer-venv: $(PEER_VENV)/.installed
 tpu-venv: $(TPU_VENV)/.installed
+gpu-venv: $(GPU_VENV)/.installed
 
 # every test (what CI runs)
-test: $(VENV)/.installed-dev $(PEER_VENV)/.installed $(TPU_VENV)/.installed chromium
+test: $(VENV)/.installed-dev $(PEER_VENV)/.installed $(TPU_VENV)/.installed $(GPU_VENV)/.installed chromium
 	$(BIN)/python -m pytest -q
 
-# the edit-run loop: no peers' venv, no browser, no libtpu, nothing that takes minutes
+# the edit-run loop: no peers' venv, no browser, no libtpu or CUDA plugin, nothing that takes minutes
 test-fast: $(VENV)/.installed-dev
 	$(BIN)/python -m pytest -q -m "not slow and not peers and not browser and not aot"
 

@@ -157,14 +157,15 @@ def cmd_compile_check(argv) -> int:
     p.add_argument(
         "--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)"
     )
+    p.add_argument("--gpu", default="", help="compile for GPUs with XLA's CUDA compiler: h100, h200, h100:8 (needs jax[cuda12]; no GPU)")
     if _wants_help(argv):
         p.print_help()
         print("\n" + _config_help(argv, "default.py"))
         return 0
     a, rest = p.parse_known_args(argv[1:])
-    if a.topology and a.devices:
-        raise SystemExit("sae-jax compile-check: --topology and --devices exclude each other (the topology says the devices)")
-    if a.topology:
+    if (a.topology or a.gpu) and a.devices:
+        raise SystemExit("sae-jax compile-check: --topology / --gpu and --devices exclude each other (the target says the devices)")
+    if a.topology or a.gpu:
         os.environ["JAX_PLATFORMS"] = "cpu"  # this host compiles; the program is for the topology's chips
     if a.devices:
         if a.devices < 1:
@@ -175,7 +176,9 @@ def cmd_compile_check(argv) -> int:
     from sae_jax.train.compile_check import compile_check, refusal, report
 
     cfg = _load_config([argv[0], *rest], "default.py")
-    rep = compile_check(cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology)
+    rep = compile_check(
+        cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu
+    )
     print(report(rep))
     if a.json:
         import json

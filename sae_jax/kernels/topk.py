@@ -10,7 +10,7 @@ their latent indices. Implementations (`impl=`):
 | `rows`      | XLA: a map over row blocks, each a dense [R, d_sae] block (R x d_sae <= 2^25) and its top-k; on a CPU the block stays in cache and the step runs at the matmul's speed |
 | `pallas_gpu`| Pallas (Triton) kernel: block matmul + bias + per-block top-k candidates fused (`kernels.pallas`) |
 | `pallas_tpu`| Pallas (Mosaic) kernel, the same on TPU                                      |
-| `auto`      | `pallas_gpu` on GPU, `pallas_tpu` on TPU, elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
+| `auto`      | `pallas_tpu` on TPU; `rows` on GPU (blocks of up to 2^29 pre-activations: cuBLAS + XLA top_k, W streamed a few times per step); elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
 
 Every implementation shares one custom VJP: only the k selected pre-activations of a row get
 gradient. With g [B, k] the cotangent of the values:
@@ -44,9 +44,17 @@ MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the 
 SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] block of gathered rows (8 MiB)
 
 
-def row_block(rows: int, width: int, budget: int = ROWS_BUDGET) -> int:
-    """A block of rows: the largest divisor of `rows` up to ROWS_MAX with block x width <= budget (at least 1)."""
-    cap = max(1, min(rows, ROWS_MAX, budget // max(width, 1)))
+# `rows` on a GPU: blocks of up to 2^29 pre-activations (2 GiB in float32; HBM holds them) so that
+# W streams from HBM a few times per step, not once per 1024 rows
+GPU_ROWS_BUDGET, GPU_ROWS_MAX = 2**29, 16384
+# the Triton kernel keeps a row tile's slots in registers: an AuxK selection wider than this runs
+# on the XLA path beside it (see `_forward`)
+TRITON_MAX_SLOTS = 256
+
+
+def row_block(rows: int, width: int, budget: int = ROWS_BUDGET, rows_max: int = ROWS_MAX) -> int:
+    """A block of rows: the largest divisor of `rows` up to rows_max with block x width <= budget (at least 1)."""
+    cap = max(1, min(rows, rows_max, budget // max(width, 1)))
     return next(r for r in range(cap, 0, -1) if rows % r == 0)
 
 
@@ -59,8 +67,10 @@ def resolve_impl(impl: str, rows: int = 0, width: int = 0) -> str:
     from sae_jax.kernels.pallas import target_platform
 
     backend = target_platform()
-    if backend in ("gpu", "tpu"):
-        return f"pallas_{backend}"
+    if backend == "tpu":
+        return "pallas_tpu"
+    if backend == "gpu":  # cuBLAS + XLA's top_k in large row blocks: the roofline's pick on Hopper (benchmarks/roofline.py)
+        return "rows"
     if rows <= 0 or width <= 0:
         return "stream"
     return "rows" if row_block(rows, width) >= min(MIN_ROWS, rows) else "stream"
@@ -136,7 +146,10 @@ def _stream(x, w, biases, k, block, cd=None):
 def _rows(x, w, biases, k, cd=None):
     """A map over blocks of rows: each block's dense pre-activations and their top-k (exact, no merge)."""
     rows, d = x.shape
-    r = row_block(rows, w.shape[1])
+    from sae_jax.kernels.pallas import target_platform
+
+    gpu = target_platform() == "gpu"
+    r = row_block(rows, w.shape[1], *((GPU_ROWS_BUDGET, GPU_ROWS_MAX) if gpu else (ROWS_BUDGET, ROWS_MAX)))
     out = lax.map(lambda xb: _dense(xb, w, biases, k, cd), x.reshape(rows // r, r, d))
     return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
 
@@ -156,7 +169,10 @@ def _forward(x, w, biases, ks, impl, block, cd=None):
     if impl in ("pallas_gpu", "pallas_tpu"):
         from sae_jax.kernels import pallas
 
-        return pallas.topk_candidates(x, w if cd is None else w.astype(cd), biases, ks, block, backend=impl.removeprefix("pallas_"))
+        w = w if cd is None else w.astype(cd)
+        if impl == "pallas_gpu" and len(ks) > 1 and ks[1] > TRITON_MAX_SLOTS:
+            return pallas.topk_candidates(x, w, biases[:1], ks[:1], block, backend="gpu") + _stream(x, w, biases[1:], ks[1], block, cd)
+        return pallas.topk_candidates(x, w, biases, ks, block, backend=impl.removeprefix("pallas_"))
     raise ValueError(f"unknown TopK encoder implementation {impl!r}")
 
 

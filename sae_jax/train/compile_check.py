@@ -19,8 +19,6 @@ batch / (FLOPs / (devices x peak x MFU)).
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import time
 
 import numpy as np
@@ -127,31 +125,6 @@ def _device_memory() -> int | None:
     return stats.get("bytes_limit")
 
 
-def target_devices(topology: str) -> list:
-    """The devices of a TPU topology (`v5e:2x2`, `v5p:2x2x1`, `v6e:2x2`, ...) for deviceless
-    ahead-of-time compilation with libtpu's compiler; this process's own devices when empty."""
-    import jax
-
-    if not topology:
-        return jax.devices()
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # keeps libtpu from probing for a host it is not on
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compile only: several checks at once need no exclusive chip
-    from jax.experimental import topologies
-
-    try:
-        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
-    except Exception as e:  # noqa: BLE001  (no libtpu, or a name it does not know)
-        if importlib.util.find_spec("libtpu") is None:
-            raise CompileCheckError(
-                f"--topology {topology}: compiling for a TPU needs libtpu in this Python (`make tpu-venv` builds .tpu-venv with it; "
-                "run .tpu-venv/bin/sae-jax compile-check ...)"
-            ) from None
-        raise CompileCheckError(
-            f"--topology {topology!r}: libtpu does not know it ({str(e).splitlines()[0][:300]}); e.g. v5e:2x2, v5p:2x2x1, v6e:2x2"
-        ) from None
-
-
 def compile_check(
     c,
     *,
@@ -160,18 +133,18 @@ def compile_check(
     mfu: float = 0.5,
     memory_gib: float | None = None,
     topology: str = "",
+    gpu: str = "",
 ) -> dict:
     import jax
     import jax.numpy as jnp
 
     from sae_jax import parallel
     from sae_jax.data.store import DTYPES, open_store
-    from sae_jax.kernels.pallas import compiling_for
     from sae_jax.train.loop import bank_spec, make_mesh, settings_for
     from sae_jax.train.step import TrainStep
+    from sae_jax.train.targets import compiling, target_devices
 
-    devices = target_devices(topology)
-    platform = devices[0].platform
+    devices = target_devices(topology, gpu)
     t = settings_for(c, len(devices))
     if not 0 < mfu <= 1:
         raise CompileCheckError(f"--mfu {mfu}: a fraction in (0, 1]")
@@ -185,7 +158,7 @@ def compile_check(
     spec = bank_spec(t, store)
     mesh = make_mesh(t, devices)
     n_data = mesh.shape["data"]
-    with compiling_for(platform):  # the encoder's `auto` and the Pallas kernels for the target, not this host
+    with compiling(mesh):  # the encoder's `auto` and the Pallas kernels for the target, not this host
         step = TrainStep(spec, mesh, t)
     state = step.abstract_state()
     x_sharding = parallel.sharding(mesh, "x")
@@ -194,7 +167,7 @@ def compile_check(
         (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.dout), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
     t0 = time.perf_counter()
-    with compiling_for(platform):
+    with compiling(mesh):
         try:
             compiled = step.lower(*args).compile()
         except jax.errors.JaxRuntimeError as e:  # the target's compiler refuses (HBM or VMEM out of memory)
@@ -217,7 +190,7 @@ def compile_check(
     dev = mesh.devices.flat[0]
     kind = dev_kind(dev)
     peak = _peak(getattr(dev, "device_kind", ""), peak_tflops)
-    limit = memory_gib * GIB if memory_gib else (_hbm(getattr(dev, "device_kind", "")) if topology else _device_memory())
+    limit = memory_gib * GIB if memory_gib else (_hbm(getattr(dev, "device_kind", "")) if topology or gpu else _device_memory())
     rep = {
         "mesh": {"data": n_data, "model": mesh.shape["model"]},
         "devices": mesh.devices.size,

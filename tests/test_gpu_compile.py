@@ -1,0 +1,53 @@
+"""The real train step compiled by XLA's CUDA compiler for H100 and H200 targets, from this CPU
+(the CUDA plugin's compile-only devices: no GPU, no driver). Runs `sae-jax compile-check --gpu` in
+`.gpu-venv` (`make gpu-venv`: this project plus jax[cuda12], kept apart from the CPU venv)."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import REPO
+
+GPU_PYTHON = REPO / ".gpu-venv" / "bin" / "python"
+pytestmark = pytest.mark.aot
+
+
+def _compile_check(tmp_path, gpu, width, encoder, d_in=2304, k=64, batch=8192):
+    assert GPU_PYTHON.exists(), f"{GPU_PYTHON} missing: `make gpu-venv` builds the venv with jax's CUDA plugin these tests need"
+    out = tmp_path / f"{gpu}_{width}_{encoder}.json"
+    args = [
+        "--gpu", gpu, "--d-in", str(d_in), "--json", str(out),
+        "--config.train.hooks=blocks.20.hook_resid_post", f"--config.train.widths={width}", f"--config.train.ks={k}",
+        f"--config.train.batch_size={batch}", f"--config.train.encoder={encoder}", "--config.train.encoder_dtype=bfloat16",
+    ]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run(
+        [str(GPU_PYTHON), "-m", "sae_jax.cli", "compile-check", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=900
+    )
+    return r, (json.loads(out.read_text()) if out.exists() else None)
+
+
+@pytest.mark.parametrize("encoder", ["pallas_gpu", "rows", "auto"])
+def test_train_step_compiles_for_h100_with_auxk(tmp_path, encoder):
+    """d_in 2304, 2^16 latents, k 64, 8192 rows, bf16: the step (AuxK branch, optimizer,
+    donation) compiles for an H100; the Pallas kernel is lowered by Triton for sm_90."""
+    r, rep = _compile_check(tmp_path, "h100", 65536, encoder)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rep["device_kind"] == "gpu NVIDIA H100 80GB HBM3" and rep["fits"] is True
+    assert rep["memory_limit_bytes"] == 80 * 2**30 and 0 < rep["bytes_per_device"]["peak"] < 20 * 2**30
+
+
+def test_a_million_latents_fit_one_h200_not_one_h100(tmp_path):
+    """2^20 latents at d_in 2304 (float32 params and Adam: 54 GiB) with the compiler's
+    temporaries: within an H200's 141 GiB, over an H100's 80 (refused, exit 1, with the numbers)."""
+    r, rep = _compile_check(tmp_path, "h200", 2**20, "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert rep["device_kind"] == "gpu NVIDIA H200" and rep["fits"] is True
+    r, rep = _compile_check(tmp_path, "h100", 2**20, "auto")
+    assert r.returncode == 1 and "over the 80.00 GiB limit" in r.stderr and rep["fits"] is False, r.stderr[-3000:]
+
+
+def test_bad_gpu_target(tmp_path):
+    r, _ = _compile_check(tmp_path, "h900", 4096, "auto", d_in=256)
+    assert r.returncode == 1 and "--gpu 'h900': one of h100, h200" in r.stderr
