@@ -10,9 +10,10 @@ At d_in=2304, k=64, B=8192 and d_sae 2^16..2^20, per chip (TPU v5e, v5p, v6e; H1
   counted from the kernel's own merge (`pallas._gated_merge` traced to a jaxpr: every op weighted
   by the elements it touches, per [tb, block] tile) as fixed + R x per-round, with R the
   measured mean rounds per block at that width (`benchmarks/merge_rounds.py` on SmolLM2
-  activations with a fresh dictionary; --rounds to pass others). AuxK adds a second variant: its
-  bias add and count always, its rounds only where dead latents beat the aux threshold (counted
-  here as R_aux = 1 per block: a dictionary with dead latents spread through every block);
+  activations with a fresh dictionary; --rounds to pass others). AuxK adds a second variant with
+  its own k_aux slots: its bias add and count always, its rounds only where dead latents beat the
+  aux threshold (counted here as R_aux = 1 per block: dead latents spread through every block),
+  at k_aux 512 and at d_in / 2 = 1152;
 - HBM: each W block is read once per row tile (B / tb tiles) plus x once: tb FLOPs per byte.
 
 Predicted kernel time = max(matmul, HBM) + selection (the selection runs on the vector units
@@ -31,16 +32,16 @@ import json
 from pathlib import Path
 
 CHIPS = {  # peak bf16 TFLOP/s, HBM GB/s, MXU (tensor-core) FLOPs per vector op, row tile, latent block
-    "TPU v5e": (197.0, 819.0, 32.0, 256, 512),
-    "TPU v5p": (459.0, 2765.0, 32.0, 256, 512),
-    "TPU v6e": (918.0, 1640.0, 32.0, 256, 512),
+    "TPU v5e": (197.0, 819.0, 32.0, 512, 512),
+    "TPU v5p": (459.0, 2765.0, 32.0, 512, 512),
+    "TPU v6e": (918.0, 1640.0, 32.0, 512, 512),
     "H100 SXM": (989.0, 3350.0, 64.0, 64, 128),
     "H200": (989.0, 4800.0, 64.0, 64, 128),
 }
 D_IN, K, B = 2304, 64, 8192
 # mean gated rounds per block measured by benchmarks/merge_rounds.py (SmolLM2 blocks.6.hook_resid_post,
-# fresh dictionary, k=64, tile 256 x block 512); widths between are interpolated in log2
-MEASURED_ROUNDS = {65536: 7.39, 262144: 3.50, 1048576: 1.81}
+# fresh dictionary, k=64, row tile 512 x block 512); widths between are interpolated in log2
+MEASURED_ROUNDS = {65536: 7.76, 262144: 3.76, 1048576: 1.98}  # row tile 512 (the TPU kernel's)
 
 
 def merge_ops(tb: int, kp: int, blk: int, k: int) -> tuple[float, float]:
@@ -78,13 +79,18 @@ def rounds_at(width: int, table: dict) -> float:
     return float(np.interp(np.log2(width), lx, [table[x] for x in xs]))  # clamped at the ends (conservative above)
 
 
-def predict(chip: str, width: int, rounds: float, aux: bool) -> dict:
+def slots(k: int, chip: str) -> int:
+    return -(-k // 128) * 128 if chip.startswith("TPU") else 1 << (k - 1).bit_length()
+
+
+def predict(chip: str, width: int, rounds: float, k_aux: int) -> dict:
+    """k_aux 0: no AuxK variant; else its slots (k_aux rounded up) and one round per block."""
     peak, hbm, ratio, tb, blk = CHIPS[chip]
-    kp = -(-K // 128) * 128 if chip.startswith("TPU") else 1 << (K - 1).bit_length()
-    fixed, per_round = merge_ops(tb, kp, blk, K)
+    fixed, per_round = merge_ops(tb, slots(K, chip), blk, K)
     ops = fixed + rounds * per_round
-    if aux:  # the AuxK variant: bias add and count on every element, one round per block
-        ops += fixed + 1.0 * per_round
+    if k_aux:  # the AuxK variant: bias add and count on every element, one round per block over its own slots
+        a_fixed, a_round = merge_ops(tb, slots(k_aux, chip), blk, k_aux)
+        ops += a_fixed + 1.0 * a_round
     flops = 2.0 * B * D_IN * width
     t_mm = flops / (peak * 1e12)
     t_sel = B * width * ops / (peak * 1e12 / ratio)
@@ -92,7 +98,7 @@ def predict(chip: str, width: int, rounds: float, aux: bool) -> dict:
     return {
         "chip": chip,
         "width": width,
-        "auxk": aux,
+        "k_aux": k_aux,
         "rounds_per_block": rounds,
         "ops_per_element": ops,
         "matmul_ms": t_mm * 1e3,
@@ -138,14 +144,14 @@ def main() -> None:
     ap.add_argument("--xla", action="store_true", help="also XLA's cost_analysis of each path through libtpu (needs libtpu)")
     a = ap.parse_args()
     table = {int(k): float(v) for k, v in json.loads(Path(a.rounds).read_text()).items()} if a.rounds else MEASURED_ROUNDS
-    rows = [predict(chip, 2**e, rounds_at(2**e, table), aux) for chip in CHIPS for e in (16, 18, 20) for aux in (False, True)]
+    rows = [predict(chip, 2**e, rounds_at(2**e, table), k_aux) for chip in CHIPS for e in (16, 18, 20) for k_aux in (0, 512, D_IN // 2)]
     print(f"\nFused TopK encoder roofline: d_in={D_IN}, k={K}, B={B}, bf16 (predicted; see the docstring for the model)")
     print(
-        f"  {'chip':<9} {'d_sae':>8} {'AuxK':>4} {'rounds':>6} {'ops/el':>6} {'matmul ms':>9} {'select ms':>9} {'HBM ms':>7} {'sel/mm':>6} {'kernel ms':>9}"
+        f"  {'chip':<9} {'d_sae':>8} {'k_aux':>5} {'rounds':>6} {'ops/el':>6} {'matmul ms':>9} {'select ms':>9} {'HBM ms':>7} {'sel/mm':>6} {'kernel ms':>9}"
     )
     for r in rows:
         print(
-            f"  {r['chip']:<9} {r['width']:>8} {'yes' if r['auxk'] else 'no':>4} {r['rounds_per_block']:>6.2f} {r['ops_per_element']:>6.1f} "
+            f"  {r['chip']:<9} {r['width']:>8} {r['k_aux'] or '-':>5} {r['rounds_per_block']:>6.2f} {r['ops_per_element']:>6.1f} "
             f"{r['matmul_ms']:>9.2f} {r['selection_ms']:>9.2f} {r['hbm_ms']:>7.2f} {r['selection_over_matmul']:>6.2f} {r['kernel_ms']:>9.2f}"
         )
     out = {"roofline": rows}

@@ -73,7 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
     c.train.aux_coef = 1 / 32  # weight of the AuxK loss (dead latents reconstruct the residual)
-    c.train.k_aux = 0  # 0: d_in // 2 (at most the smallest width)
+    c.train.k_aux = 0  # AuxK's k; 0: d_in // 2, at most 512 and at most the smallest width
     c.train.encoder_init_scale = 3**-0.5  # initial encoder column norm (inputs at unit mean squared norm); see sae/bank.py
     # TopK encoder: auto (Pallas on GPU/TPU; on CPU row-blocked `rows`, or `stream` at widths where
     # fewer than 128 rows fit a 2^25-element block) | rows | stream | dense | pallas_gpu | pallas_tpu

@@ -260,4 +260,6 @@ def test_kernels_on_real_activations_and_their_gated_rounds(tiny_store):
     reduction = float(np.sum(unrolled) / np.sum(rounds))
     print(f"gated rounds per block {float(np.mean(rounds)):.2f} (unrolled 32): {reduction:.1f}x fewer")
     assert np.all(np.asarray(rounds) <= 32) and np.all(np.asarray(rounds)[:, 0] == 32)  # the first block fills the slots
-    assert reduction >= 3.0, reduction  # measured 3.2x (9.9 rounds per block); 18x at 2^18 and 35x at 2^20, k 64 (benchmarks/merge_rounds.py)
+    assert reduction >= 3.0, (
+        reduction
+    )  # measured 3.2x (9.9 rounds per block); 18x at 2^18 and 35x at 2^20, k 64 (benchmarks/merge_rounds.py)

@@ -37,6 +37,12 @@ from sae_jax.train.settings import TrainSettings
 from sae_jax.train.step import TrainStep
 
 
+# AuxK's default k_aux: d_in / 2, at most OpenAI's 512. Its selection keeps k_aux running slots per
+# row in the fused kernels, and wider slots cost every merge round: at d_in 2304 (k_aux 1152) AuxK
+# adds ~17% to the TPU encoder at 2^18 latents, ~11% at 512 (benchmarks/roofline.py)
+K_AUX_MAX = 512
+
+
 class TrainError(SaeJaxError, RuntimeError):
     pass
 
@@ -146,7 +152,7 @@ def bank_spec(s: TrainSettings, store) -> BankSpec:
         ks=tuple(m[3] for m in members),
         d_in=d_in,
         width=width,
-        k_aux=s.k_aux or min(d_in // 2, min(s.widths)),
+        k_aux=s.k_aux or min(d_in // 2, K_AUX_MAX, min(s.widths)),
         architecture=s.architecture,
         coefs=tuple(m[4] for m in members) if s.coefs else (),
         out_hooks=tuple(m[1] for m in members) if out_hooks else (),

@@ -256,7 +256,11 @@ def _check(s: TrainSettings) -> None:
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),
         ("dead_tokens", s.dead_tokens >= 1, "must be positive (tokens without firing before a latent counts as dead)"),
         ("aux_coef", finite(s.aux_coef) and s.aux_coef >= 0, "must be >= 0 and finite"),
-        ("k_aux", 0 <= s.k_aux <= min(s.widths), f"must be in [0, {min(s.widths)}] (0: d_in // 2; at most the smallest width)"),
+        (
+            "k_aux",
+            0 <= s.k_aux <= min(s.widths),
+            f"must be in [0, {min(s.widths)}] (0: d_in // 2, at most 512; at most the smallest width)",
+        ),
         ("encoder_init_scale", finite(s.encoder_init_scale) and s.encoder_init_scale > 0, "must be positive"),
         ("encoder_block", s.encoder_block >= 1, "must be positive"),
         ("encoder_dtype", s.encoder_dtype in ENCODER_DTYPES, f"choose from {', '.join(ENCODER_DTYPES)}"),
