@@ -36,7 +36,6 @@ from sae_jax.train.metrics import MetricsWriter, host
 from sae_jax.train.settings import TrainSettings
 from sae_jax.train.step import TrainStep
 
-
 # AuxK's default k_aux: d_in / 2, at most OpenAI's 512. Its selection keeps k_aux running slots per
 # row in the fused kernels, and wider slots cost every merge round: at d_in 2304 (k_aux 1152) AuxK
 # adds ~17% to the TPU encoder at 2^18 latents, ~11% at 512 (benchmarks/roofline.py)
