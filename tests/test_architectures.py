@@ -131,6 +131,7 @@ def _train(spec, shape, x, y=None, steps=6):
     return jax.device_get(st), jax.device_get(m)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_eight_devices_agree_with_one(case):
     spec = CASES[case]
@@ -347,6 +348,7 @@ RECOVERY = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(RECOVERY))
 def test_recovers_known_features(case):
     settings, min_mmc, (lo, hi) = RECOVERY[case]
@@ -364,6 +366,7 @@ def test_recovers_known_features(case):
         assert np.all(np.diff(np.asarray(m["prefix_fvu"][0])) < 0), m["prefix_fvu"]
 
 
+@pytest.mark.slow
 def test_transcoder_recovers_a_sparse_map():
     """x = sum_i a_i f_i, y = sum_i a_i g_i: the decoder rows must find the output features g_i."""
     sf = SparseFeatures.make(**SF, seed=0)
@@ -384,6 +387,7 @@ def test_transcoder_recovers_a_sparse_map():
     assert mmc >= 0.9, mmc  # measured 0.968
 
 
+@pytest.mark.slow
 def test_skip_transcoder_learns_the_linear_part():
     """x = sum_i a_i f_i + n, y = sum_i a_i g_i + L n, with the features in a 192-dim subspace U and
     the dense part n in its 64-dim complement V. Only the skip can carry L n, so W_skip on V must

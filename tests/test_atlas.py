@@ -66,6 +66,7 @@ def _dump_dom(url, tmp_path):
     return r.stdout
 
 
+@pytest.mark.browser
 def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
     out = tmp_path / "atlas"
     r = run_cli("atlas", str(tiny_run), "--contexts", "12", "--top", "4", "--samples", "8", "--batch-size", "4", "--out", str(out))

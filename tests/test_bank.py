@@ -52,6 +52,7 @@ def test_forward_matches_dense_reference():
     assert (np.asarray(out.auxk_loss) == 0).all()  # no dead latents given
 
 
+@pytest.mark.slow
 def test_meshes_agree():
     x = np.random.default_rng(0).normal(size=(2, 64, 32)).astype(np.float32)
     base, mb = _run((1, 1), x)
@@ -71,6 +72,7 @@ def test_bad_mesh():
         parallel.make_mesh(3, 2)
 
 
+@pytest.mark.slow
 def test_recovers_known_features():
     """512 unit features in d=64, ~4 active per token with frequencies varying 30x.
 

@@ -49,6 +49,7 @@ def test_reconstruction_metrics_match_numpy(tiny_run, tiny_store):
     assert sum(r["latents"]["density_log10_hist"]["counts"]) == np.sum(density > 0)
 
 
+@pytest.mark.slow
 def test_splice_with_an_exact_dictionary_recovers_all_the_loss(lm, tiny_run):
     """W_enc = [I, -I], W_dec = [I; -I], k = d: x_hat == x, so CE with the dictionary equals clean
     CE (score 1, KL 0) while zero-ablating the same positions hurts; BOS stays clean."""
@@ -78,6 +79,7 @@ def test_splice_with_an_exact_dictionary_recovers_all_the_loss(lm, tiny_run):
     assert stats["positions"] == 6 * 64 and stats["spliced_positions"] <= 6 * 63  # BOS never spliced
 
 
+@pytest.mark.slow
 def test_eval_cli_report(tiny_run, tmp_path):
     out = tmp_path / "report"
     r = run_cli("eval", str(tiny_run), "--contexts", "4", "--batch-size", "4", "--tokens", "500", "--out", str(out))
@@ -109,6 +111,7 @@ def test_eval_cli_report(tiny_run, tmp_path):
     assert r.returncode == 1 and "nope" in r.stderr and "members:" in r.stderr
 
 
+@pytest.mark.slow
 def test_eval_refuses_another_models_store_and_training_rows(tiny_run, tiny_store, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(tiny_store.root, other)

@@ -69,6 +69,7 @@ def _peer(jobs, tmp_path):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.peers
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_saelens_and_sparsify_load_the_export_and_agree(tiny_run, tiny_store, tmp_path, dtype, lm):
     from sae_jax.export import export_run, hf_module
@@ -245,6 +246,7 @@ def _dense_ours(p, x, mem):
     return y, acts
 
 
+@pytest.mark.peers
 def test_other_architectures_load_in_the_libraries_and_agree(tiny_store, tmp_path):
     """JumpReLU, BatchTopK (exported as its inference JumpReLU), ReLU, and skip transcoders (TopK
     to sparsify, JumpReLU to SAELens) load in the real libraries and compute what we do, and

@@ -7,7 +7,10 @@ import subprocess
 import sys
 import time
 
+import pytest
 from conftest import REPO, cli_args, run_cli
+
+pytestmark = [pytest.mark.slow]
 
 ARGS = {"harvest.tokens": 16000, "harvest.seqs_per_shard": 12}
 

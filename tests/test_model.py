@@ -49,6 +49,7 @@ def _heldout_tokens(lm, n=32, ctx=128):
     return jnp.asarray(np.stack(list(itertools.islice(it, n))))
 
 
+@pytest.mark.slow
 def test_heldout_loss_bound(lm):
     toks = _heldout_tokens(lm)
     f, st = _logits_fn(lm.model)
@@ -56,6 +57,7 @@ def test_heldout_loss_bound(lm):
     assert loss < HELDOUT_LOSS_BOUND, loss
 
 
+@pytest.mark.slow
 def test_hf_dir_roundtrip_identical(lm, tmp_path):
     hf, sd, tok, _ = loading.read_gguf(loading.embedded_model_path())
     loading.save_hf_dir(tmp_path / "hf", hf, sd, tok)

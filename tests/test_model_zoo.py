@@ -16,6 +16,8 @@ from sae_jax.model.hooks import POINTS, Hook
 from sae_jax.model.loading import ModelLoadError, build_model, load_model, read_model
 from sae_jax.model.transformer import RoPE
 
+pytestmark = [pytest.mark.peers]
+
 ARCHS = ["gpt2", "llama", "llama3_rope", "qwen2", "qwen3", "gemma2", "gemma3"]
 
 

@@ -18,6 +18,8 @@ from conftest import REPO, cli_args, run_cli
 
 from sae_jax.runs import open_run
 
+pytestmark = [pytest.mark.slow]
+
 LAUNCH = [sys.executable, str(REPO / "launch" / "local.py")]
 STEPS = 12
 

@@ -6,7 +6,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO
+
+pytestmark = [pytest.mark.peers, pytest.mark.slow]
 
 
 def test_peers_benchmark_runs_all_three(tiny_store, tmp_path):

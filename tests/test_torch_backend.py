@@ -9,6 +9,8 @@ from sae_jax.data.store import open_store
 from sae_jax.harvest import harvest
 from sae_jax.model.loading import ModelLoadError
 
+pytestmark = [pytest.mark.peers]
+
 HOOKS = "blocks.0.hook_resid_pre,blocks.0.attn.hook_z,blocks.0.hook_attn_out,blocks.0.hook_resid_mid,blocks.1.hook_mlp_in,blocks.1.hook_mlp_out,blocks.1.hook_resid_post"
 
 

@@ -13,6 +13,8 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import REPO, run_cli
 
+pytestmark = [pytest.mark.slow]
+
 STEPS = 40
 
 

@@ -106,6 +106,7 @@ def _peer(*args):
 HOOK = "blocks.2.hook_resid_post"
 
 
+@pytest.mark.peers
 def test_import_a_cache_saelens_wrote(tmp_path):
     cache = tmp_path / "cache"
     _peer("make", cache, HOOK, 16, 24, 20, 7)  # SAELens's CacheActivationsRunner._create_shard + save_to_disk
@@ -122,6 +123,7 @@ def test_import_a_cache_saelens_wrote(tmp_path):
     assert len({(c, p) for c, p in zip(ctx, pos)}) == 320
 
 
+@pytest.mark.peers
 def test_export_a_store_saelens_reads(tiny_store, tmp_path):
     out = tmp_path / "cache"
     r = run_cli("export-cache", str(tiny_store.root), "--out", str(out), "--hooks", "blocks.1.hook_resid_post", "--context-size", "64")
@@ -135,6 +137,7 @@ def test_export_a_store_saelens_reads(tiny_store, tmp_path):
     np.testing.assert_array_equal(g["token_ids"], tiny_store.read_all("tokens")[:n, 0])
 
 
+@pytest.mark.peers
 def test_cache_bad_input(tiny_store, tmp_path):
     cache = tmp_path / "cache"
     _peer("make", cache, HOOK, 8, 4, 4, 0)
