@@ -338,7 +338,7 @@ def cmd_plot(argv) -> int:
 
 def cmd_info(argv) -> int:
     from sae_jax.data.store import open_store
-    from sae_jax.harvest import summary
+    from sae_jax.data.summary import summary
 
     print(summary(open_store(_positional_store(argv, "info"), require_complete=False)))
     return 0

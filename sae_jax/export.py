@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.errors import SaeJaxError
-from sae_jax.model.hooks import parse_hook
+from sae_jax.model.hooks import HookError, parse_hook
 from sae_jax.runs import Run, RunError
 
 FORMATS = ("saelens", "sparsify", "npz")
@@ -49,16 +49,33 @@ class ExportError(SaeJaxError, RuntimeError):
     pass
 
 
-def hf_module(hook: str, architecture: str = "LlamaForCausalLM") -> str | None:
-    """The Hugging Face module (relative to the base model) whose output a hook is, or None."""
+def _zoo_hook(name: str):
+    """The transformer hook `name` is (blocks.L.hook_...), or None for any other name a store
+    written with `StoreWriter` may carry (a recommender's embeddings, a vision model's tokens)."""
+    try:
+        return parse_hook(name)
+    except HookError:
+        return None
+
+
+def hf_module(hook: str, architecture: str | None = "LlamaForCausalLM") -> str | None:
+    """The Hugging Face module (relative to the base model) whose output a hook is; None for a
+    hook name that is not a transformer hook or a store without a model the zoo knows."""
     from sae_jax.model.hf_modules import output_module
     from sae_jax.model.loading import FAMILIES
 
-    return output_module(parse_hook(hook), FAMILIES.get(architecture, "llama"))
+    parsed = _zoo_hook(hook)
+    if parsed is None or architecture is None:
+        return None
+    return output_module(parsed, FAMILIES.get(architecture, "llama"))
 
 
-def _arch(run: Run) -> str:
-    return run.store_meta.get("model", {}).get("architecture", "LlamaForCausalLM")
+def _arch(run: Run) -> str | None:
+    """The store's model architecture (None: activations written from arrays, no model)."""
+    model = run.store_meta.get("model") or {}
+    if model.get("name", "external") == "external" and "architecture" not in model:
+        return None
+    return model.get("architecture", "LlamaForCausalLM")
 
 
 def _cast(arrays: dict[str, np.ndarray], dtype: str) -> dict:
@@ -132,7 +149,7 @@ def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
         "device": "cpu",
         "apply_b_dec_to_input": not mem.transcoder,
         "normalize_activations": "none",
-        "reshape_activations": "hook_z" if parse_hook(mem.hook).point == "attn_z" else "none",
+        "reshape_activations": "hook_z" if getattr(_zoo_hook(mem.hook), "point", None) == "attn_z" else "none",
         "metadata": _metadata(run, m),
     }
     if mem.inference == "topk":

@@ -33,6 +33,7 @@ from flax import nnx
 from sae_jax.config import harvest_fingerprint_fields
 from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
+from sae_jax.data.summary import summary  # noqa: F401  (sae_jax.harvest.summary, as before)
 from sae_jax.data.text import describe, documents
 from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
 from sae_jax.errors import SaeJaxError
@@ -388,37 +389,3 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     entry["contexts"] = [first_ctx, first_ctx + len(toks)]
     entry["rows_outliers"] = int(outlier.sum())
     return entry, stats
-
-
-def summary(store: st.Store) -> str:
-    m = store.manifest
-    lines = [
-        f"store      {store.root}",
-        f"model      {m['model']['name']} ({m['model']['architecture']}, {m['model']['config']['n_layers']} layers, d_model {m['model']['config']['d_model']})",
-        f"source     {m['source']}",
-        f"status     {'complete' if m.get('complete') else 'INCOMPLETE (harvest still running or killed)'}",
-        f"tokens     {store.n_rows:,} rows from {m.get('contexts', m['shards'][-1]['contexts'][1] if m['shards'] else 0):,} contexts of {m['ctx_len']}",
-        f"left out   special tokens: {'yes' if m['exclude_special'] else 'no'}; "
-        f"{m.get('rows_outliers', sum(s.get('rows_outliers', 0) for s in store.shards)):,} outlier rows (squared norm > {m.get('outlier_ratio', 0):g}x median); "
-        f"{sum(s.get('rows_dropped', 0) for s in store.shards):,} shard-tail rows (records are full)",
-        f"layout     {len(store.shards)} shards, {store.n_records:,} records of {m['rows_per_record']} rows, dtype {m['dtype']}",
-    ]
-    total = 0
-    for s in store.shards:
-        total += sum(f["bytes"] for f in s["files"].values())
-    lines.append(f"size       {total / 2**20:,.1f} MiB on disk")
-    lines.append("hooks")
-    for name, meta in m["hooks"].items():
-        ms = meta.get("mean_sq_norm")
-        mean_norm = float(np.linalg.norm(meta["mean"])) if meta.get("mean") else float("nan")
-        lines.append(
-            f"  {name:<28} width {meta['width']:>5}  mean sq norm {ms if ms is not None else float('nan'):>10.3f}  |mean| {mean_norm:>8.3f}"
-        )
-    if "forward" in m:
-        f, r = m["forward"], m.get("last_run", {})
-        lines.append(f"forward    one compiled executable for [{f['batch']}, {f['ctx_len']}] tokens")
-        if r.get("loop_s"):
-            lines.append(
-                f"last run   {r['tokens']:,} tokens in {r['loop_s']:.1f} s ({r['tokens'] / r['loop_s']:,.0f} tok/s; compile {r['compile_s']:.1f} s)"
-            )
-    return "\n".join(lines)

@@ -310,3 +310,61 @@ def test_other_architectures_load_in_the_libraries_and_agree(tiny_store, tmp_pat
         assert np.abs(got["x_hat"] - y_hat).max() < tol, (name, np.abs(got["x_hat"] - y_hat).max(), tol)
         assert np.abs(got["dense"] - acts).max() < tol, name
         assert (acts > 0).sum() > 0, name  # something fired: the comparison is not of zeros
+
+
+@pytest.mark.peers
+def test_a_store_of_any_hook_names_goes_end_to_end(tmp_path):
+    """Activations that no transformer hook names (a recommender's user embeddings), written with
+    StoreWriter: `info`, `verify`, `train` and every export through the CLI; SAELens and sparsify
+    load the exports (hook name as given, no HF module) and encode/decode as the folded dictionary."""
+    from conftest import run_cli
+
+    from sae_jax.data.writer import StoreWriter
+    from sae_jax.runs import open_run
+    from sae_jax.sae import folded
+
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((256, 48)).astype(np.float32)
+    codes = rng.random((4096, 256)) < 0.02
+    x = (codes * rng.uniform(1, 3, codes.shape)).astype(np.float32) @ basis
+    store, run = tmp_path / "store", tmp_path / "run"
+    with StoreWriter(store, {"user_emb": 48}, rows_per_record=64, shard_rows=1024, dtype="float32") as w:
+        w.add({"user_emb": x})
+    r = run_cli("info", str(store))
+    assert r.returncode == 0 and "user_emb" in r.stdout and "no model the zoo runs" in r.stdout, r.stderr
+    assert run_cli("verify", str(store)).returncode == 0
+    args = [
+        f"--config.train.{k}={v}"
+        for k, v in dict(store=store, run_dir=run, widths=512, ks=8, batch_size=256, steps=30, progress=False).items()
+    ]
+    r = run_cli("train", *args)
+    assert r.returncode == 0 and "user_emb.topk.w512.k8" in r.stdout, r.stderr[-2000:]
+    jobs, member = [], "user_emb.topk.w512.k8"
+    rows = x[-256:]
+    np.save(tmp_path / "x.npy", rows)
+    for fmt in ("npz", "saelens", "sparsify"):
+        r = run_cli("export", str(run), "--format", fmt, "--out", str(tmp_path / fmt))
+        assert r.returncode == 0, r.stderr[-2000:]
+    sub = tmp_path / "sparsify" / member / "user_emb"
+    assert (sub / "cfg.json").is_file()  # the hook name as the hookpoint
+    cfg = json.loads((tmp_path / "saelens" / member / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "user_emb" and cfg["metadata"]["hf_hook_name"] is None
+    assert cfg["reshape_activations"] == "none"
+    for lib, folder in (("saelens", tmp_path / "saelens" / member), ("sparsify", sub)):
+        jobs.append(
+            {
+                "library": lib,
+                "folder": str(folder),
+                "inputs": str(tmp_path / "x.npy"),
+                "input_shape": list(rows.shape),
+                "out": str(tmp_path / f"{lib}.npz"),
+            }
+        )
+    infos = _peer(jobs, tmp_path)
+    assert infos[0]["hook"] == "user_emb" and infos[0]["k"] == 8 and infos[1]["k"] == 8
+    d = {k: jnp.asarray(v) for k, v in open_run(run).folded(0).items()}
+    v, i = folded.encode(d, jnp.asarray(rows), 8)
+    ours = folded.decode(d, v, i)
+    for lib in ("saelens", "sparsify"):
+        got = np.load(tmp_path / f"{lib}.npz")["x_hat"]
+        np.testing.assert_allclose(got, np.asarray(ours), rtol=1e-4, atol=1e-4 * np.abs(rows).max())
