@@ -339,6 +339,11 @@ def test_a_store_of_any_hook_names_goes_end_to_end(tmp_path):
     ]
     r = run_cli("train", *args)
     assert r.returncode == 0 and "user_emb.topk.w512.k8" in r.stdout, r.stderr[-2000:]
+    r = run_cli("eval", str(run))
+    assert r.returncode == 0 and "downstream metrics skipped: the store names no model the zoo can run" in r.stdout, r.stderr[-2000:]
+    assert "| user_emb.topk.w512.k8 |" in r.stdout and "| n/a |" in r.stdout
+    r = run_cli("atlas", str(run))
+    assert r.returncode == 1 and "names no model the zoo can run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     jobs, member = [], "user_emb.topk.w512.k8"
     rows = x[-256:]
     np.save(tmp_path / "x.npy", rows)

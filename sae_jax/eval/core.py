@@ -188,6 +188,21 @@ def downstream_metrics(
     }
 
 
+def _no_model(run, model_path) -> str | None:
+    """Why the downstream metrics (the dictionary spliced into the model) cannot run, or None."""
+    from sae_jax.model.hooks import HookError
+
+    ident = run.store_meta.get("model") or {}
+    if not model_path and not ident.get("path"):
+        return f"the store names no model the zoo can run (model {ident.get('name', 'external')!r}: activations written from arrays)"
+    for mem in run.members:
+        try:
+            parse_hook(mem.hook)
+        except HookError:
+            return f"hook {mem.hook!r} is not a transformer hook the zoo can splice"
+    return None
+
+
 def evaluate(
     run_dir,
     *,
@@ -210,22 +225,24 @@ def evaluate(
     run = open_run(run_dir, step)
     run.refuse_transcoders("eval")
     st = open_store(store or run.store_meta["root"])
-    lm = load_run_model(run.store_meta, model_path)
+    skipped = _no_model(run, model_path)
+    lm = None if skipped else load_run_model(run.store_meta, model_path)
     t0 = time.perf_counter()
-    ctx = text_contexts(run.store_meta, lm, contexts, split, text)
+    ctx = None if skipped else text_contexts(run.store_meta, lm, contexts, split, text)
     report = {
         "run": str(run.root.absolute()),
         "step": run.step,
         "finished": run.finished,
-        "model": run.store_meta["model"]["name"],
-        "downstream_text": {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+        "model": (run.store_meta.get("model") or {}).get("name", "external"),
+        "downstream_text": None if skipped else {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+        "downstream_skipped": skipped,
         "members": {},
     }
     names = [mem.name for mem in run.members]
     if member is not None and member not in names:
         raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
     chosen = [m for m, mem in enumerate(run.members) if member in (None, mem.name)]
-    outlier = float(run.store_meta["outlier_ratio"] or 0)
+    outlier = float(run.store_meta.get("outlier_ratio") or 0)
     rows_cache, fns = {}, {}
     for m in chosen:
         mem = run.members[m]
@@ -234,14 +251,21 @@ def evaluate(
             rows_cache[mem.hook] = heldout_rows(run, st, mem.hook, tokens)
             k_max = max(run.eval_k(j) for j in group)
             w_max = max(run.members[j].width for j in group)
-            fns[mem.hook] = (splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier, mem.inference), w_max)
+            fns[mem.hook] = (
+                None if skipped else splice_fn(lm, parse_hook(mem.hook, lm.cfg.n_layers), k_max, outlier, mem.inference),
+                w_max,
+            )
         x, where = rows_cache[mem.hook]
         fn, w_max = fns[mem.hook]
         p = run.folded(m)
         k = run.eval_k(m)
         rec = reconstruction_metrics(p, x, k, mem.inference)
         rec.pop("_density")
-        down = downstream_metrics(lm, pad_width(p, w_max), mem.hook, k, ctx, batch_size, outlier, fn=fn, kind=mem.inference)
+        down = (
+            {"token_stats": {}}
+            if skipped
+            else downstream_metrics(lm, pad_width(p, w_max), mem.hook, k, ctx, batch_size, outlier, fn=fn, kind=mem.inference)
+        )
         tok_stats = {**rec.pop("token_stats"), **down.pop("token_stats")}
         report["members"][mem.name] = {
             "hook": mem.hook,
@@ -259,20 +283,30 @@ def evaluate(
 
 
 def markdown(report: dict) -> str:
+    down = report["downstream_text"]
     lines = [
         f"# Evaluation of {report['run']} (step {report['step']}{'' if report['finished'] else ', unfinished'})",
         "",
-        f"Model {report['model']}; downstream on {report['downstream_text']['contexts']} held-out contexts of {report['downstream_text']['ctx_len']} tokens.",
+        f"Model {report['model']}; downstream on {down['contexts']} held-out contexts of {down['ctx_len']} tokens."
+        if down
+        else f"Model {report['model']}; downstream metrics skipped: {report['downstream_skipped']}.",
         "",
         "| member | FVU | expl. var | cos | L0 | dead % | CE clean | CE sae | CE zero | loss recovered | KL sae |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, r in report["members"].items():
-        q, lat, ce, kl = r["reconstruction_quality"], r["latents"], r["model_performance_preservation"], r["model_behavior_preservation"]
+        q, lat = r["reconstruction_quality"], r["latents"]
+        if "model_performance_preservation" in r:
+            ce, kl = r["model_performance_preservation"], r["model_behavior_preservation"]
+            after = (
+                f"{ce['ce_loss_without_sae']:.4f} | {ce['ce_loss_with_sae']:.4f} | "
+                f"{ce['ce_loss_with_ablation']:.4f} | {ce['ce_loss_score']:.4f} | {kl['kl_div_with_sae']:.4f} |"
+            )
+        else:
+            after = "n/a | n/a | n/a | n/a | n/a |"
         lines.append(
             f"| {name} | {lat['fvu']:.4f} | {q['explained_variance']:.4f} | {q['cossim']:.4f} | {r['sparsity']['l0']:.1f} | "
-            f"{100 * lat['dead_frac']:.1f} | {ce['ce_loss_without_sae']:.4f} | {ce['ce_loss_with_sae']:.4f} | "
-            f"{ce['ce_loss_with_ablation']:.4f} | {ce['ce_loss_score']:.4f} | {kl['kl_div_with_sae']:.4f} |"
+            f"{100 * lat['dead_frac']:.1f} | " + after
         )
     lines += ["", "Rows: " + "; ".join(sorted({r["rows_from"] for r in report["members"].values()}))]
     return "\n".join(lines)

@@ -16,9 +16,14 @@ def load_run_model(store_meta: dict, model_path: str | None = None):
     """The model the run's store was harvested from; refuses another one (digest)."""
     from sae_jax.model.loading import load_model
 
-    ident = store_meta["model"]
+    ident = store_meta.get("model") or {}
+    if not (model_path or ident.get("path")):
+        raise EvalError(
+            f"the run's store names no model the zoo can run (model {ident.get('name', 'external')!r}: activations written "
+            "from arrays), and this needs one to read text through; `sae-jax eval` gives the reconstruction metrics of such runs"
+        )
     lm = load_model(model_path or ident["path"], ident.get("dtype", "float32"))
-    if lm.identity["digest"] != ident["digest"]:
+    if ident.get("digest") and lm.identity["digest"] != ident["digest"]:
         raise EvalError(
             f"model {lm.identity['path']} (digest {lm.identity['digest']}) is not the run's model {ident['name']} ({ident['digest']})"
         )
