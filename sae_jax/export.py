@@ -161,7 +161,30 @@ def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
     if "W_skip" in arrays:
         arrays["W_skip"] = np.ascontiguousarray(arrays["W_skip"].T)  # SAELens: [d_out, d_in], applied as x @ W_skip.T
     _save_safetensors(folder / "sae_weights.safetensors", _cast(arrays, dtype))
+    density, where = heldout_density(run, m)
+    if density is not None:  # what SAELens saves beside a trained SAE: log10 firing frequency per latent
+        _save_safetensors(folder / "sparsity.safetensors", {"sparsity": np.log10(density + 1e-10).astype(np.float32)})
+        cfg["metadata"]["trained_with"]["sparsity_rows"] = where
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
+
+
+def heldout_density(run: Run, m: int, max_rows: int = 65536) -> tuple[np.ndarray | None, str]:
+    """Member m's firing frequency per latent on the run's held-out store rows (at most
+    `max_rows`), and where they came from; (None, why) when its store or held-out rows are gone."""
+    from sae_jax.data.store import StoreError, open_store
+    from sae_jax.eval.core import reconstruction_metrics
+    from sae_jax.eval.errors import EvalError
+    from sae_jax.eval.inputs import heldout_rows
+
+    mem = run.members[m]
+    if mem.transcoder:
+        return None, "transcoder: no sparsity file"
+    try:
+        store = open_store(run.store_meta["root"])
+        x, where = heldout_rows(run, store, mem.hook, max_rows)
+    except (StoreError, EvalError) as e:
+        return None, f"no held-out rows ({e})"
+    return reconstruction_metrics(run.folded(m), x, run.eval_k(m), mem.inference)["_density"], where
 
 
 def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:

@@ -116,6 +116,14 @@ def test_saelens_and_sparsify_load_the_export_and_agree(tiny_run, tiny_store, tm
         m = int(Path(job["out"]).stem[2:])
         mem = run.members[m]
         assert info["k"] == mem.k and info["dtype"] == f"torch.{dtype}"
+        if job["library"] == "saelens":  # sparsity.safetensors: log10 firing frequency on the held-out rows, as SAELens reads it
+            from sae_jax.eval.core import reconstruction_metrics
+            from sae_jax.eval.inputs import heldout_rows
+
+            rows, _ = heldout_rows(run, tiny_store, mem.hook, 65536)
+            density = reconstruction_metrics(run.folded(m), rows, mem.k, "topk")["_density"]
+            np.testing.assert_allclose(info["log_sparsity"], np.log10(density + 1e-10), rtol=1e-6)
+            assert len(info["log_sparsity"]) == mem.width
         got = np.load(job["out"], allow_pickle=False)
         x_hat, dense = refs[m]
         x = np.load(job["inputs"], allow_pickle=False).astype(np.float32)

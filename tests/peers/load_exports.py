@@ -11,9 +11,12 @@ JOBS.json: a list of {"library": "saelens"|"sparsify", "folder": ..., "inputs": 
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
+from sae_lens.constants import SPARSITY_FILENAME
+from safetensors import safe_open
 
 
 def run(job):
@@ -34,6 +37,10 @@ def run(job):
                 "k": getattr(sae.cfg, "k", None),
                 "hook": sae.cfg.metadata.hook_name,
             }
+            sparsity = Path(job["folder"]) / SPARSITY_FILENAME
+            if sparsity.is_file():  # read as SAELens's loaders read it beside a pretrained SAE
+                with safe_open(str(sparsity), framework="pt", device="cpu") as f:
+                    info["log_sparsity"] = f.get_tensor("sparsity").tolist()
         elif job["library"] == "sparsify":
             from sparsify import SparseCoder
 
