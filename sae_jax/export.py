@@ -4,7 +4,7 @@ One folder per bank member, named like the member (`blocks.6.hook_resid_post.top
 
 | format     | files in the member folder                                   | loads with |
 | ---------- | ------------------------------------------------------------ | ---------- |
-| `saelens`  | `cfg.json`, `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec) | `sae_lens.SAE.load_from_disk(folder)` |
+| `saelens`  | `cfg.json`, `sae_weights.safetensors` (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_in], b_dec), `sparsity.safetensors` (log10 firing frequency on held-out rows) | `sae_lens.SAE.load_from_disk(folder)` |
 | `sparsify` | `<hookpoint>/cfg.json`, `<hookpoint>/sae.safetensors` (encoder.weight [d_sae, d_in], encoder.bias, W_dec [d_sae, d_in], b_dec) | `sparsify.SparseCoder.load_from_disk(folder/<hookpoint>)` |
 | `npz`      | `params.npz` in the Gemma Scope layout (W_enc, W_dec, b_enc, b_dec; `threshold` for JumpReLU-type dictionaries, `k` for TopK, `W_skip` [d_in, d_out] for skip transcoders) and `cfg.json` | `numpy.load(..., allow_pickle=False)` |
 
