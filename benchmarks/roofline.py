@@ -114,15 +114,15 @@ def xla_cost(width: int, impl: str) -> dict:
     """XLA's cost_analysis of the encoder on one v5e chip through libtpu (deviceless)."""
     import os
 
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this host compiles; the program is for the TPU
     import jax
     import jax.numpy as jnp
 
     from sae_jax.kernels.pallas import compiling_for
     from sae_jax.kernels.topk import topk_encode
-    from sae_jax.train.compile_check import target_devices
+    from sae_jax.train.targets import tpu_devices
 
-    dev = target_devices("v5e:1x1")[0]
+    dev = tpu_devices("v5e:1x1")[0]
     sh = jax.sharding.SingleDeviceSharding(dev)
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh) for s in ((B, D_IN), (D_IN, width), (width,))]
     with compiling_for("tpu"):
@@ -157,7 +157,7 @@ def main() -> None:
     out = {"roofline": rows}
     if a.xla:
         out["xla"] = [xla_cost(2**e, impl) for e in (16, 18) for impl in ("pallas_tpu", "stream")]
-        print("\nXLA cost_analysis through libtpu, TPU v5e (a Pallas kernel is opaque to XLA beyond the CostEstimate it declares)")
+        print("\nXLA cost_analysis through libtpu, TPU v5e (a Pallas kernel is opaque to XLA beyond the CostEstimate it declares; loops are counted once)")
         for r in out["xla"]:
             print(
                 f"  {r['impl']:<11} {r['width']:>8}  flops {r['xla_flops']:.3g}  bytes {r['xla_bytes']:.3g}  optimal {r['xla_optimal_ms']:.2f} ms"

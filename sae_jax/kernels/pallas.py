@@ -208,6 +208,12 @@ def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_t
     wp = _pad(w, 1, block)
     bps = [_pad(b.reshape(1, -1), 1, block, NEG) for b in biases]
     n_rows, n_blocks = xp.shape[0] // tb, wp.shape[1] // block
+    # what XLA sees of the kernel (its scheduler and cost_analysis): the matmul, and W read once per row tile
+    cost = pl.CostEstimate(
+        flops=2 * xp.shape[0] * d * wp.shape[1],
+        transcendentals=0,
+        bytes_accessed=n_rows * wp.size * wp.dtype.itemsize + xp.size * xp.dtype.itemsize + sum(2 * xp.shape[0] * kp * 4 for kp in kps),
+    )
     out_shape = []
     for kp in kps:
         out_shape += [jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.float32), jax.ShapeDtypeStruct((xp.shape[0], kp), jnp.int32)]
@@ -222,6 +228,7 @@ def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_t
             out_specs=[pl.BlockSpec((tb, kp), lambda r, j: (r, 0)) for kp in kps for _ in (0, 1)],
             out_shape=out_shape,
             compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT),
+            cost_estimate=cost,
             interpret=_interpret("tpu", target),
         )(xp, wp, *bps)
     else:
@@ -236,6 +243,7 @@ def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_t
             + [pl.BlockSpec(b.shape, lambda r: (0, 0)) for b in bps],
             out_specs=[pl.BlockSpec((tb, kp), lambda r: (r, 0)) for kp in kps for _ in (0, 1)],
             out_shape=out_shape,
+            cost_estimate=cost,
             interpret=_interpret("gpu", target),
         )(xp, wp, *bps)
     return [_ordered(outs[2 * t][:rows, :k], outs[2 * t + 1][:rows, :k]) for t, k in enumerate(ks)]
