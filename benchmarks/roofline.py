@@ -157,7 +157,9 @@ def main() -> None:
     out = {"roofline": rows}
     if a.xla:
         out["xla"] = [xla_cost(2**e, impl) for e in (16, 18) for impl in ("pallas_tpu", "stream")]
-        print("\nXLA cost_analysis through libtpu, TPU v5e (a Pallas kernel is opaque to XLA beyond the CostEstimate it declares; loops are counted once)")
+        print(
+            "\nXLA cost_analysis through libtpu, TPU v5e (a Pallas kernel is opaque to XLA beyond the CostEstimate it declares; loops are counted once)"
+        )
         for r in out["xla"]:
             print(
                 f"  {r['impl']:<11} {r['width']:>8}  flops {r['xla_flops']:.3g}  bytes {r['xla_bytes']:.3g}  optimal {r['xla_optimal_ms']:.2f} ms"
