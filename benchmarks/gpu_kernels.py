@@ -21,14 +21,12 @@ Writes runs/bench/gpu_kernels.json.
 from __future__ import annotations
 
 import argparse
-import json
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _timing import timed
+from _timing import timed, write_json
 
 PEAK_BF16 = {  # dense bf16 FLOP/s per chip
     "H100": 989e12,
@@ -164,10 +162,7 @@ def main() -> None:
                 f"{cell(r, 'step_over_matmul', 1, '{:.2f}'):>8} {cell(r, 'dead_s', 1e3):>9} {tok_s:>10} "
                 f"{predicted if predicted is None else round(predicted, 2)!s:>11}"
             )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "gpu_kernels.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'gpu_kernels.json'}")
+    write_json("gpu_kernels.json", rows)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,8 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from _timing import timed
+from _timing import timed, write_json
 
 B, K = 4096, 32
 
@@ -150,10 +149,7 @@ def main() -> None:
         print(
             f"  {r['step_s']:.2f} s/step, {r['tok_s']:,.0f} tok/s, matmul {r['matmul_s']:.2f} s, step/matmul {r['step_over_matmul']:.2f}, loss {r['loss']:.4f}"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels_bench.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'kernels_bench.json'}")
+    write_json("kernels_bench.json", rows)
 
 
 if __name__ == "__main__":

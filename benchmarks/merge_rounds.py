@@ -16,8 +16,8 @@ runs/bench/merge_rounds.json.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+
+from _timing import write_json
 
 
 def measure(x, w_enc, b_enc, k: int, row_tile: int, block: int) -> dict:
@@ -100,10 +100,7 @@ def main() -> None:
             f"  {r['member']:<44} {r['width']:>7} {r['k']:>3} {r['gated_rounds_per_block']:>7.2f} {r['gated_rounds_second_half']:>8.2f} "
             f"{r['unrolled_rounds_per_block']:>8} {r['reduction']:>8.1f}x {str(r['exact']):>5}"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "merge_rounds.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'merge_rounds.json'}")
+    write_json("merge_rounds.json", rows)
 
 
 if __name__ == "__main__":

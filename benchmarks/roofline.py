@@ -1,6 +1,6 @@
 """A roofline of the fused TopK encoder per chip: matmul, selection and HBM time, predicted.
 
-    .venv/bin/python benchmarks/roofline.py [--rounds runs/bench/merge_rounds_by_width.json]
+    .venv/bin/python benchmarks/roofline.py [--rounds runs/bench/merge_rounds.json]
     .tpu-venv/bin/python benchmarks/roofline.py --xla      # adds XLA's cost_analysis from libtpu
 
 At d_in=2304, k=64, B=8192 and d_sae 2^16..2^20, per chip (TPU v5e, v5p, v6e; H100, H200):
@@ -30,6 +30,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from _timing import write_json
 
 CHIPS = {  # peak bf16 TFLOP/s, HBM GB/s, MXU (tensor-core) FLOPs per vector op, row tile, latent block
     "TPU v5e": (197.0, 819.0, 32.0, 512, 512),
@@ -140,10 +142,15 @@ def xla_cost(width: int, impl: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", default="", help="JSON {width: mean rounds per block} (default: the measured table above)")
+    ap.add_argument("--rounds", default="", help="merge_rounds.py's JSON (rounds per block by width; default: the measured table above)")
     ap.add_argument("--xla", action="store_true", help="also XLA's cost_analysis of each path through libtpu (needs libtpu)")
     a = ap.parse_args()
-    table = {int(k): float(v) for k, v in json.loads(Path(a.rounds).read_text()).items()} if a.rounds else MEASURED_ROUNDS
+    table = MEASURED_ROUNDS
+    if a.rounds:  # several members of one width: their mean
+        by = {}
+        for r in json.loads(Path(a.rounds).read_text()):
+            by.setdefault(r["width"], []).append(r["gated_rounds_per_block"])
+        table = {w: sum(v) / len(v) for w, v in by.items()}
     rows = [predict(chip, 2**e, rounds_at(2**e, table), k_aux) for chip in CHIPS for e in (16, 18, 20) for k_aux in (0, 512, D_IN // 2)]
     print(f"\nFused TopK encoder roofline: d_in={D_IN}, k={K}, B={B}, bf16 (predicted; see the docstring for the model)")
     print(
@@ -164,10 +171,7 @@ def main() -> None:
             print(
                 f"  {r['impl']:<11} {r['width']:>8}  flops {r['xla_flops']:.3g}  bytes {r['xla_bytes']:.3g}  optimal {r['xla_optimal_ms']:.2f} ms"
             )
-    d = Path("runs/bench")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "roofline.json").write_text(json.dumps(out, indent=1))
-    print(f"wrote {d / 'roofline.json'}")
+    write_json("roofline.json", out)
 
 
 if __name__ == "__main__":

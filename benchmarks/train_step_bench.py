@@ -16,9 +16,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from _timing import timed
+from _timing import timed, write_json
 
 CONFIGS = [(1, 1, 1), (8, 8, 1), (8, 2, 4)]  # (devices, data, model)
 
@@ -95,10 +94,7 @@ def main() -> None:
         print(
             f"  {r['devices']:>7} {r['mesh']:>5} {r['step_s']:>8.2f} {r['tok_s']:>8,.0f} {r['encoder_matmul_s']:>13.3f} {r['step_over_encoder']:>14.2f}"
         )
-    out = Path("runs/bench")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_step_bench.json").write_text(json.dumps(rows, indent=1))
-    print(f"wrote {out / 'train_step_bench.json'}")
+    write_json("train_step_bench.json", rows)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ def _positional_store(argv: list[str], cmd: str) -> Path:
 
 
 def cmd_harvest(argv, default_file="default.py") -> int:
-    from sae_jax.harvest import harvest, summary
+    from sae_jax.data.summary import summary
+    from sae_jax.harvest import harvest
     from sae_jax.parallel import init_distributed
 
     cfg = _load_config(argv, default_file)
@@ -120,8 +121,9 @@ def cmd_demo(argv) -> int:
     """Harvest (configs/demo.py), train its bank on the store, evaluate it; print the results."""
     import jax
 
+    from sae_jax.data.summary import summary
     from sae_jax.eval.core import evaluate, write_report
-    from sae_jax.harvest import harvest, summary
+    from sae_jax.harvest import harvest
     from sae_jax.train.loop import settings_for, train
     from sae_jax.train.loop import summary as train_summary
 

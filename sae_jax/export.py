@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.errors import SaeJaxError
-from sae_jax.model.hooks import HookError, parse_hook
+from sae_jax.model.hooks import transformer_hook
 from sae_jax.runs import Run, RunError
 
 FORMATS = ("saelens", "sparsify", "npz")
@@ -49,22 +49,13 @@ class ExportError(SaeJaxError, RuntimeError):
     pass
 
 
-def _zoo_hook(name: str):
-    """The transformer hook `name` is (blocks.L.hook_...), or None for any other name a store
-    written with `StoreWriter` may carry (a recommender's embeddings, a vision model's tokens)."""
-    try:
-        return parse_hook(name)
-    except HookError:
-        return None
-
-
 def hf_module(hook: str, architecture: str | None = "LlamaForCausalLM") -> str | None:
     """The Hugging Face module (relative to the base model) whose output a hook is; None for a
     hook name that is not a transformer hook or a store without a model the zoo knows."""
     from sae_jax.model.hf_modules import output_module
     from sae_jax.model.loading import FAMILIES
 
-    parsed = _zoo_hook(hook)
+    parsed = transformer_hook(hook)
     if parsed is None or architecture is None:
         return None
     return output_module(parsed, FAMILIES.get(architecture, "llama"))
@@ -149,7 +140,7 @@ def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
         "device": "cpu",
         "apply_b_dec_to_input": not mem.transcoder,
         "normalize_activations": "none",
-        "reshape_activations": "hook_z" if getattr(_zoo_hook(mem.hook), "point", None) == "attn_z" else "none",
+        "reshape_activations": "hook_z" if getattr(transformer_hook(mem.hook), "point", None) == "attn_z" else "none",
         "metadata": _metadata(run, m),
     }
     if mem.inference == "topk":

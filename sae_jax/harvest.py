@@ -33,7 +33,6 @@ from flax import nnx
 from sae_jax.config import harvest_fingerprint_fields
 from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
-from sae_jax.data.summary import summary  # noqa: F401  (sae_jax.harvest.summary, as before)
 from sae_jax.data.text import describe, documents
 from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
 from sae_jax.errors import SaeJaxError

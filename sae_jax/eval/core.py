@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.eval.errors import EvalError
-from sae_jax.eval.inputs import heldout_rows, load_run_model, splice_mask, text_contexts
+from sae_jax.eval.inputs import heldout_rows, load_run_model, missing_model, splice_mask, text_contexts
 from sae_jax.model.hooks import parse_hook
 from sae_jax.sae import folded
 
@@ -190,15 +190,12 @@ def downstream_metrics(
 
 def _no_model(run, model_path) -> str | None:
     """Why the downstream metrics (the dictionary spliced into the model) cannot run, or None."""
-    from sae_jax.model.hooks import HookError
+    from sae_jax.model.hooks import transformer_hook
 
-    ident = run.store_meta.get("model") or {}
-    if not model_path and not ident.get("path"):
-        return f"the store names no model the zoo can run (model {ident.get('name', 'external')!r}: activations written from arrays)"
+    if why := missing_model(run.store_meta, model_path):
+        return why
     for mem in run.members:
-        try:
-            parse_hook(mem.hook)
-        except HookError:
+        if transformer_hook(mem.hook) is None:
             return f"hook {mem.hook!r} is not a transformer hook the zoo can splice"
     return None
 

@@ -12,16 +12,21 @@ import numpy as np
 from sae_jax.eval.errors import EvalError
 
 
+def missing_model(store_meta: dict, model_path: str | None = None) -> str | None:
+    """Why no model can be run for this store (None: there is one, or `model_path` names it)."""
+    ident = store_meta.get("model") or {}
+    if model_path or ident.get("path"):
+        return None
+    return f"the store names no model the zoo can run (model {ident.get('name', 'external')!r}: activations written from arrays)"
+
+
 def load_run_model(store_meta: dict, model_path: str | None = None):
     """The model the run's store was harvested from; refuses another one (digest)."""
     from sae_jax.model.loading import load_model
 
     ident = store_meta.get("model") or {}
-    if not (model_path or ident.get("path")):
-        raise EvalError(
-            f"the run's store names no model the zoo can run (model {ident.get('name', 'external')!r}: activations written "
-            "from arrays), and this needs one to read text through; `sae-jax eval` gives the reconstruction metrics of such runs"
-        )
+    if why := missing_model(store_meta, model_path):
+        raise EvalError(f"{why}, and this needs one to read text through; `sae-jax eval` gives the reconstruction metrics of such runs")
     lm = load_model(model_path or ident["path"], ident.get("dtype", "float32"))
     if ident.get("digest") and lm.identity["digest"] != ident["digest"]:
         raise EvalError(

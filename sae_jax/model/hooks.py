@@ -83,6 +83,15 @@ def parse_hook(name: str, n_layers: int | None = None) -> Hook:
     return hook
 
 
+def transformer_hook(name: str) -> Hook | None:
+    """The transformer hook `name` is, or None for any other name a store may carry (a store
+    written with `StoreWriter`: a recommender's embeddings, a vision model's tokens)."""
+    try:
+        return parse_hook(name)
+    except HookError:
+        return None
+
+
 def parse_hooks(names, n_layers: int | None = None) -> list[Hook]:
     if isinstance(names, str):
         names = [n for n in names.split(",") if n.strip()]

@@ -99,20 +99,18 @@ def dev_kind(dev) -> str:
     return dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
 
 
+def _by_kind(table: dict[str, float], kind: str) -> float | None:
+    """The figure of the first entry whose name `kind` (a device_kind) starts with."""
+    return next((v for name, v in table.items() if kind.startswith(name)), None)
+
+
 def _hbm(kind: str) -> int | None:
-    for name, gib in HBM_GIB.items():
-        if kind.startswith(name):
-            return int(gib * GIB)
-    return None
+    gib = _by_kind(HBM_GIB, kind)
+    return None if gib is None else int(gib * GIB)
 
 
 def _peak(kind: str, given: float | None) -> float | None:
-    if given:
-        return given
-    for name, tf in PEAK_TFLOPS.items():
-        if kind.startswith(name):
-            return tf
-    return None
+    return given or _by_kind(PEAK_TFLOPS, kind)
 
 
 def _device_memory() -> int | None:
@@ -158,8 +156,7 @@ def compile_check(
     spec = bank_spec(t, store)
     mesh = make_mesh(t, devices)
     n_data = mesh.shape["data"]
-    with compiling(mesh):  # the encoder's `auto` and the Pallas kernels for the target, not this host
-        step = TrainStep(spec, mesh, t)
+    step = TrainStep(spec, mesh, t)
     state = step.abstract_state()
     x_sharding = parallel.sharding(mesh, "x")
     x = jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_in), dtype, sharding=x_sharding)
@@ -167,7 +164,7 @@ def compile_check(
         (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.dout), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
     t0 = time.perf_counter()
-    with compiling(mesh):
+    with compiling(mesh):  # traced and lowered for the target: the encoder's `auto` and the Pallas kernels, not this host's
         try:
             compiled = step.lower(*args).compile()
         except jax.errors.JaxRuntimeError as e:  # the target's compiler refuses (HBM or VMEM out of memory)
@@ -179,8 +176,6 @@ def compile_check(
                 "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
             ) from None
     compile_s = time.perf_counter() - t0
-
-    per_device = per_device_bytes
 
     ma = compiled.memory_analysis()
     peak_bytes = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
@@ -201,10 +196,10 @@ def compile_check(
         "batch": t.batch_size,
         "compile_s": compile_s,
         "bytes_per_device": {
-            "params": per_device(state["params"]),
-            "optimizer": per_device(state["opt_state"]),
-            "state": per_device(state),
-            "batch": per_device(args[1:]),
+            "params": per_device_bytes(state["params"]),
+            "optimizer": per_device_bytes(state["opt_state"]),
+            "state": per_device_bytes(state),
+            "batch": per_device_bytes(args[1:]),
             "xla_arguments": int(ma.argument_size_in_bytes),
             "xla_outputs": int(ma.output_size_in_bytes),
             "xla_aliased": int(ma.alias_size_in_bytes),

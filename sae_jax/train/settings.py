@@ -104,7 +104,9 @@ class TrainSettings:
     # ---- derived values ------------------------------------------------------------------------
     @property
     def sparse(self) -> bool:
-        return self.architecture in ("topk", "batchtopk")
+        from sae_jax.sae.bank import SPARSE
+
+        return self.architecture in SPARSE
 
     @property
     def coefs(self) -> tuple[float, ...]:
