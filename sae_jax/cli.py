@@ -196,7 +196,11 @@ def _argparser(cmd: str, **kw):
     import argparse
 
     p = argparse.ArgumentParser(prog=f"sae-jax {cmd}", **kw)  # a bad flag: usage, exit 2
-    p.add_argument("run", help="a run directory written by `sae-jax train`")
+    p.add_argument(
+        "run",
+        help="a run directory written by `sae-jax train`"
+        + (" (or a SAELens / sparsify folder, with --store)" if cmd in ("eval", "atlas") else ""),
+    )
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     return p
 
@@ -239,7 +243,11 @@ def cmd_eval(argv) -> int:
 
     p = _argparser("eval", description="Reconstruction metrics on held-out store rows and downstream loss with each dictionary spliced in.")
     p.add_argument("--member", default=None, help="bank member name (default: every member)")
-    p.add_argument("--store", default=None, help="a store of the same model to evaluate on (default: the run's store, its held-out shards)")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="a store of the same model to evaluate on (default: the run's store, its held-out shards; SAELens / sparsify folders: its last shard)",
+    )
     p.add_argument("--tokens", type=int, default=200_000, help="held-out rows to evaluate reconstruction on, at most")
     p.add_argument("--contexts", type=int, default=64, help="held-out text contexts for the downstream losses")
     _text_and_model_args(p)
@@ -272,6 +280,7 @@ def cmd_atlas(argv) -> int:
     p.add_argument("--contexts", type=int, default=512, help="text contexts to stream")
     p.add_argument("--top", type=int, default=20, help="top activating contexts kept per latent")
     p.add_argument("--samples", type=int, default=20, help="random activations kept per latent, reported across quantiles")
+    p.add_argument("--store", default=None, help="SAELens / sparsify folders: the store whose model and text to read")
     _text_and_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
     a = p.parse_args(argv[1:])
@@ -287,6 +296,7 @@ def cmd_atlas(argv) -> int:
         model_path=a.model,
         batch_size=a.batch_size,
         out=a.out,
+        store=a.store,
     ):
         print(line)
     return 0

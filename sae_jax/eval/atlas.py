@@ -188,15 +188,16 @@ def build_atlas(
     model_path=None,
     batch_size=8,
     out=None,
+    store=None,
     log=None,
 ):
     """Write the atlas of the run's members; yields one summary line per member, then the page."""
     from sae_jax.eval.html import write_page
-    from sae_jax.runs import open_run
+    from sae_jax.foreign import open_dictionaries
 
     if contexts < 1 or top < 1 or samples < 1 or batch_size < 1:
         raise EvalError("--contexts, --top, --samples and --batch-size must be positive")
-    run = open_run(run_dir, step)
+    run, _ = open_dictionaries(run_dir, step, store)  # a sae-jax run, or a SAELens / sparsify folder on `store`
     run.refuse_transcoders("atlas")
     names = [m.name for m in run.members]
     if member is not None and member not in names:

@@ -215,11 +215,11 @@ def evaluate(
     log=print,
 ) -> dict:
     from sae_jax.data.store import open_store
-    from sae_jax.runs import open_run
+    from sae_jax.foreign import open_dictionaries
 
     if tokens < 1 or contexts < 1 or batch_size < 1:
         raise EvalError("--tokens, --contexts and --batch-size must be positive")
-    run = open_run(run_dir, step)
+    run, store = open_dictionaries(run_dir, step, store)  # a sae-jax run, or a SAELens / sparsify folder on `store`
     run.refuse_transcoders("eval")
     st = open_store(store or run.store_meta["root"])
     skipped = _no_model(run, model_path)

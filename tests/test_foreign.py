@@ -1,0 +1,104 @@
+"""SAELens and sparsify folders opened as runs: eval and atlas compare other trainers' dictionaries."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from sae_jax.data.store import open_store
+from sae_jax.export import export_run
+from sae_jax.foreign import kind, open_dictionaries
+from sae_jax.runs import RunError, open_run
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory):
+    run = open_run(tiny_run)
+    out = tmp_path_factory.mktemp("foreign")
+    return run, {fmt: export_run(run, fmt, out / fmt) for fmt in ("saelens", "sparsify")}
+
+
+def test_exports_open_as_the_same_dictionaries(exported, tiny_store):
+    run, folders = exported
+    for fmt, dirs in folders.items():
+        for m, folder in enumerate(dirs):
+            assert kind(folder) == fmt
+            other, store = open_dictionaries(folder, store=str(tiny_store.root))
+            assert store == str(tiny_store.root) and len(other.members) == 1
+            mem = other.members[0]
+            assert (mem.hook, mem.width, mem.k, mem.inference) == (run.members[m].hook, run.members[m].width, run.members[m].k, "topk")
+            want, got = run.folded(m), other.folded(0)
+            for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-6, atol=1e-7, err_msg=f"{fmt} {name}")
+            # held out as the run holds out: the store's last shard
+            assert other.store_meta["train_records"] == run.store_meta["train_records"]
+
+
+def test_sparsify_hookpoint_maps_to_the_store_hook(exported, tiny_store, tmp_path):
+    """A folder as sparsify's Trainer writes it (one sub-folder per hookpoint, no sae_jax.json)."""
+    run, folders = exported
+    first = {}  # one dictionary per hookpoint, as sparsify writes
+    for m, d in enumerate(folders["sparsify"]):
+        first.setdefault(run.members[m].hook, (m, d))
+    for _, d in first.values():
+        (sub,) = [s for s in d.iterdir() if s.is_dir()]
+        shutil.copytree(sub, tmp_path / sub.name)
+    other, _ = open_dictionaries(tmp_path, store=str(tiny_store.root))
+    got = {mem.hook: (mem.width, mem.k) for mem in other.members}
+    assert got == {h: (run.members[m].width, run.members[m].k) for h, (m, _) in first.items()}
+    for j, mem in enumerate(other.members):
+        m = first[mem.hook][0]
+        np.testing.assert_allclose(other.folded(j)["W_enc"], run.folded(m)["W_enc"], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_cli_on_a_saelens_folder_matches_the_run(exported, tiny_run, tiny_store, tmp_path):
+    from conftest import run_cli
+
+    run, folders = exported
+    folder = folders["saelens"][0]
+    name = run.members[0].name
+    a = run_cli("eval", str(tiny_run), "--member", name, "--tokens", "512", "--contexts", "2", "--out", str(tmp_path / "a"))
+    b = run_cli("eval", str(folder), "--store", str(tiny_store.root), "--tokens", "512", "--contexts", "2", "--out", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    ra = json.loads((tmp_path / "a/eval.json").read_text())["members"][name]
+    (rb,) = json.loads((tmp_path / "b/eval.json").read_text())["members"].values()
+    compared = 0
+    for group in ("reconstruction_quality", "sparsity", "model_performance_preservation", "model_behavior_preservation"):
+        for key, v in ra[group].items():
+            if isinstance(v, float):
+                assert rb[group][key] == pytest.approx(v, rel=1e-4, abs=1e-6), (group, key)
+                compared += 1
+    assert compared >= 6
+    r = run_cli("eval", str(folder))
+    assert r.returncode == 1 and "give --store" in r.stderr and "Traceback" not in r.stderr
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "sae"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_bad_foreign_folders_are_named(exported, tiny_store, tmp_path):
+    _, folders = exported
+    store = str(tiny_store.root)
+    d = _copy(folders["saelens"][0], tmp_path / "hook")
+    cfg = json.loads((d / "cfg.json").read_text())
+    (d / "cfg.json").write_text(json.dumps({**cfg, "hook_name": "blocks.9.hook_mlp_out"}))
+    with pytest.raises(RunError, match=r"hook_name 'blocks.9.hook_mlp_out' is not a hook of"):
+        open_dictionaries(d, store=store)
+    (d / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    with pytest.raises(RunError, match="normalize_activations"):
+        open_dictionaries(d, store=store)
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    data = (d / "sae_weights.safetensors").read_bytes()
+    (d / "sae_weights.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(RunError, match=r"sae_weights.safetensors: not a readable safetensors file"):
+        open_dictionaries(d, store=store)
+    with pytest.raises(RunError, match="--step applies to sae-jax runs"):
+        open_dictionaries(folders["sparsify"][0], step=3, store=store)
+    with pytest.raises(RunError, match="neither a sae-jax run"):
+        from sae_jax.foreign import open_foreign
+
+        open_foreign(tmp_path, open_store(store))
