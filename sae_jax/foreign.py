@@ -5,9 +5,10 @@ compare them with sae_jax's on the same rows and text.
     sae-jax atlas PATH --store STORE
 
 - SAELens (>= 6): `cfg.json` + `sae_weights.safetensors`; architectures `topk`, `jumprelu` and
-  `standard` (ReLU); `hook_name` names the store hook. `apply_b_dec_to_input: false` is folded
-  into b_enc (b_enc + b_dec W_enc), so every dictionary has sae_jax's form
-  pre = (x - b_dec) W_enc + b_enc. Activation normalisation other than `none` is refused (the
+  `standard` (ReLU); `hook_name` (or `metadata.hook_name`) names the store hook.
+  `apply_b_dec_to_input: false` is folded into b_enc (b_enc + b_dec W_enc) and TopK's
+  `rescale_acts_by_decoder_norm` into W_enc, b_enc and W_dec, so every dictionary has sae_jax's
+  form pre = (x - b_dec) W_enc + b_enc, x_hat = act(pre) W_dec + b_dec. Activation normalisation other than `none` is refused (the
   scale SAELens would apply is not in the folder).
 - sparsify: `cfg.json` + `sae.safetensors` (TopK; encoder.weight [w, d_in]); a folder holds one
   such dictionary or one per hookpoint (sub-folders named like `layers.6`). The hookpoint is the
@@ -90,6 +91,13 @@ def _saelens(folder: Path, store) -> list[tuple[Member, dict]]:
     p = {n: a[n] for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
     if not cfg.get("apply_b_dec_to_input", True):
         p["b_enc"] = p["b_enc"] + p["b_dec"] @ p["W_enc"]  # pre = x W + b = (x - b_dec) W + (b + b_dec W)
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        # SAELens (TopK, its default since v6): pre x ||W_dec_i|| ranks the latents and acts / ||W_dec_i||
+        # decode; the same map with the norms folded into the encoder and out of the decoder
+        if inference != "topk":
+            raise RunError(f"{folder / 'cfg.json'}: rescale_acts_by_decoder_norm with architecture {arch!r} (SAELens applies it to topk)")
+        n = np.linalg.norm(p["W_dec"], axis=1)
+        p["W_enc"], p["b_enc"], p["W_dec"] = p["W_enc"] * n, p["b_enc"] * n, p["W_dec"] / np.maximum(n, 1e-12)[:, None]
     if inference == "jumprelu":
         p["threshold"] = a["threshold"]
     k = int(cfg.get("k") or 0)

@@ -102,3 +102,42 @@ def test_bad_foreign_folders_are_named(exported, tiny_store, tmp_path):
         from sae_jax.foreign import open_foreign
 
         open_foreign(tmp_path, open_store(store))
+
+
+def test_saelens_rescale_and_no_b_dec_on_input_fold_to_the_same_map(exported, tiny_store, tmp_path):
+    """SAELens's own TopK forward (rescale_acts_by_decoder_norm, apply_b_dec_to_input false),
+    written out in numpy, equals the folded dictionary the loader returns."""
+    from safetensors.numpy import save_file
+
+    from sae_jax.sae import folded
+
+    run, folders = exported
+    src = folders["saelens"][0]
+    d = _copy(src, tmp_path)
+    hook, d_in = run.members[0].hook, run.meta["d_in"]
+    rng = np.random.default_rng(0)
+    w = run.members[0].width
+    a = {
+        "W_enc": rng.normal(size=(d_in, w)).astype(np.float32),
+        "b_enc": rng.normal(size=w).astype(np.float32),
+        "W_dec": (rng.normal(size=(w, d_in)) * rng.uniform(0.2, 3.0, (w, 1))).astype(np.float32),
+        "b_dec": rng.normal(size=d_in).astype(np.float32),
+    }
+    save_file(a, str(d / "sae_weights.safetensors"))
+    cfg = json.loads((d / "cfg.json").read_text())
+    cfg.update(rescale_acts_by_decoder_norm=True, apply_b_dec_to_input=False, k=4)
+    (d / "cfg.json").write_text(json.dumps(cfg))
+    x = rng.normal(size=(64, d_in)).astype(np.float32)
+    n = np.linalg.norm(a["W_dec"], axis=1)
+    pre = (x @ a["W_enc"] + a["b_enc"]) * n  # SAELens TopKSAE.encode
+    idx = np.argsort(-pre, axis=1)[:, :4]
+    acts = np.zeros_like(pre)
+    np.put_along_axis(acts, idx, np.maximum(np.take_along_axis(pre, idx, 1), 0), 1)
+    want = (acts / n) @ a["W_dec"] + a["b_dec"]  # act_times_W_dec + b_dec
+    other, _ = open_dictionaries(d, store=str(tiny_store.root))
+    assert other.members[0].hook == hook and other.members[0].k == 4
+    p = other.folded(0)
+    v, i = folded.encode(p, x, 4)
+    # float32 reassociation only (b_dec and the norms folded): errors ~1e-6 of the rows' scale
+    np.testing.assert_allclose(np.asarray(folded.decode(p, v, i)), want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
+    np.testing.assert_array_equal(np.sort(np.asarray(i), 1), np.sort(idx, 1))
