@@ -26,10 +26,11 @@ $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
-$(PEER_VENV)/.installed: tests/peers/requirements.txt
+$(PEER_VENV)/.installed: tests/peers/requirements.txt tests/peers/no-deps.txt
 	$(PEER_PYTHON) -m venv $(PEER_VENV)
 	$(PEER_VENV)/bin/pip install -q torch==2.13.0
 	$(PEER_VENV)/bin/pip install -q -r tests/peers/requirements.txt
+	$(PEER_VENV)/bin/pip install -q --no-deps -r tests/peers/no-deps.txt
 	touch $@
 
 # this project with libtpu (jax[tpu] pins the libtpu that matches jax): compile for TPU topologies

@@ -281,6 +281,8 @@ def cmd_atlas(argv) -> int:
     p.add_argument("--top", type=int, default=20, help="top activating contexts kept per latent")
     p.add_argument("--samples", type=int, default=20, help="random activations kept per latent, reported across quantiles")
     p.add_argument("--store", default=None, help="SAELens / sparsify folders: the store whose model and text to read")
+    p.add_argument("--delphi", default=None, help="also write a latent cache in delphi's layout (eai-delphi's LatentDataset) here")
+    p.add_argument("--delphi-splits", type=int, default=5, help="latent ranges (files) per member in the delphi cache")
     _text_and_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
     a = p.parse_args(argv[1:])
@@ -297,6 +299,8 @@ def cmd_atlas(argv) -> int:
         batch_size=a.batch_size,
         out=a.out,
         store=a.store,
+        delphi=a.delphi,
+        delphi_splits=a.delphi_splits,
     ):
         print(line)
     return 0

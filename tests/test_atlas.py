@@ -8,7 +8,7 @@ import subprocess
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 
 def test_streaming_tables_equal_brute_force(lm, tiny_run):
@@ -112,3 +112,72 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
 def test_atlas_bad_member(tiny_run, tmp_path):
     r = run_cli("atlas", str(tiny_run), "--member", "blocks.9.nothing", "--out", str(tmp_path / "a"))
     assert r.returncode == 1 and "blocks.9.nothing" in r.stderr and "members:" in r.stderr
+
+
+@pytest.mark.peers
+def test_delphi_cache_loads_in_delphi_with_the_atlas_top_activations(tiny_run, tmp_path):
+    """`sae-jax atlas --delphi`: delphi's own LatentDataset (eai-delphi, .peer-venv) builds a record
+    for every latent that fired, and its top windows' maxima are the atlas's top activations."""
+    from test_export import PEER_PYTHON
+
+    from sae_jax.runs import open_run
+
+    run = open_run(tiny_run)
+    mem = run.members[0]
+    out, cache = tmp_path / "atlas", tmp_path / "delphi"
+    r = run_cli(
+        "atlas",
+        str(tiny_run),
+        "--member",
+        mem.name,
+        "--contexts",
+        "24",
+        "--top",
+        "30",
+        "--out",
+        str(out),
+        "--delphi",
+        str(cache),
+        "--delphi-splits",
+        "3",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "delphi latent cache" in r.stdout
+    root = cache / mem.name
+    (hookpoint,) = [d.name for d in (root / "latents").iterdir()]
+    files = sorted((root / "latents" / hookpoint).glob("*.safetensors"))
+    assert len(files) == 3 and not list(root.glob(".*partial"))
+    cfg = json.loads((root / "latents" / hookpoint / "config.json").read_text())
+    assert cfg["n_splits"] == 3 and cfg["cache_ctx_len"] > 0
+    meta = json.loads((out / f"{mem.name}.meta.json").read_text())
+    assert cfg["n_tokens"] == meta["text"]["contexts"] * meta["text"]["ctx_len"]
+
+    assert PEER_PYTHON.exists(), f"{PEER_PYTHON} missing: `make peer-venv` builds the venv with eai-delphi"
+    p = subprocess.run(
+        [str(PEER_PYTHON), str(REPO / "tests" / "peers" / "delphi_records.py"), str(root)], capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["modules"] == [hookpoint] and got["tokens_shape"] == [meta["text"]["contexts"], meta["text"]["ctx_len"]]
+
+    atlas = [json.loads(line) for line in (out / f"{mem.name}.jsonl").read_text().splitlines()]
+    fired = [a for a in atlas if a["count"] > 0]
+    assert len(fired) > 10 and len(got["latents"]) == len(fired)
+    ctx_len, win = meta["text"]["ctx_len"], 16
+    for a in fired:
+        rec = got["latents"][f"{hookpoint}:{a['latent']}"]
+        assert rec["frequency"] == pytest.approx(a["count"] / cfg["n_tokens"])
+        # the atlas's top firings, one per 16-token window of the flattened text, as delphi pools them
+        best = {}
+        for e in a["top"]:
+            w = (e["context"] * ctx_len + e["position"]) // win
+            if w not in best or e["activation"] > best[w][0]:
+                best[w] = (e["activation"], e["token_ids"][e["index"]])
+        want = list(best.values())
+        if len(a["top"]) < a["count"]:  # windows below the atlas's last kept firing are not all in it
+            want = [t for t in want if t[0] > a["top"][-1]["activation"]]
+        n = len(want)
+        assert n > 0
+        want16 = sorted((-float(np.float16(v)), t) for v, t in want)
+        got16 = sorted((-m, t) for m, t in zip(rec["max"][:n], rec["token"][:n], strict=True))  # delphi keeps float16
+        assert got16 == want16, a["latent"]

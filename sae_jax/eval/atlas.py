@@ -110,8 +110,9 @@ def _windows(tok, v, i, ctx_idx, pos, lat):
     return ids.astype(np.int32), acts.astype(np.float16)
 
 
-def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, samples: int, seed: int = 0, progress=None):
-    """One streaming pass; returns (top table, sample table, counts, sums, positions read)."""
+def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, samples: int, seed: int = 0, progress=None, sink=None):
+    """One streaming pass; returns (top table, sample table, counts, sums, positions read).
+    `sink(tokens, context, position, latent, activation)` also receives each batch's firings."""
     width = p["W_enc"].shape[1]
     tops, samp = LatentTable(width, top), LatentTable(width, samples)
     counts, sums = np.zeros(width, np.int64), np.zeros(width, np.float64)
@@ -126,6 +127,8 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
         positions += int(keep.sum())
         c_idx, pos, slot = np.nonzero(v > 0)
         lat, val = i[c_idx, pos, slot], v[c_idx, pos, slot]
+        if sink is not None:
+            sink(tok, c_idx, pos, lat, val)
         np.add.at(counts, lat, 1)
         np.add.at(sums, lat, val)
         for table, key in ((tops, val), (samp, rng.random(len(val), dtype=np.float32))):
@@ -138,6 +141,25 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
         if progress:
             progress(m)
     return tops, samp, counts, sums, positions
+
+
+def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: int):
+    from sae_jax.eval.delphi import DelphiCache
+    from sae_jax.export import hf_module
+
+    arch = (run.store_meta.get("model") or {}).get("architecture")
+    hookpoint = hf_module(mem.hook, arch or "LlamaForCausalLM") or mem.hook  # as the sparsify export names it
+    src = run.store_meta.get("source") or {}
+    config = {
+        "dataset_repo": text or src.get("name") or src.get("path") or src.get("source", ""),
+        "dataset_split": split,
+        "dataset_name": src.get("config") or "",
+        "dataset_column": src.get("column") or "text",
+        "batch_size": batch_size,
+        "model_name": (run.store_meta.get("model") or {}).get("name", ""),
+        "sae_jax": {"member": mem.name, "hook": mem.hook, "run": str(run.root.absolute()), "step": run.step},
+    }
+    return DelphiCache(Path(root) / mem.name, hookpoint, mem.width, n_splits, int(ctx.shape[1]), config)
 
 
 def _examples(table: LatentTable, lat: int, decode) -> list[dict]:
@@ -189,9 +211,12 @@ def build_atlas(
     batch_size=8,
     out=None,
     store=None,
+    delphi=None,
+    delphi_splits=5,
     log=None,
 ):
-    """Write the atlas of the run's members; yields one summary line per member, then the page."""
+    """Write the atlas of the run's members; yields one summary line per member, then the page.
+    `delphi`: also a latent cache per member in delphi's layout under this directory (eval/delphi.py)."""
     from sae_jax.eval.html import write_page
     from sae_jax.foreign import open_dictionaries
 
@@ -222,7 +247,11 @@ def build_atlas(
         t0 = time.perf_counter()
         k = run.eval_k(m)
         enc = _encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
-        tops, samp, counts, sums, positions = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m)
+        cache = _delphi_cache(delphi, mem, run, ctx, split, text, batch_size, delphi_splits) if delphi else None
+        tops, samp, counts, sums, positions = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
+        if cache is not None:
+            to_str = getattr(lm.tokenizer, "to_str", None)
+            yield f"{cache.close(to_str() if to_str else None)}: delphi latent cache ({int(cache.counts.sum()):,} activations)"
         secs = time.perf_counter() - t0
         heads = head_attribution(p["W_dec"], lm.cfg.n_heads) if hook.point == "attn_z" else None
         path = out / f"{mem.name}.jsonl"
