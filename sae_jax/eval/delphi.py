@@ -14,7 +14,8 @@ export names it), else the hook's own name: delphi pairs the cache with the spar
 
 Memory is bounded whatever the width and the amount of text: each batch's firings are appended to
 per-range raw files, and each safetensors file is assembled from them at the end by streaming
-(header, then the raw bytes); files appear under their final names only when complete.
+(header, then the raw bytes) in a hidden staging folder that becomes `latents/<hookpoint>` only when
+every file is complete: an interrupted run leaves no cache delphi would read.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class DelphiCache:
             fl.close()
             fa.close()
         self.tokens.close()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.tmp / "final"  # assembled beside the raw files, renamed into place when complete
+        final.mkdir()
         for i in range(len(self.files)):
             start, end = int(self.bounds[i]), int(self.bounds[i + 1]) - 1
             n = int(self.counts[i])
@@ -78,11 +80,15 @@ class DelphiCache:
                 ("activations", "F16", [n], self.tmp / f"{i}.act"),
                 ("tokens", "I32", [self.n_ctx, self.ctx_len], self.tmp / "tokens"),
             ]
-            _write_safetensors(self.dir / f"{start}_{end}.safetensors", parts)
+            _write_safetensors(final / f"{start}_{end}.safetensors", parts)
         cfg = {**self.config, "cache_ctx_len": self.ctx_len, "n_tokens": self.n_ctx * self.ctx_len, "n_splits": len(self.files)}
-        (self.dir / "config.json").write_text(json.dumps(cfg, indent=1))
+        (final / "config.json").write_text(json.dumps(cfg, indent=1))
         if tokenizer_json:
             (self.dir.parent.parent / "tokenizer.json").write_text(tokenizer_json)
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.dir.parent.mkdir(parents=True, exist_ok=True)
+        final.rename(self.dir)
         shutil.rmtree(self.tmp)
         return self.dir
 
