@@ -24,7 +24,7 @@ def test_streaming_tables_equal_brute_force(lm, tiny_run):
     ctx = text_contexts(run.store_meta, lm, 20, "heldout")
     enc = _encoder(lm, parse_hook(mem.hook, lm.cfg.n_layers), mem.k, 100.0)
     top, samples = 5, 7
-    tops, samp, counts, sums, positions = scan_member(p, mem.k, enc, ctx, 3, top, samples)  # 7 batches, the last short
+    tops, samp, counts, sums, positions, hist = scan_member(p, mem.k, enc, ctx, 3, top, samples)  # 7 batches, the last short
 
     # brute force: every firing of every latent over all contexts at once
     v, i, keep = (np.asarray(a) for a in enc({k: jnp.asarray(a) for k, a in p.items()}, jnp.asarray(ctx)))
@@ -50,6 +50,11 @@ def test_streaming_tables_equal_brute_force(lm, tiny_run):
         spots = {(int(c), int(t)) for c, t in samp.where[lat][:n_s]}
         assert len(spots) == n_s and spots <= {(c, t) for _, c, t in f}
         assert sums[lat] == pytest.approx(sum(a for a, _, _ in f), rel=1e-5)
+        # the histogram: every firing in the bin its value falls in (end bins take what lies beyond)
+        want_h = np.bincount(
+            np.clip(np.searchsorted(hist.edges, [a for a, _, _ in f], side="right") - 1, 0, hist.BINS - 1), minlength=hist.BINS
+        )
+        np.testing.assert_array_equal(hist.counts[lat], want_h)
 
 
 def _chromium():
@@ -88,6 +93,13 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
 
     page = out / "index.html"
     assert page.is_file()
+    shards = sorted((out / "data" / str(z_member)).glob("*.js"))
+    assert len(shards) == -(-meta["width"] // 64)
+    # the page is an index (at most the 500 most frequent latents' ids and counts), not the data:
+    # it stays small whatever the width (the demo run's: 17.7 kB for two 4,608-latent members)
+    assert page.stat().st_size < 64_000, page.stat().st_size
+    index = json.loads(page.read_text().split('type="application/json">')[1].split("</script>")[0])
+    assert set(index["members"][z_member]) == {"name", "width", "fired", "frequent", "histogram_edges"}
     dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l={rec['latent']}", tmp_path)
     card = dom.split('<div id="card">')[1].split("<script")[0]  # the rendered card, not the page's script
     assert f'<h2 id="latent-title">Latent {rec["latent"]}</h2>' in card
@@ -95,18 +107,39 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
     hit = card.split('class="tok hit"')[1]
     assert f'data-act="{ex["activations"][ex["index"]]}"' in hit.split(">")[0] + ">" or "rgba(255,120,0,1.000)" in hit.split(">")[0]
     assert card.count('class="ctx"') == len(rec["top"]) + len(acts)
+    # histogram bars (one per bin) and the logit effects, as the JSONL has them
+    assert card.count('class="hbar"') == len(rec["histogram"]) == len(meta["histogram_edges"]) - 1
+    assert sum(rec["histogram"]) == rec["count"]
+    assert card.count('class="logit up"') == len(rec["logits"]["promoted"]) == 10
+    assert card.count('class="logit down"') == len(rec["logits"]["suppressed"]) == 10
+    promoted = [v for _, v in rec["logits"]["promoted"]]
+    assert promoted == sorted(promoted, reverse=True) and promoted[0] > rec["logits"]["suppressed"][0][1]
     dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l=99999", tmp_path)
     assert "No latent 99999" in dom
+    # a latent in another data file than the first loads too
+    last = fired[-1]["latent"]
+    dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l={last}", tmp_path)
+    assert f'<h2 id="latent-title">Latent {last}</h2>' in dom
 
-    # a page capped to the 2 most frequent latents says so for the others
-    from sae_jax.eval.html import write_page
 
-    small = tmp_path / "small"
-    small.mkdir()
-    shutil.copy(out / f"{members[z_member]}.jsonl", small)
-    least = min(fired, key=lambda r: r["count"])["latent"]
-    dom = _dump_dom(f"{write_page(small, [members[z_member]], max_latents=2).as_uri()}#m=0&l={least}", tmp_path)
-    assert f"Latent {least} is not on this page" in dom
+def test_logit_effects_are_the_decoder_rows_through_the_unembedding(lm, tiny_run):
+    from sae_jax.eval.atlas import logit_effects
+    from sae_jax.model.hooks import parse_hook
+    from sae_jax.runs import open_run
+
+    run = open_run(tiny_run)
+    model = lm.model
+    w_u = np.asarray(model.embed[...] if model.cfg.tie_embeddings else model.lm_head[...].T, np.float32).T
+    norm_w = np.asarray(model.final_norm.weight[...], np.float32)
+    for m, mem in enumerate(run.members[:4]):
+        hook = parse_hook(mem.hook, lm.cfg.n_layers)
+        w_dec = run.folded(m)["W_dec"][:40]
+        ti, tv, bi, bv = logit_effects(lm, hook, w_dec, n=5, chunk=16)
+        d = w_dec @ np.asarray(model.blocks[hook.layer].wo[...], np.float32) if hook.point == "attn_z" else w_dec
+        want = (d * norm_w) @ w_u
+        np.testing.assert_allclose(tv, -np.sort(-want, 1)[:, :5], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(bv, np.sort(want, 1)[:, :5], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.take_along_axis(want, ti, 1), tv, rtol=1e-4, atol=1e-5)
 
 
 def test_atlas_bad_member(tiny_run, tmp_path):

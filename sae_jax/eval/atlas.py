@@ -119,6 +119,7 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
     rng = np.random.default_rng(seed)
     pj = {key: jnp.asarray(a) for key, a in p.items()}
     positions = 0
+    hist = Histograms(width)
     for s in range(0, len(ctx), batch_size):
         tok = ctx[s : s + batch_size]
         m = len(tok)
@@ -131,6 +132,7 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
             sink(tok, c_idx, pos, lat, val)
         np.add.at(counts, lat, 1)
         np.add.at(sums, lat, val)
+        hist.add(lat, val)
         for table, key in ((tops, val), (samp, rng.random(len(val), dtype=np.float32))):
             better = key > table.threshold(lat)
             if better.any():
@@ -140,7 +142,53 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
                 table.merge(lb, key[better], val[better], where, ids, win)
         if progress:
             progress(m)
-    return tops, samp, counts, sums, positions
+    return tops, samp, counts, sums, positions, hist
+
+
+class Histograms:
+    """Per latent, counts of its activations in `BINS` log-spaced bins shared by the member: edges
+    from 1/100 to 100 times the median of the first batch's activations (below and above: the
+    end bins). Memory: width x BINS int32."""
+
+    BINS = 24
+
+    def __init__(self, width: int):
+        self.counts = np.zeros((width, self.BINS), np.int32)
+        self.edges: np.ndarray | None = None
+
+    def add(self, lat: np.ndarray, val: np.ndarray) -> None:
+        if len(val) == 0:
+            return
+        if self.edges is None:
+            mid = float(np.median(val))
+            self.edges = mid * np.geomspace(1e-2, 1e2, self.BINS + 1)
+        b = np.clip(np.searchsorted(self.edges, val, side="right") - 1, 0, self.BINS - 1)
+        np.add.at(self.counts, (lat, b), 1)
+
+
+def logit_effects(lm, hook, w_dec: np.ndarray, n: int = 10, chunk: int = 512) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each latent's direct effect on the logits: its decoder row (through the layer's output
+    projection for `attn_z`) scaled by the final norm's weight and multiplied by the unembedding,
+    as dashboards show it. Returns (top ids, top values, bottom ids, bottom values), each [w, n]."""
+    model = lm.model
+    norm = model.final_norm
+    w = norm.weight[...].astype(jnp.float32)
+    scale = 1.0 + w if norm.kind == "rms_gemma" else w
+    unembed = (model.embed[...].T if model.cfg.tie_embeddings else model.lm_head[...]).astype(jnp.float32)
+    proj = None
+    if hook.point == "attn_z":
+        proj = model.blocks[hook.layer].wo[...].astype(jnp.float32)  # z [heads x head_dim] -> residual
+
+    @jax.jit
+    def run(rows):
+        d = rows if proj is None else rows @ proj
+        logits = (d * scale) @ unembed
+        tv, ti = jax.lax.top_k(logits, n)
+        bv, bi = jax.lax.top_k(-logits, n)
+        return ti, tv, bi, -bv
+
+    outs = [run(jnp.asarray(w_dec[i : i + chunk], jnp.float32)) for i in range(0, len(w_dec), chunk)]
+    return tuple(np.concatenate([np.asarray(o[j]) for o in outs]) for j in range(4))
 
 
 def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: int):
@@ -248,12 +296,13 @@ def build_atlas(
         k = run.eval_k(m)
         enc = _encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
         cache = _delphi_cache(delphi, mem, run, ctx, split, text, batch_size, delphi_splits) if delphi else None
-        tops, samp, counts, sums, positions = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
+        tops, samp, counts, sums, positions, hist = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
         if cache is not None:
             to_str = getattr(lm.tokenizer, "to_str", None)
             yield f"{cache.close(to_str() if to_str else None)}: delphi latent cache ({int(cache.counts.sum()):,} activations)"
         secs = time.perf_counter() - t0
         heads = head_attribution(p["W_dec"], lm.cfg.n_heads) if hook.point == "attn_z" else None
+        effects = logit_effects(lm, hook, p["W_dec"])
         path = out / f"{mem.name}.jsonl"
         tmp = path.with_suffix(".jsonl.tmp")
         with open(tmp, "w") as f:
@@ -269,6 +318,12 @@ def build_atlas(
                 }
                 if heads is not None:
                     rec["head_attribution"] = [round(float(h), 5) for h in heads[lat]]
+                ti, tv, bi, bv = (e[lat] for e in effects)
+                rec["logits"] = {
+                    "promoted": [[decode(int(t)), round(float(v), 4)] for t, v in zip(ti, tv, strict=True)],
+                    "suppressed": [[decode(int(t)), round(float(v), 4)] for t, v in zip(bi, bv, strict=True)],
+                }
+                rec["histogram"] = hist.counts[lat].tolist()
                 f.write(json.dumps(rec) + "\n")
         tmp.rename(path)
         tok_s = len(ctx) * ctx.shape[1] / secs
@@ -289,6 +344,7 @@ def build_atlas(
             "seconds": round(secs, 2),
             "tokens_per_s": round(tok_s, 1),
             "fired": int(np.sum(counts > 0)),
+            "histogram_edges": [] if hist.edges is None else [float(e) for e in hist.edges],
         }
         (out / f"{mem.name}.meta.json").write_text(json.dumps(meta, indent=1))
         written.append(mem.name)

@@ -1,10 +1,24 @@
-"""The latent atlas as one self-contained HTML page (no network, no server): the JSONL records are
-embedded; `#m=<member>&l=<latent>` opens a latent; the search box takes a latent id."""
+"""The latent atlas as a small HTML page that loads each latent's data on demand, from files beside
+it (no network, no server: `file://` works, as does any static HTTP server).
+
+    atlas/index.html               the page + a small index per member (width, the most frequent latents)
+    atlas/data/<m>/<s>.js          latents [s * SHARD, (s + 1) * SHARD) of member m, as
+                                   `atlasShard(m, s, [record, ...])` (a script tag loads it: file://
+                                   pages may not fetch() local files, but may load scripts)
+
+`#m=<member>&l=<latent>` opens a latent; the search box takes a latent id. A latent's card shows
+its statistics, its activation histogram, its logit effects (the promoted and suppressed tokens),
+head attribution for `attn.hook_z`, its top activations and the random sample by quantile.
+"""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+
+SHARD = 64  # latents per data file: a click loads ~1 MB at 20 top + 20 sample examples
+INDEX_LATENTS = 500  # most frequent latents listed in the index
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sae_jax latent atlas</title>
@@ -18,6 +32,10 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 0; display: flex; height: 1
 .lat { cursor: pointer; color: #036; } .lat:hover { text-decoration: underline; }
 .bar { display: inline-block; height: 10px; background: #48c; margin-right: 4px; vertical-align: middle; }
 h2 { margin: 4px 0; } h3 { margin: 12px 0 4px; }
+#histogram { display: flex; align-items: flex-end; height: 64px; gap: 1px; }
+.hbar { display: inline-block; width: 10px; background: #48c; } .axis { font-size: 11px; color: #666; }
+.logit { font-family: ui-monospace, monospace; padding: 0 3px; border-radius: 2px; white-space: pre; }
+.logit.up { background: #cde8cd; } .logit.down { background: #f3cccc; }
 </style></head>
 <body>
 <div id="side">
@@ -26,13 +44,25 @@ h2 { margin: 4px 0; } h3 { margin: 12px 0 4px; }
   <div id="list"></div>
 </div>
 <div id="main"><div id="card">Choose a latent.</div></div>
-<script id="atlas-data" type="application/json">__DATA__</script>
+<script id="atlas-index" type="application/json">__DATA__</script>
 <script>
 "use strict";
-const DATA = JSON.parse(document.getElementById("atlas-data").textContent);
+const INDEX = JSON.parse(document.getElementById("atlas-index").textContent);
+const SHARDS = {}, WAITING = {};
 const esc = s => s.replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 function params() { return Object.fromEntries(location.hash.slice(1).split("&").filter(Boolean).map(kv => kv.split("="))); }
 function go(m, l) { location.hash = "m=" + m + (l === undefined ? "" : "&l=" + l); }
+function atlasShard(m, s, records) { SHARDS[m + "/" + s] = records; (WAITING[m + "/" + s] || []).forEach(f => f()); delete WAITING[m + "/" + s]; }
+function withShard(m, s, f) {
+  const key = m + "/" + s;
+  if (SHARDS[key]) return f();
+  if (WAITING[key]) { WAITING[key].push(f); return; }
+  WAITING[key] = [f];
+  const el = document.createElement("script");
+  el.src = `data/${m}/${s}.js`;
+  el.onerror = () => { document.getElementById("card").innerHTML = `<h2 id="latent-title">Could not load ${esc(el.src)}</h2>`; };
+  document.body.appendChild(el);
+}
 function example(e, max) {
   const toks = e.tokens.map((t, j) => {
     const a = e.activations[j], alpha = max > 0 ? Math.max(0, a) / max : 0;
@@ -41,13 +71,22 @@ function example(e, max) {
   }).join("");
   return `<div class="ctx" data-activation="${e.activation}">${e.activation.toFixed(3)} | ${toks}</div>`;
 }
-function show(m, l) {
-  const mem = DATA.members[m], card = document.getElementById("card");
-  const r = mem.latents[l];
-  if (r === null) { card.innerHTML = `<h2 id="latent-title">Latent ${l} is not on this page</h2><div>(the page holds the most frequent latents; see the JSONL)</div>`; return; }
-  if (!r) { card.innerHTML = `<h2 id="latent-title">No latent ${esc(String(l))} in ${esc(mem.name)}</h2>`; return; }
+function histogram(counts, edges) {
+  const mx = Math.max(1, ...counts);
+  return `<div id="histogram">` + counts.map((c, j) =>
+    `<span class="hbar" title="${edges.length ? edges[j].toPrecision(3) + "-" + edges[j + 1].toPrecision(3) : ""}: ${c}" style="height:${(60 * c / mx).toFixed(0)}px"></span>`).join("") +
+    (edges.length ? `<div class="axis">${edges[0].toPrecision(2)} … ${edges[edges.length - 1].toPrecision(2)} (log scale)</div>` : "") + "</div>";
+}
+function tokens(list, cls) {
+  return list.map(([t, v]) => `<span class="logit ${cls}" title="${v}">${esc(t)} <small>${v.toFixed(2)}</small></span>`).join(" ");
+}
+function render(m, l) {
+  const mem = INDEX.members[m], card = document.getElementById("card");
+  const r = SHARDS[m + "/" + Math.floor(l / INDEX.shard)][l % INDEX.shard];
   let h = `<h2 id="latent-title">Latent ${r.latent}</h2><div>${esc(mem.name)}</div>`;
   h += `<div id="stats">fired ${r.count} times (frequency ${r.frequency.toExponential(2)}), max ${r.max_activation.toFixed(3)}, mean ${r.mean_activation.toFixed(3)}</div>`;
+  if (r.histogram) h += "<h3>Activations</h3>" + histogram(r.histogram, mem.histogram_edges);
+  if (r.logits) h += `<h3>Logit effects</h3><div id="promoted">promoted: ${tokens(r.logits.promoted, "up")}</div><div id="suppressed">suppressed: ${tokens(r.logits.suppressed, "down")}</div>`;
   if (r.head_attribution) {
     const mx = Math.max(...r.head_attribution);
     h += "<h3>Decoder norm per attention head</h3>" + r.head_attribution.map((v, j) =>
@@ -59,19 +98,24 @@ function show(m, l) {
   });
   card.innerHTML = h;
 }
+function show(m, l) {
+  const mem = INDEX.members[m], card = document.getElementById("card");
+  if (!Number.isInteger(l) || l < 0 || l >= mem.width) { card.innerHTML = `<h2 id="latent-title">No latent ${esc(String(l))} in ${esc(mem.name)}</h2>`; return; }
+  card.innerHTML = `<h2 id="latent-title">Loading latent ${l}…</h2>`;
+  withShard(m, Math.floor(l / INDEX.shard), () => render(m, l));
+}
 function list(m) {
-  const mem = DATA.members[m];
-  const ids = mem.latents.filter(r => r && r.count > 0).sort((a, b) => b.count - a.count).slice(0, 500);
-  document.getElementById("list").innerHTML = `<div>${mem.latents.length} latents; most frequent:</div>` +
-    ids.map(r => `<div class="lat" data-l="${r.latent}">${r.latent} (${r.count})</div>`).join("");
+  const mem = INDEX.members[m];
+  document.getElementById("list").innerHTML = `<div>${mem.width} latents, ${mem.fired} fired; most frequent:</div>` +
+    mem.frequent.map(([l, c]) => `<div class="lat" data-l="${l}">${l} (${c})</div>`).join("");
 }
 function route() {
-  const p = params(), m = Math.min(parseInt(p.m || "0", 10) || 0, DATA.members.length - 1);
+  const p = params(), m = Math.min(parseInt(p.m || "0", 10) || 0, INDEX.members.length - 1);
   document.getElementById("member").value = m;
   list(m);
-  if (p.l !== undefined) show(m, parseInt(p.l, 10));
+  if (p.l !== undefined) show(m, Number(p.l));
 }
-DATA.members.forEach((mem, j) => { const o = document.createElement("option"); o.value = j; o.textContent = mem.name; document.getElementById("member").appendChild(o); });
+INDEX.members.forEach((mem, j) => { const o = document.createElement("option"); o.value = j; o.textContent = mem.name; document.getElementById("member").appendChild(o); });
 document.getElementById("member").onchange = e => go(e.target.value);
 document.getElementById("search").onsubmit = e => { e.preventDefault(); go(document.getElementById("member").value, document.getElementById("q").value.trim()); };
 document.getElementById("list").onclick = e => { if (e.target.dataset.l) go(document.getElementById("member").value, e.target.dataset.l); };
@@ -81,22 +125,48 @@ route();
 """
 
 
-def write_page(out: Path, members: list[str], max_latents: int = 20_000) -> Path:
-    """index.html embedding the `<member>.jsonl` files in `out` (written by `build_atlas`).
-
-    A page holds at most `max_latents` latents per member (the most frequently firing; the
-    others appear as "not on this page"): wide dictionaries are browsed through their JSONL."""
-    data = {"members": []}
-    for name in members:
+def write_page(out: Path, members: list[str]) -> Path:
+    """index.html and the data files for the `<member>.jsonl` files in `out` (written by
+    `build_atlas`, with `<member>.meta.json`): the JSONL is read one line at a time."""
+    data_dir = out / "data"
+    tmp_dir = out / ".data.tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    index = {"shard": SHARD, "members": []}
+    for m, name in enumerate(members):
+        (tmp_dir / str(m)).mkdir(parents=True)
+        meta = json.loads((out / f"{name}.meta.json").read_text())
+        counts, shard = [], []
         with open(out / f"{name}.jsonl") as f:
-            latents = [json.loads(line) for line in f]
-        if len(latents) > max_latents:
-            keep = {r["latent"] for r in sorted(latents, key=lambda r: -r["count"])[:max_latents]}
-            latents = [r if r["latent"] in keep else None for r in latents]
-        data["members"].append({"name": name, "latents": latents})
-    blob = json.dumps(data).replace("</", "<\\/")  # a token "</script>" must not end the data block
+            for line in f:
+                r = json.loads(line)
+                counts.append((r["latent"], r["count"]))
+                shard.append(r)
+                if len(shard) == SHARD:
+                    _write_shard(tmp_dir, m, (len(counts) - 1) // SHARD, shard)
+                    shard = []
+        if shard:
+            _write_shard(tmp_dir, m, (len(counts) - 1) // SHARD, shard)
+        frequent = sorted((c for c in counts if c[1] > 0), key=lambda c: -c[1])[:INDEX_LATENTS]
+        index["members"].append(
+            {
+                "name": name,
+                "width": len(counts),
+                "fired": sum(c > 0 for _, c in counts),
+                "frequent": frequent,
+                "histogram_edges": meta.get("histogram_edges", []),
+            }
+        )
+    if data_dir.exists():
+        shutil.rmtree(data_dir)
+    tmp_dir.rename(data_dir)
+    blob = json.dumps(index, separators=(",", ":")).replace("</", "<\\/")  # a token "</script>" must not end the data block
     page = out / "index.html"
     tmp = page.with_suffix(".html.tmp")
     tmp.write_text(PAGE.replace("__DATA__", blob), encoding="utf-8")
     tmp.rename(page)
     return page
+
+
+def _write_shard(root: Path, m: int, s: int, records: list[dict]) -> None:
+    blob = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")  # a token "</script>" must not end the script
+    (root / str(m) / f"{s}.js").write_text(f"atlasShard({m},{s},{blob});\n", encoding="utf-8")
