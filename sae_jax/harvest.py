@@ -355,7 +355,7 @@ def _collect(acts, outs, bar):
     bar.update(b * t)
 
 
-def _outliers(acts: dict[str, np.ndarray], ci, pi, ratio: float) -> np.ndarray:
+def outlier_rows(acts: dict[str, np.ndarray], ci, pi, ratio: float) -> np.ndarray:
     """Rows whose squared norm, at any hook, exceeds `ratio` x that hook's median in this shard.
 
     Attention-sink tokens carry residual norms thousands of times the typical one (SmolLM2-135M,
@@ -378,7 +378,7 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     """The rows of one shard's contexts (special tokens and outliers left out), written through
     the store writer's `write_rows` (seeded shuffle, whole records, statistics, atomic files)."""
     ci, pi = np.nonzero(~special[toks])  # [n, t] -> candidate rows
-    outlier = _outliers(acts, ci, pi, h.outlier_ratio)
+    outlier = outlier_rows(acts, ci, pi, h.outlier_ratio)
     ci, pi = ci[~outlier], pi[~outlier]
     tokens = np.stack([toks[ci, pi], (first_ctx + ci).astype(np.int32), pi.astype(np.int32)], axis=1).astype(np.int32)
     arrays = {hook: a[ci, pi] for hook, a in acts.items()}

@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 
 
 def test_streaming_tables_equal_brute_force(lm, tiny_run):
-    from sae_jax.eval.atlas import LEFT, _encoder, scan_member
+    from sae_jax.eval.atlas import LEFT, latent_encoder, scan_member
     from sae_jax.eval.inputs import text_contexts
     from sae_jax.model.hooks import parse_hook
     from sae_jax.runs import open_run
@@ -22,7 +22,7 @@ def test_streaming_tables_equal_brute_force(lm, tiny_run):
     mem = run.members[m]
     p = run.folded(m)
     ctx = text_contexts(run.store_meta, lm, 20, "heldout")
-    enc = _encoder(lm, parse_hook(mem.hook, lm.cfg.n_layers), mem.k, 100.0)
+    enc = latent_encoder(lm, parse_hook(mem.hook, lm.cfg.n_layers), mem.k, 100.0)
     top, samples = 5, 7
     tops, samp, counts, sums, positions, hist = scan_member(p, mem.k, enc, ctx, 3, top, samples)  # 7 batches, the last short
 

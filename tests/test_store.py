@@ -173,7 +173,7 @@ def test_empty_corpus(tmp_path, lm):
 
 
 def test_outlier_rows_are_left_out_for_all_hooks():
-    from sae_jax.harvest import _outliers
+    from sae_jax.harvest import outlier_rows
 
     rng = np.random.default_rng(0)
     a = rng.normal(size=(4, 8, 16)).astype(np.float32)
@@ -181,9 +181,9 @@ def test_outlier_rows_are_left_out_for_all_hooks():
     a[1, 3] *= 50  # squared norm 2500x: an attention-sink-like row in hook a only
     b[2, 5] *= 5  # 25x: a heavy but ordinary row
     ci, pi = np.nonzero(np.ones((4, 8), bool))
-    bad = _outliers({"a": a, "b": b}, ci, pi, 100.0)
+    bad = outlier_rows({"a": a, "b": b}, ci, pi, 100.0)
     assert [(int(c), int(p)) for c, p in zip(ci[bad], pi[bad])] == [(1, 3)]
-    assert not _outliers({"a": a, "b": b}, ci, pi, 0).any()
+    assert not outlier_rows({"a": a, "b": b}, ci, pi, 0).any()
 
 
 def test_store_has_no_sink_rows(tiny_store):

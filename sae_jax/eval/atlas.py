@@ -80,7 +80,7 @@ class LatentTable:
         pick(self.key, key)
 
 
-def _encoder(lm, hook, k: int, outlier_ratio: float, kind: str = "topk"):
+def latent_encoder(lm, hook, k: int, outlier_ratio: float, kind: str = "topk"):
     from flax import nnx
 
     graphdef, state = nnx.split(lm.model)
@@ -294,7 +294,7 @@ def build_atlas(
         p = run.folded(m)
         t0 = time.perf_counter()
         k = run.eval_k(m)
-        enc = _encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
+        enc = latent_encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
         cache = _delphi_cache(delphi, mem, run, ctx, split, text, batch_size, delphi_splits) if delphi else None
         tops, samp, counts, sums, positions, hist = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
         if cache is not None:
