@@ -283,6 +283,7 @@ def cmd_atlas(argv) -> int:
     p.add_argument("--store", default=None, help="SAELens / sparsify folders: the store whose model and text to read")
     p.add_argument("--delphi", default=None, help="also write a latent cache in delphi's layout (eai-delphi's LatentDataset) here")
     p.add_argument("--delphi-splits", type=int, default=5, help="latent ranges (files) per member in the delphi cache")
+    p.add_argument("--rows", type=int, default=65536, help="stores without a model: held-out store rows to scan instead of text")
     _text_and_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
     a = p.parse_args(argv[1:])
@@ -301,6 +302,7 @@ def cmd_atlas(argv) -> int:
         store=a.store,
         delphi=a.delphi,
         delphi_splits=a.delphi_splits,
+        rows=a.rows,
     ):
         print(line)
     return 0

@@ -41,7 +41,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.harvest.dtype = "bfloat16"
     c.harvest.exclude_special = True  # drop BOS / EOS / other control-token positions
     # drop rows whose squared norm at any hook exceeds this many times the shard's median
-    # (attention sinks; see harvest._outliers); 0 keeps every row
+    # (attention sinks; see harvest.outlier_rows); 0 keeps every row
     c.harvest.outlier_ratio = 100.0
     c.harvest.seed = 0  # row shuffle within shards
     c.harvest.progress = True
@@ -69,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
     c.train.steps = 200  # optimiser steps (tokens = steps x batch_size)
     c.train.lr = 0.0  # 0: 2e-4 / sqrt(width / 2^14) per member
+    c.train.bias_lr_scale = 0.1  # b_enc and b_dec learn at this times train.lr (inputs at unit mean squared norm)
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing

@@ -350,8 +350,23 @@ def test_a_store_of_any_hook_names_goes_end_to_end(tmp_path):
     r = run_cli("eval", str(run))
     assert r.returncode == 0 and "downstream metrics skipped: the store names no model the zoo can run" in r.stdout, r.stderr[-2000:]
     assert "| user_emb.topk.w512.k8 |" in r.stdout and "| n/a |" in r.stdout
-    r = run_cli("atlas", str(run))
-    assert r.returncode == 1 and "names no model the zoo can run" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    # the atlas without a model: the held-out store rows, each example a row id with the writer's token id
+    r = run_cli("atlas", str(run), "--top", "5")
+    assert r.returncode == 0 and "held-out store rows (no model" in r.stdout, r.stderr[-2000:]
+    recs = [json.loads(line) for line in (run / "atlas" / "user_emb.topk.w512.k8.jsonl").read_text().splitlines()]
+    meta = json.loads((run / "atlas" / "user_emb.topk.w512.k8.meta.json").read_text())
+    assert len(recs) == 512 and meta["rows"]["count"] == 1024 and meta["rows"]["first_row"] == 3072
+    best = max(recs, key=lambda r: r["max_activation"])
+    e = best["top"][0]
+    assert e["tokens"] == [f"row {3072 + e['context']}"] and e["token_ids"] == [-1]  # no token ids were given
+    from sae_jax.data.store import open_store
+
+    row = open_store(store).read_all("user_emb")[3072 + e["context"]]  # the example's store row, re-encoded
+    v, i = folded.encode({n: jnp.asarray(a) for n, a in open_run(run).folded(0).items()}, jnp.asarray(row[None]), 8)
+    assert float(np.asarray(v)[0, list(np.asarray(i)[0]).index(best["latent"])]) == pytest.approx(e["activation"], rel=1e-5)
+    assert sum(best["histogram"]) == best["count"] and (run / "atlas" / "index.html").is_file()
+    r = run_cli("atlas", str(run), "--delphi", str(tmp_path / "d"))
+    assert r.returncode == 1 and "delphi's cache is of text" in r.stderr and "Traceback" not in r.stderr
     jobs, member = [], "user_emb.topk.w512.k8"
     rows = x[-256:]
     np.save(tmp_path / "x.npy", rows)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.eval.errors import EvalError
-from sae_jax.eval.inputs import load_run_model, splice_mask, text_contexts
+from sae_jax.eval.inputs import heldout_rows, load_run_model, missing_model, splice_mask, text_contexts
 from sae_jax.model.hooks import parse_hook
 from sae_jax.sae import folded
 
@@ -210,7 +210,42 @@ def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: i
     return DelphiCache(Path(root) / mem.name, hookpoint, mem.width, n_splits, int(ctx.shape[1]), config)
 
 
-def _examples(table: LatentTable, lat: int, decode) -> list[dict]:
+def _logit_field(effects, decode):
+    ti, tv, bi, bv = effects
+
+    def field(lat: int) -> dict:
+        return {
+            "promoted": [[decode(int(t)), round(float(v), 4)] for t, v in zip(ti[lat], tv[lat], strict=True)],
+            "suppressed": [[decode(int(t)), round(float(v), 4)] for t, v in zip(bi[lat], bv[lat], strict=True)],
+        }
+
+    return field
+
+
+def write_records(path: Path, width: int, scan, decode, extra: dict, ids_map=None) -> Path:
+    """`<member>.jsonl` from a `scan_member` result: one record per latent (the schema above);
+    `extra[key](latent)` adds a field; `ids_map` maps the scanned ids to the `token_ids` written."""
+    tops, samp, counts, sums, positions, hist = scan
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for lat in range(width):
+            rec = {
+                "latent": lat,
+                "count": int(counts[lat]),
+                "frequency": float(counts[lat] / max(positions, 1)),
+                "max_activation": float(tops.act[lat, 0]) if counts[lat] else 0.0,
+                "mean_activation": float(sums[lat] / counts[lat]) if counts[lat] else 0.0,
+                "top": _examples(tops, lat, decode, ids_map),
+                "quantiles": _quantiles(_examples(samp, lat, decode, ids_map)),
+                "histogram": hist.counts[lat].tolist(),
+                **{key: fn(lat) for key, fn in extra.items()},
+            }
+            f.write(json.dumps(rec) + "\n")
+    tmp.rename(path)
+    return path
+
+
+def _examples(table: LatentTable, lat: int, decode, ids_map=None) -> list[dict]:
     out = []
     for j in np.nonzero(np.isfinite(table.key[lat]))[0]:
         ids = table.tokens[lat, j]
@@ -224,7 +259,7 @@ def _examples(table: LatentTable, lat: int, decode) -> list[dict]:
                 "position": int(table.where[lat, j, 1]),
                 "index": LEFT - first,
                 "tokens": [decode(int(t)) for t in ids_v],
-                "token_ids": ids_v.tolist(),
+                "token_ids": (ids_v if ids_map is None else ids_map(ids_v)).tolist(),
                 "activations": [round(float(a), 4) for a in table.window[lat, j][valid]],
             }
         )
@@ -261,6 +296,7 @@ def build_atlas(
     store=None,
     delphi=None,
     delphi_splits=5,
+    rows=65536,
     log=None,
 ):
     """Write the atlas of the run's members; yields one summary line per member, then the page.
@@ -270,13 +306,18 @@ def build_atlas(
 
     if contexts < 1 or top < 1 or samples < 1 or batch_size < 1:
         raise EvalError("--contexts, --top, --samples and --batch-size must be positive")
-    run, _ = open_dictionaries(run_dir, step, store)  # a sae-jax run, or a SAELens / sparsify folder on `store`
+    run, store_path = open_dictionaries(run_dir, step, store)  # a sae-jax run, or a SAELens / sparsify folder on `store`
     run.refuse_transcoders("atlas")
     names = [m.name for m in run.members]
     if member is not None and member not in names:
         raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
     out = Path(out or run.root / "atlas")
     out.mkdir(parents=True, exist_ok=True)
+    if missing_model(run.store_meta, model_path):  # activations from anywhere: the held-out store rows
+        if delphi:
+            raise EvalError(f"--delphi: {missing_model(run.store_meta)}; delphi's cache is of text")
+        yield from rows_atlas(run, store_path, member, rows, top, samples, out)
+        return
     lm = load_run_model(run.store_meta, model_path)
     ctx = text_contexts(run.store_meta, lm, contexts, split, text)
     vocab = {}
@@ -303,29 +344,10 @@ def build_atlas(
         secs = time.perf_counter() - t0
         heads = head_attribution(p["W_dec"], lm.cfg.n_heads) if hook.point == "attn_z" else None
         effects = logit_effects(lm, hook, p["W_dec"])
-        path = out / f"{mem.name}.jsonl"
-        tmp = path.with_suffix(".jsonl.tmp")
-        with open(tmp, "w") as f:
-            for lat in range(mem.width):
-                rec = {
-                    "latent": lat,
-                    "count": int(counts[lat]),
-                    "frequency": float(counts[lat] / max(positions, 1)),
-                    "max_activation": float(tops.act[lat, 0]) if counts[lat] else 0.0,
-                    "mean_activation": float(sums[lat] / counts[lat]) if counts[lat] else 0.0,
-                    "top": _examples(tops, lat, decode),
-                    "quantiles": _quantiles(_examples(samp, lat, decode)),
-                }
-                if heads is not None:
-                    rec["head_attribution"] = [round(float(h), 5) for h in heads[lat]]
-                ti, tv, bi, bv = (e[lat] for e in effects)
-                rec["logits"] = {
-                    "promoted": [[decode(int(t)), round(float(v), 4)] for t, v in zip(ti, tv, strict=True)],
-                    "suppressed": [[decode(int(t)), round(float(v), 4)] for t, v in zip(bi, bv, strict=True)],
-                }
-                rec["histogram"] = hist.counts[lat].tolist()
-                f.write(json.dumps(rec) + "\n")
-        tmp.rename(path)
+        extra = {"logits": _logit_field(effects, decode)}
+        if heads is not None:
+            extra["head_attribution"] = lambda lat, heads=heads: [round(float(h), 5) for h in heads[lat]]
+        path = write_records(out / f"{mem.name}.jsonl", mem.width, (tops, samp, counts, sums, positions, hist), decode, extra)
         tok_s = len(ctx) * ctx.shape[1] / secs
         meta = {
             "member": mem.name,
@@ -351,3 +373,60 @@ def build_atlas(
         yield f"{path}: {mem.width} latents, {meta['fired']} fired on {positions:,} positions ({tok_s:,.0f} tok/s)"
     page = write_page(out, written)
     yield f"{page}: open in a browser"
+
+
+def rows_atlas(run, store_path, member, rows: int, top: int, samples: int, out: Path):
+    """The atlas of a store that names no model (activations written with `StoreWriter`): the
+    scan of `scan_member` over the store's held-out rows instead of text, each row a context of
+    one position. An example's `context` is the held-out row's number (store row = the first
+    held-out row + it), `token_ids` the token id the writer gave that row (-1: none given),
+    `tokens` a label of both. No logit effects (no model)."""
+    from sae_jax.data.store import open_store
+
+    st = open_store(store_path or run.store_meta["root"])
+    written = []
+    for m, mem in enumerate(run.members):
+        if member is not None and mem.name != member:
+            continue
+        t0 = time.perf_counter()
+        x, where = heldout_rows(run, st, mem.hook, rows)
+        tok = heldout_rows(run, st, mem.hook, rows, part="tokens")[0].astype(np.int64)[:, 0]
+        first_row = int(run.store_meta["train_records"][1]) * st.rows_per_record if where.endswith("held out of training)") else 0
+        p, k = run.folded(m), run.eval_k(m)
+
+        @jax.jit
+        def enc(pj, xj, ids, k=k, kind=mem.inference):
+            v, i = folded.encode(pj, xj[ids[:, 0]], k, kind)
+            return v[:, None], i[:, None], jnp.ones(ids.shape, bool)
+
+        xj = jnp.asarray(x)
+        ids = np.arange(len(x), dtype=np.int32)[:, None]
+        scan = scan_member(p, k, lambda pj, t, xj=xj, enc=enc: enc(pj, xj, t), ids, 1024, top, samples, seed=m)
+
+        def label(r: int, tok=tok, first_row=first_row) -> str:
+            return f"row {first_row + r}" + (f" · token {tok[r]}" if tok[r] >= 0 else "")
+
+        path = write_records(out / f"{mem.name}.jsonl", mem.width, scan, label, {}, ids_map=lambda r, tok=tok: tok[r])
+        hist, counts = scan[5], scan[2]
+        meta = {
+            "member": mem.name,
+            "hook": mem.hook,
+            "width": mem.width,
+            "k": mem.k,
+            "run": str(run.root.absolute()),
+            "step": run.step,
+            "model": None,
+            "rows": {"from": where, "count": int(len(x)), "first_row": first_row},
+            "positions_read": scan[4],
+            "top": top,
+            "samples": samples,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "fired": int(np.sum(counts > 0)),
+            "histogram_edges": [] if hist.edges is None else [float(e) for e in hist.edges],
+        }
+        (out / f"{mem.name}.meta.json").write_text(json.dumps(meta, indent=1))
+        written.append(mem.name)
+        yield f"{path}: {mem.width} latents, {meta['fired']} fired on {len(x):,} held-out store rows (no model: rows, not text)"
+    from sae_jax.eval.html import write_page
+
+    yield f"{write_page(out, written)}: open in a browser"

@@ -76,9 +76,10 @@ def splice_mask(tokens, acts, special_ids, outlier_ratio: float):
     return keep
 
 
-def heldout_rows(run, store, hook: str, max_rows: int) -> tuple[np.ndarray, str]:
+def heldout_rows(run, store, hook: str, max_rows: int, part: str | None = None) -> tuple[np.ndarray, str]:
     """Rows of `hook` the run did not train on: the run's held-out shards of its own store, or any
-    rows of another store of the same model. Returns (rows float32, description)."""
+    rows of another store of the same model. Returns (rows float32, description). `part="tokens"`:
+    the same rows' token fields (int32 [N, 3]) instead."""
     from array_record.python.array_record_module import ArrayRecordReader
 
     meta = run.store_meta
@@ -95,15 +96,16 @@ def heldout_rows(run, store, hook: str, max_rows: int) -> tuple[np.ndarray, str]
             f"the run trained on every shard of {store.root} (train.holdout_shards=0): give --store with held-out rows of the same model"
         )
     out, n, rec0 = [], 0, 0
-    for shard, f in zip(store.shards, store.files(hook), strict=True):
+    for shard, f in zip(store.shards, store.files(part or hook), strict=True):
         if rec0 + shard["records"] > first and n < max_rows:
             r = ArrayRecordReader(str(f))
             for i, b in enumerate(r.read_all()):
                 if rec0 + i >= first and n < max_rows:
-                    a = store.decode(hook, b)[: max_rows - n]
+                    a = store.decode(part or hook, b)[: max_rows - n]
                     out.append(a)
                     n += len(a)
             r.close()
         rec0 += shard["records"]
     what = f"{store.root}: records {first}..{store.n_records} ({'held out of training' if same else 'another store'})"
-    return np.concatenate(out).astype(np.float32), what
+    out = np.concatenate(out)
+    return (out if part == "tokens" else out.astype(np.float32)), what
