@@ -147,14 +147,23 @@ class Sparsify(Trainer):
         self.torch = torch
         torch.manual_seed(cfg["seed"])
         self.sae = SparseCoder(cfg["d_in"], SparseCoderConfig(num_latents=cfg["width"], k=cfg["k"]), "cpu", dtype=torch.float32)
-        D = torch.from_numpy(np.load(cfg["init"]))
-        with torch.no_grad():
-            self.sae.encoder.weight.copy_(D / np.sqrt(3.0))
-            self.sae.W_dec.copy_(self.sae.encoder.weight)
-            self.sae.set_decoder_norm_to_unit_norm()
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg["lr"])
-        f = lambda s: schedule(s, cfg["steps"], cfg["warmup"], cfg["decay_frac"])  # noqa: E731
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
+        if cfg.get("init"):  # else the library's own initialisation
+            D = torch.from_numpy(np.load(cfg["init"]))
+            with torch.no_grad():
+                self.sae.encoder.weight.copy_(D / np.sqrt(3.0))
+                self.sae.W_dec.copy_(self.sae.encoder.weight)
+                self.sae.set_decoder_norm_to_unit_norm()
+        self.sched = None
+        if cfg.get("optimizer", "adam") == "signum":  # sparsify's default: schedule-free SignSGD, no decay
+            from schedulefree import ScheduleFreeWrapper
+            from sparsify.sign_sgd import SignSGD
+
+            self.opt = ScheduleFreeWrapper(SignSGD([dict(params=self.sae.parameters(), lr=cfg["lr"])]), momentum=0.95)
+            self.opt.train()
+        else:
+            self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg["lr"])
+            f = lambda s: schedule(s, cfg["steps"], cfg["warmup"], cfg["decay_frac"])  # noqa: E731
+            self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, f)
         self.since_fired = torch.zeros(cfg["width"], dtype=torch.long)
 
     def one(self, x) -> None:
@@ -175,7 +184,8 @@ class Sparsify(Trainer):
         sae.remove_gradient_parallel_to_decoder_directions()
         self.opt.step()
         self.opt.zero_grad()
-        self.sched.step()
+        if self.sched is not None:
+            self.sched.step()
 
     def sync(self) -> None:
         pass
@@ -183,7 +193,11 @@ class Sparsify(Trainer):
     def evaluate(self, rows) -> dict:
         torch = self.torch
         acc = Accumulator(self.cfg["width"])
+        if self.sched is None:
+            self.opt.eval()  # schedule-free: the averaged weights, as sparsify saves them
         self.sae.set_decoder_norm_to_unit_norm()  # as sparsify does before each forward
+        if self.cfg.get("dec_out"):
+            self.np.save(self.cfg["dec_out"], self.sae.W_dec.detach().numpy())
         with torch.no_grad():
             for c in range(0, len(rows), 1024):
                 x = torch.from_numpy(self.np.array(rows[c : c + 1024], dtype=self.np.float32))

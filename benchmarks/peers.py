@@ -6,9 +6,11 @@
 For each width: one process per trainer (`benchmarks/peer_worker.py`; sae_jax in .venv, the peers
 in .peer-venv, which this script builds with `make peer-venv` if it is missing), all on the same
 token rows of one hook exported from the store (train.npy / eval.npy beside the JSON: runs/bench/peers/),
-the same d_in, d_sae, k, batch, Adam (lr 2e-4 / sqrt(d_sae / 2^14), betas 0.9 / 0.999), schedule
-(warmup, constant, linear decay over the last 20%), AuxK coefficient 1/32 with a 10M-token dead
-window, token budget and initial directions. Every trainer takes one untimed step first
+the same d_in, d_sae, k, batch, Adam (betas 0.9 / 0.999), schedule (warmup, constant, linear
+decay over the last 20%), AuxK coefficient 1/32 with a 10M-token dead window, token budget and
+initial directions; each library at its own default learning rate (sae_jax 8e-4, sparsify's Adam
+rule 2e-4, both / sqrt(d_sae / 2^14); SAELens, which has none, at sparsify's), or every one at
+sae_jax's with `--peer-lr ours`. Every trainer takes one untimed step first
 (compilation, allocation; it counts toward the budget), then the rest in `--rounds` chunks,
 trainer order rotating every round, so that the machine's noise falls on all of them alike.
 
@@ -37,6 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 PEER_PY = ROOT / ".peer-venv" / "bin" / "python"
 TRAINERS = ("sae_jax", "sparsify", "saelens")
+PEER_LR = 2e-4  # sparsify's Adam rule at 2^14 latents (scaled by 1/sqrt(d_sae / 2^14)); SAELens has no default, given the same
 
 
 def ensure_peer_venv() -> None:
@@ -136,7 +139,7 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
         "k": args.k,
         "batch": args.batch,
         "steps": steps,
-        "lr": default_lr(width),  # sae_jax's default, sparsify's rule
+        "lr": default_lr(width),  # sae_jax's default; the peers' own below unless --peer-lr ours
         "warmup": args.warmup,
         "decay_frac": 0.2,
         "aux_coef": 1 / 32,
@@ -149,7 +152,9 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
     try:
         res = {n: {"trainer": n, "width": width, "seed": seed, "steps": steps, "seconds": 0.0} for n in workers}
         for n, w in workers.items():
-            res[n]["init_s"] = w.ask(cmd="init", **cfg)["init_s"]
+            lr = cfg["lr"] if n == "sae_jax" or args.peer_lr == "ours" else PEER_LR / float(np.sqrt(width / 2**14))
+            res[n]["lr"] = lr
+            res[n]["init_s"] = w.ask(cmd="init", **{**cfg, "lr": lr})["init_s"]
             res[n]["first_step_s"] = w.ask(cmd="train", steps=1)["seconds"]
         left, order = steps - 1, list(workers)
         for r in range(rounds):
@@ -185,6 +190,9 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=10, help="steps: dead in training = no fire in the last this many batches")
     ap.add_argument("--seeds", default="0", help="comma-separated: repeat each width per seed (FVU noise)")
     ap.add_argument("--trainers", default=",".join(TRAINERS))
+    ap.add_argument(
+        "--peer-lr", default="own", choices=("own", "ours"), help="the peers' Adam lr: their rule (2e-4 / sqrt(d_sae / 2^14)) or sae_jax's"
+    )
     ap.add_argument("--out", default=str(ROOT / "runs/bench/peers.json"))
     args = ap.parse_args()
     args.trainers = [t for t in args.trainers.split(",") if t]
@@ -220,13 +228,13 @@ def main() -> None:
 
     print(f"\nTopK, d_in {meta['d_in']}, k {args.k}, batch {args.batch} ({machine})")
     print(
-        f"  {'d_sae':>6} {'seed':>4} {'trainer':<8} {'tokens':>9} {'tok/s':>7} {'vs sparsify':>11} {'peak RSS':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'dead % (train)':>14}"
+        f"  {'d_sae':>6} {'seed':>4} {'trainer':<8} {'lr':>8} {'tokens':>9} {'tok/s':>7} {'vs sparsify':>11} {'peak RSS':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'dead % (train)':>14}"
     )
     for r in rows:
         base = next((b for b in rows if b["trainer"] == "sparsify" and b["width"] == r["width"] and b["seed"] == r["seed"]), None)
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         print(
-            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
+            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
             f"{r['peak_rss_mib']:>6,.0f} MiB {r['fvu']:>7.4f} {r['l0']:>6.1f} {100 * r['dead_frac']:>7.2f} {100 * r['window_dead_frac']:>14.2f}"
         )
     sj = [r for r in rows if r["trainer"] == "sae_jax"]

@@ -9,7 +9,7 @@ from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec
 from sae_jax.train.settings import TrainSettings
-from sae_jax.train.step import TrainStep, _sharded_forward, init_state, make_forward, make_optimizer
+from sae_jax.train.step import TrainStep, init_state, make_forward, make_optimizer, sharded_forward
 
 SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
 
@@ -36,7 +36,7 @@ def test_forward_matches_dense_reference():
     out = make_forward(SPEC, mesh)(p, jnp.asarray(x))
     x_hat, vals, idx = out.x_hat, out.values, out.indices
     lat = jnp.asarray(SPEC.latent_mask())
-    fired = jax.jit(_sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.ks, jnp.int32), jnp.zeros_like(lat))["fired"]
+    fired = jax.jit(sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.ks, jnp.int32), jnp.zeros_like(lat))["fired"]
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]
@@ -105,3 +105,25 @@ def test_geometric_median():
     with_nan = np.concatenate([x, np.full((3, 2), np.nan, np.float32)])
     np.testing.assert_allclose(np.asarray(geometric_median(jnp.asarray(with_nan))), gm, rtol=1e-5)
     assert (np.asarray(geometric_median(jnp.full((4, 2), np.nan))) == 0).all()
+
+
+def test_bias_lr_scale_scales_only_the_bias_updates():
+    """train.bias_lr_scale: b_enc and b_dec move by that fraction of what they move at 1; the
+    weights' updates are untouched (Adam's first step is lr x sign-like, so the ratio is exact)."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 64, 32)).astype(np.float32))
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    moved = {}
+    for scale in (1.0, 0.25, 0.0):
+        step = TrainStep(SPEC, mesh, TrainSettings.defaults(steps=10, warmup_steps=0, bias_lr_scale=scale))
+        st = step.init_state(jax.random.key(0), x[:, :32])
+        before = jax.device_get(st["params"])
+        st, _ = step(st, x)
+        after = jax.device_get(st["params"])
+        moved[scale] = {n: np.asarray(after[n]) - np.asarray(before[n]) for n in ("b_enc", "b_dec", "W_enc")}
+        ulp = {n: 2 * np.spacing(np.abs(np.asarray(after[n])).max()) for n in moved[scale]}  # a difference of stored floats
+    for n in ("b_enc", "b_dec"):
+        assert np.abs(moved[1.0][n]).max() > 100 * ulp[n]
+        np.testing.assert_allclose(moved[0.25][n], 0.25 * moved[1.0][n], rtol=0, atol=ulp[n])
+        assert (moved[0.0][n] == 0).all()
+    np.testing.assert_allclose(moved[0.25]["W_enc"], moved[1.0]["W_enc"], rtol=0, atol=ulp["W_enc"])

@@ -26,8 +26,12 @@ IDENTITY = (
     "store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens",
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
-    "matryoshka_prefixes", "encoder_init_scale",
+    "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale",
 )  # fmt: skip
+DEFAULT_LR = 8e-4  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
+LR_RULE = f"{DEFAULT_LR:g} / sqrt(width / 2^14)"
+# identity fields added after runs existed: the value those runs trained with (not today's default)
+LEGACY = {"bias_lr_scale": 1.0, "lr_rule": "0.0002 / sqrt(width / 2^14)"}
 
 
 class SettingsError(SaeJaxError, ValueError):
@@ -57,6 +61,7 @@ class TrainSettings:
     batch_size: int
     steps: int
     lr: float
+    bias_lr_scale: float
     warmup_steps: int
     decay_frac: float
     dead_tokens: int
@@ -137,24 +142,26 @@ class TrainSettings:
         return data, model
 
     def identity(self) -> dict:
-        """The run-defining fields as JSON values (lists joined by commas, as in the config)."""
-        return {k: _canonical(getattr(self, k)) for k in IDENTITY}
+        """The run-defining fields as JSON values (lists joined by commas, as in the config), and
+        the rule `lr = 0` stands for (a run resumed under another rule would be another run)."""
+        return {**{k: _canonical(getattr(self, k)) for k in IDENTITY}, "lr_rule": LR_RULE if self.lr == 0 else ""}
 
     @classmethod
     def canonical_identity(cls, raw: dict) -> dict:
-        """An identity as written by any earlier run (missing keys: their defaults), normalised
-        like `identity()`, so that "64, 128" and "64,128" are the same run."""
+        """An identity as written by any earlier run (missing keys: what such runs used, `LEGACY`,
+        else the default), normalised like `identity()`, so that "64, 128" and "64,128" are the same run."""
         from sae_jax.config import default_config
 
         base = default_config().train
         hints = typing.get_type_hints(cls)
         out = {}
         for k in IDENTITY:
-            v = raw.get(k, base[k])
+            v = raw.get(k, LEGACY.get(k, base[k]))
             try:
                 out[k] = _canonical(_parse(k, v, hints[k]))
             except SettingsError:
                 out[k] = v
+        out["lr_rule"] = raw.get("lr_rule", LEGACY["lr_rule"]) if out["lr"] == 0 else ""
         return out
 
 
@@ -253,7 +260,8 @@ def _check(s: TrainSettings) -> None:
         ("threshold_decay", 0 <= s.threshold_decay < 1, "must be in [0, 1)"),
         ("batch_size", s.batch_size >= 1, "must be positive"),
         ("steps", s.steps >= 1, "must be positive"),
-        ("lr", finite(s.lr) and s.lr >= 0, "must be >= 0 and finite (0: 2e-4 / sqrt(width / 2^14) per member)"),
+        ("lr", finite(s.lr) and s.lr >= 0, f"must be >= 0 and finite (0: {LR_RULE} per member)"),
+        ("bias_lr_scale", finite(s.bias_lr_scale) and s.bias_lr_scale >= 0, "must be >= 0 and finite (the biases' lr / train.lr)"),
         ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),
         ("dead_tokens", s.dead_tokens >= 1, "must be positive (tokens without firing before a latent counts as dead)"),

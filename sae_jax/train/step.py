@@ -18,7 +18,7 @@ import optax
 
 from sae_jax import parallel
 from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
-from sae_jax.train.settings import TrainSettings
+from sae_jax.train.settings import DEFAULT_LR, TrainSettings
 
 
 class Output(NamedTuple):
@@ -32,29 +32,34 @@ class Output(NamedTuple):
 
 
 def default_lr(width: int) -> float:
-    """sparsify's rule: 2e-4 at 2^14 latents, scaled by 1/sqrt(width / 2^14)."""
-    return 2e-4 / float(np.sqrt(width / 2**14))
+    """`DEFAULT_LR` at 2^14 latents, scaled by 1/sqrt(width / 2^14) (sparsify's width rule, whose
+    base is 2e-4: 4x lower; docs/design.md, "Recipe", has the measurements behind ours)."""
+    return DEFAULT_LR / float(np.sqrt(width / 2**14))
+
+
+BIASES = ("b_enc", "b_dec")  # the parameters `bias_lr_scale` applies to
 
 
 def make_optimizer(
-    spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, decay_frac: float
+    spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, decay_frac: float, bias_lr_scale: float = 1.0
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam; linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
-    Each member has its own learning rate (leading bank axis). Returns (optimiser, schedule)."""
+    Each member has its own learning rate (leading bank axis); the biases (`BIASES`) take
+    `bias_lr_scale` times it (docs/design.md, "Recipe"). Returns (optimiser, schedule)."""
     decay_start = int(steps * (1 - decay_frac))
-    sched = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, 1.0, max(warmup, 1)),
-            optax.constant_schedule(1.0),
-            optax.linear_schedule(1.0, 0.0, max(steps - decay_start, 1)),
-        ],
-        [max(warmup, 1), max(decay_start, warmup + 1)],
-    )
+
+    def sched(count):  # the factor of update `count` (0-based); warmup 0: full from the first
+        t = jnp.asarray(count, jnp.float32)
+        warm = jnp.minimum(t / warmup, 1.0) if warmup > 0 else 1.0
+        decay = jnp.clip(1.0 - (t - decay_start) / max(steps - decay_start, 1), 0.0, 1.0)
+        return warm * decay
+
     lrs = jnp.asarray(lrs, jnp.float32)
 
     def per_member(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u: -u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)), updates), state
+        out = {n: -u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)) for n, u in updates.items()}
+        return {n: u * bias_lr_scale if n in BIASES else u for n, u in out.items()}, state
 
     return optax.chain(
         optax.scale_by_adam(),
@@ -63,7 +68,7 @@ def make_optimizer(
     ), sched
 
 
-def _sharded_forward(
+def sharded_forward(
     spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None, eps: float = 0.001
 ):
     """The bank forward over the mesh: `fwd(params, x, latent_mask, ks, dead) -> dict` (see
@@ -126,7 +131,7 @@ def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: i
 
 def make_loss(spec: BankSpec, mesh, with_aux: bool = False, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
     """`loss(params, x, y, dead, coefs, aux_coef) -> (loss, aux)` on scaled inputs: `bank_loss` over the mesh (tests, tools)."""
-    fwd = _sharded_forward(spec, mesh, with_aux, encoder, block, eps=eps)
+    fwd = sharded_forward(spec, mesh, with_aux, encoder, block, eps=eps)
 
     def loss(params, x, y, dead, coefs, aux_coef=0.0):
         lat, ks = _masks(spec, mesh)
@@ -139,7 +144,7 @@ def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096,
     """`forward(params, x, dead=None, y=None) -> Output` for inputs `x [M, B, d_in]` (already
     scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
     selects over the batch), reconstruction, latents, FVU and AuxK loss per member."""
-    fwd = _sharded_forward(spec, mesh, spec.sparse, encoder, block, eps=eps)
+    fwd = sharded_forward(spec, mesh, spec.sparse, encoder, block, eps=eps)
 
     @jax.jit
     def apply(params, x, dead, y):
@@ -261,13 +266,15 @@ def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
 
 
 def build_optimizer(spec: BankSpec, settings: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    return make_optimizer(spec, member_lrs(spec, settings), settings.steps, settings.warmup_steps, settings.decay_frac)
+    return make_optimizer(
+        spec, member_lrs(spec, settings), settings.steps, settings.warmup_steps, settings.decay_frac, settings.bias_lr_scale
+    )
 
 
 def _jit_step(spec: BankSpec, mesh, settings: TrainSettings, tx, sched, input_scale, output_scale):
     s = settings
     fwd = {
-        aux: _sharded_forward(spec, mesh, aux and spec.sparse, s.encoder, s.encoder_block, s.encoder_dtype, s.jumprelu_bandwidth)
+        aux: sharded_forward(spec, mesh, aux and spec.sparse, s.encoder, s.encoder_block, s.encoder_dtype, s.jumprelu_bandwidth)
         for aux in (False, True)
     }
     scale = jnp.asarray(input_scale, jnp.float32)[:, None, None]
