@@ -121,6 +121,37 @@ class SaeJax(Trainer):
     def sync(self) -> None:
         self.jax.block_until_ready(self.state)
 
+    def matmul_seconds(self, reps: int = 5) -> float:
+        """The step's floor: the encoder matmul [batch, d_in] x [d_in, d_sae] alone (jitted, f32,
+        the same shapes), median of `reps` after a warm-up."""
+        x = self.jnp.asarray(self.batch())
+        w = self.state["params"]["W_enc"][0]
+        mm = self.jax.jit(lambda a, b: a @ b)
+        self.jax.block_until_ready(mm(x, w))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            self.jax.block_until_ready(mm(x, w))
+            ts.append(time.perf_counter() - t0)
+        return float(self.np.median(ts))
+
+    def save(self, folder: str, hook: str, hookpoint: str) -> None:
+        """The dictionary on raw activations in sparsify's layout (`<hook>/cfg.json + sae.safetensors`)."""
+        from safetensors.numpy import save_file
+
+        raw = self.raw()
+        sub = Path(folder) / hook
+        sub.mkdir(parents=True)
+        arrays = {"encoder.weight": raw["W_enc"].T, "encoder.bias": raw["b_enc"], "W_dec": raw["W_dec"], "b_dec": raw["b_dec"]}
+        save_file({k: self.np.ascontiguousarray(v, self.np.float32) for k, v in arrays.items()}, str(sub / "sae.safetensors"))
+        cfg = {"num_latents": self.cfg["width"], "k": self.cfg["k"], "d_in": self.cfg["d_in"], "normalize_decoder": True}
+        (sub / "cfg.json").write_text(json.dumps(cfg))
+
+    def raw(self) -> dict:
+        p = {k: self.np.asarray(v[0]) for k, v in self.state["params"].items()}
+        s = self.scale  # the export fold (sae_jax/runs.py): unit decoder rows kept, biases / s
+        return {"W_enc": p["W_enc"], "b_enc": p["b_enc"] / s, "W_dec": p["W_dec"], "b_dec": p["b_dec"] / s}
+
     def evaluate(self, rows) -> dict:
         from sae_jax.sae import folded
 
@@ -190,6 +221,11 @@ class Sparsify(Trainer):
     def sync(self) -> None:
         pass
 
+    def save(self, folder: str, hook: str, hookpoint: str) -> None:
+        if self.sched is None:
+            self.opt.eval()  # schedule-free: the averaged weights, as sparsify saves them
+        self.sae.save_to_disk(Path(folder) / hookpoint)
+
     def evaluate(self, rows) -> dict:
         torch = self.torch
         acc = Accumulator(self.cfg["width"])
@@ -246,6 +282,10 @@ class SaeLens(Trainer):
     def sync(self) -> None:
         pass
 
+    def save(self, folder: str, hook: str, hookpoint: str) -> None:
+        self.sae.cfg.metadata.hook_name = hook
+        self.sae.save_inference_model(folder)  # cfg.json + sae_weights.safetensors (SAELens's layout)
+
     def evaluate(self, rows) -> dict:
         torch = self.torch
         acc = Accumulator(self.cfg["width"])
@@ -279,6 +319,11 @@ def main() -> None:
                 reply({"ok": True, "init_s": time.perf_counter() - t0})
             elif msg["cmd"] == "train":
                 reply({"ok": True, "seconds": trainer.train(msg["steps"]), "step": trainer.t, "peak_rss_mib": peak_rss_mib()})
+            elif msg["cmd"] == "matmul":
+                reply({"ok": True, "seconds": trainer.matmul_seconds()})
+            elif msg["cmd"] == "save":
+                trainer.save(msg["folder"], msg["hook"], msg["hookpoint"])
+                reply({"ok": True})
             elif msg["cmd"] == "eval":
                 import numpy as np
 

@@ -124,6 +124,25 @@ class Worker:
             self.p.wait(timeout=60)
 
 
+def downstream(worker: Worker, name: str, folder: Path, meta: dict, args) -> dict:
+    """The trainer saves its dictionary in its library's own layout (sae_jax: sparsify's), and
+    `sae-jax eval FOLDER --store STORE` splices it into the model on held-out text."""
+    import shutil
+
+    from sae_jax.export import hf_module
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    worker.ask(cmd="save", folder=str(folder), hook=meta["hook"], hookpoint=hf_module(meta["hook"]) or meta["hook"])
+    cmd = [str(ROOT / ".venv/bin/sae-jax"), "eval", str(folder), "--store", meta["store"], "--tokens", "4096"]
+    r = subprocess.run([*cmd, "--contexts", str(args.downstream), "--out", str(folder / "eval")], capture_output=True, text=True, cwd=ROOT)
+    if r.returncode != 0:
+        sys.exit(f"{name}: sae-jax eval failed:\n{r.stderr[-3000:]}")
+    (rep,) = json.loads((folder / "eval" / "eval.json").read_text())["members"].values()
+    perf, behav = rep["model_performance_preservation"], rep["model_behavior_preservation"]
+    return {"loss_recovered": perf["ce_loss_score"], "ce_with_sae": perf["ce_loss_with_sae"], "kl_with_sae": behav["kl_div_with_sae"]}
+
+
 def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: Path, args) -> list[dict]:
     from sae_jax.train.step import default_lr
 
@@ -170,6 +189,11 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
             ev = w.ask(cmd="eval", rows=str(data / "eval.npy"))
             res[n].update({k: ev[k] for k in ("fvu", "l0", "dead_frac", "window_dead_frac", "eval_rows")})
             res[n]["tok_s"] = (steps - 1) * args.batch / res[n]["seconds"]
+            if n == "sae_jax":  # step / its floor, the encoder matmul, timed in the same process
+                res[n]["matmul_s"] = w.ask(cmd="matmul")["seconds"]
+                res[n]["step_over_matmul"] = res[n]["seconds"] / (steps - 1) / res[n]["matmul_s"]
+            if args.downstream:
+                res[n].update(downstream(w, n, data / "dicts" / f"w{width}.s{seed}.{n}", meta, args))
     finally:
         for w in workers.values():
             if w.p.poll() is None:
@@ -190,6 +214,12 @@ def main() -> None:
     ap.add_argument("--dead-window", type=int, default=10, help="steps: dead in training = no fire in the last this many batches")
     ap.add_argument("--seeds", default="0", help="comma-separated: repeat each width per seed (FVU noise)")
     ap.add_argument("--trainers", default=",".join(TRAINERS))
+    ap.add_argument(
+        "--downstream",
+        type=int,
+        default=0,
+        help="held-out text contexts to splice each trained dictionary into the model on (sae-jax eval; 0: none)",
+    )
     ap.add_argument(
         "--peer-lr", default="own", choices=("own", "ours"), help="the peers' Adam lr: their rule (2e-4 / sqrt(d_sae / 2^14)) or sae_jax's"
     )
@@ -237,7 +267,18 @@ def main() -> None:
             f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
             f"{r['peak_rss_mib']:>6,.0f} MiB {r['fvu']:>7.4f} {r['l0']:>6.1f} {100 * r['dead_frac']:>7.2f} {100 * r['window_dead_frac']:>14.2f}"
         )
+    if args.downstream:
+        print(f"\nspliced into the model (sae-jax eval, {args.downstream} held-out contexts):")
+        for r in rows:
+            print(
+                f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} loss recovered {r['loss_recovered']:.4f}  "
+                f"CE with it {r['ce_with_sae']:.4f}  KL {r['kl_with_sae']:.4f}"
+            )
     sj = [r for r in rows if r["trainer"] == "sae_jax"]
+    for r in sj:
+        print(
+            f"  sae_jax d_sae {r['width']} seed {r['seed']}: step {r['seconds'] / (r['steps'] - 1):.3f} s, encoder matmul alone {r['matmul_s']:.3f} s: step / matmul {r['step_over_matmul']:.2f}"
+        )
     if sj:
         consume = max(r["tok_s"] for r in sj)
         print(

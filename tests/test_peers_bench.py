@@ -15,7 +15,22 @@ pytestmark = [pytest.mark.peers, pytest.mark.slow]
 def test_peers_benchmark_runs_all_three(tiny_store, tmp_path):
     out = tmp_path / "peers.json"
     hook = "blocks.1.hook_resid_post"
-    args = ["--store", str(tiny_store.root), "--hook", hook, "--widths", "256", "--steps", "6", "--rounds", "2", "--batch", "128"]
+    args = [
+        "--store",
+        str(tiny_store.root),
+        "--hook",
+        hook,
+        "--widths",
+        "256",
+        "--steps",
+        "6",
+        "--rounds",
+        "2",
+        "--batch",
+        "128",
+        "--downstream",
+        "2",
+    ]
     r = subprocess.run(
         [sys.executable, "benchmarks/peers.py", *args, "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=900
     )
@@ -36,3 +51,8 @@ def test_peers_benchmark_runs_all_three(tiny_store, tmp_path):
     for name in ("sae_jax", "sparsify"):
         assert runs[name]["fvu"] < 1.0, (name, runs[name]["fvu"])
     assert "sae_jax" in r.stdout and "vs sparsify" in r.stdout  # the table
+    # --downstream: each library's own saved dictionary (sae_jax in sparsify's layout, sparsify's
+    # save_to_disk, SAELens's save_inference_model) spliced into the model by `sae-jax eval`
+    for name, x in runs.items():
+        assert np.isfinite(x["loss_recovered"]) and x["loss_recovered"] <= 1.0 + 1e-6 and x["ce_with_sae"] > 0, (name, x)
+    assert runs["sae_jax"]["loss_recovered"] > runs["saelens"]["loss_recovered"]  # FVU < 1 against FVU ~ 1.9 above
