@@ -40,11 +40,14 @@ class SparseFeatures:
 @dataclass(frozen=True)
 class WorldSpec:
     """A harder ground truth for benchmarks/recovery.py: `n_features` unit directions in `d_in`
-    dimensions; feature i fires with probability proportional to (i + 1)^-skew (mean `mean_active`
-    features per row); each feature has its own scale (lognormal, sigma `mag_sigma`) and each firing
-    a lognormal factor (sigma `mag_sigma` / 2), so magnitudes are heavy-tailed; a share `corr` of
-    the firings comes from co-occurring groups of `group` features (a group event fires each member
-    with probability 1/2); isotropic Gaussian noise of total norm `noise` x the rms row norm."""
+    dimensions with base rates p_i proportional to (i + 1)^-skew (mean `mean_active` features per
+    row); each feature has its own scale (lognormal, sigma `mag_sigma`) and each firing a
+    lognormal factor (sigma `mag_sigma` / 2), so magnitudes are heavy-tailed; a share `corr` of
+    the firings comes from co-occurring groups of `group` random features (a group event fires
+    each member with probability 1/2), so a grouped feature fires at p_i (1 - corr) + corr x its
+    group's mean p (`FeatureWorld.marginal`); isotropic Gaussian noise of total norm `noise` x the
+    rms row norm. Firings are Poisson-sampled per chunk (a feature may fire twice in a row: the
+    magnitudes add)."""
 
     d_in: int = 256
     n_features: int = 2048
@@ -83,6 +86,14 @@ class FeatureWorld:
         if spec.noise > 0:
             x = self._clean(4096, np.random.default_rng([seed, 2]))
             self.noise_std = spec.noise * float(np.sqrt((x**2).sum(1).mean() / spec.d_in))
+
+    @property
+    def marginal(self) -> np.ndarray:
+        """Each feature's expected firings per row: solo rate plus half its group's event rate."""
+        m = self.solo.copy()
+        if len(self.groups):
+            m[self.groups] += self.group_rate[:, None] / 2
+        return m
 
     def _firings(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(row, feature) pairs of one chunk of `n` rows (Poisson sampling: a pair may repeat)."""
