@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -41,7 +42,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _heldout import Accumulator  # noqa: E402
-from _timing import write_json  # noqa: E402
 from peers import PEER_LR, ROOT, Worker, ensure_peer_venv, export_rows  # noqa: E402
 
 from sae_jax.data.synthetic import FeatureWorld, WorldSpec  # noqa: E402
@@ -199,14 +199,11 @@ def main() -> None:
                         flush=True,
                     )
     report(rows, trainers)
-    write_json(
-        args.out,
-        {
-            "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()},
-            "worlds": {w: repr(WORLDS[w]) for w in args.worlds.split(",")},
-            "rows": rows,
-        },
-    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    machine = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    out.write_text(json.dumps({"machine": machine, "worlds": {w: repr(WORLDS[w]) for w in args.worlds.split(",")}, "rows": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 def report(rows: list[dict], trainers: list[str]) -> None:
