@@ -178,8 +178,8 @@ def main() -> None:
                     name = f"{t}.{RECIPE}" if t == "sae_jax" else t
                     cached = base / "results" / f"{name}.t{tokens}.json"
                     if cached.exists():
-                        rows.append(json.loads(cached.read_text()))
-                        res = rows[-1]
+                        row = res = json.loads(cached.read_text())
+                        rows.append(row)
                     else:
                         t0 = time.perf_counter()
                         if t == "sae_jax":
