@@ -197,6 +197,7 @@ def test_delphi_cache_loads_in_delphi_with_the_atlas_top_activations(tiny_run, t
     fired = [a for a in atlas if a["count"] > 0]
     assert len(fired) > 10 and len(got["latents"]) == len(fired)
     ctx_len, win = meta["text"]["ctx_len"], 16
+    checked = 0
     for a in fired:
         rec = got["latents"][f"{hookpoint}:{a['latent']}"]
         assert rec["frequency"] == pytest.approx(a["count"] / cfg["n_tokens"])
@@ -211,6 +212,18 @@ def test_delphi_cache_loads_in_delphi_with_the_atlas_top_activations(tiny_run, t
             want = [t for t in want if t[0] > a["top"][-1]["activation"]]
         n = len(want)
         assert n > 0
-        want16 = sorted((-float(np.float16(v)), t) for v, t in want)
-        got16 = sorted((-m, t) for m, t in zip(rec["max"][:n], rec["token"][:n], strict=True))  # delphi keeps float16
-        assert got16 == want16, a["latent"]
+        # delphi keeps float16: the top n maxima agree as values; the token at each maximum wherever
+        # the value is not tied (delphi orders equal maxima arbitrarily, so a tie at the n-th place
+        # may put another window of the same value first)
+        want16 = sorted((float(np.float16(v)) for v, _ in want), reverse=True)
+        assert sorted(rec["max"][:n], reverse=True) == want16, a["latent"]
+        count = {}
+        for m in rec["max"]:
+            count[m] = count.get(m, 0) + 1
+        tok_got = {m: t for m, t in zip(rec["max"], rec["token"], strict=True) if count[m] == 1}
+        for v, t in want:
+            v16 = float(np.float16(v))
+            if count.get(v16) == 1 and sum(float(np.float16(w)) == v16 for w, _ in want) == 1:
+                assert tok_got[v16] == t, (a["latent"], v16)
+                checked += 1
+    assert checked > 100  # tokens compared at that many untied maxima
