@@ -155,10 +155,7 @@ class SaeJax(Trainer):
     def evaluate(self, rows) -> dict:
         from sae_jax.sae import folded
 
-        p = {k: self.np.asarray(v[0]) for k, v in self.state["params"].items()}
-        s = self.scale  # fold the input scale: the dictionary on raw activations, as exported
-        raw = {"W_enc": p["W_enc"] * s, "b_enc": p["b_enc"], "W_dec": p["W_dec"] / s, "b_dec": p["b_dec"] / s}
-        raw = {k: self.jnp.asarray(v) for k, v in raw.items()}
+        raw = {k: self.jnp.asarray(v) for k, v in self.raw().items()}
         acc = Accumulator(self.cfg["width"])
         for c in range(0, len(rows), 1024):
             x = self.jnp.asarray(rows[c : c + 1024])

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,17 @@ def _windows(tok, v, i, ctx_idx, pos, lat):
     return ids.astype(np.int32), acts.astype(np.float16)
 
 
+class Scan(NamedTuple):
+    """What one streaming pass over a member collects (`scan_member`)."""
+
+    tops: LatentTable
+    samples: LatentTable
+    counts: np.ndarray  # [width] firings
+    sums: np.ndarray  # [width] sum of activations
+    positions: int  # positions read
+    hist: Histograms
+
+
 def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, samples: int, seed: int = 0, progress=None, sink=None):
     """One streaming pass; returns (top table, sample table, counts, sums, positions read).
     `sink(tokens, context, position, latent, activation)` also receives each batch's firings."""
@@ -142,7 +154,7 @@ def scan_member(p, k, encode, ctx: np.ndarray, batch_size: int, top: int, sample
                 table.merge(lb, key[better], val[better], where, ids, win)
         if progress:
             progress(m)
-    return tops, samp, counts, sums, positions, hist
+    return Scan(tops, samp, counts, sums, positions, hist)
 
 
 class Histograms:
@@ -208,6 +220,25 @@ def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: i
         "sae_jax": {"member": mem.name, "hook": mem.hook, "run": str(run.root.absolute()), "step": run.step},
     }
     return DelphiCache(Path(root) / mem.name, hookpoint, mem.width, n_splits, int(ctx.shape[1]), config)
+
+
+def member_meta(run, mem, scan: Scan, top: int, samples: int, seconds: float, **fields) -> dict:
+    """`<member>.meta.json`: the fields every atlas has, then `fields` (text or rows, ...)."""
+    return {
+        "member": mem.name,
+        "hook": mem.hook,
+        "width": mem.width,
+        "k": mem.k,
+        "run": str(run.root.absolute()),
+        "step": run.step,
+        **fields,
+        "positions_read": scan.positions,
+        "top": top,
+        "samples": samples,
+        "seconds": round(seconds, 2),
+        "fired": int(np.sum(scan.counts > 0)),
+        "histogram_edges": [] if scan.hist.edges is None else [float(e) for e in scan.hist.edges],
+    }
 
 
 def _logit_field(effects, decode):
@@ -337,7 +368,7 @@ def build_atlas(
         k = run.eval_k(m)
         enc = latent_encoder(lm, hook, k, float(run.store_meta["outlier_ratio"] or 0), mem.inference)
         cache = _delphi_cache(delphi, mem, run, ctx, split, text, batch_size, delphi_splits) if delphi else None
-        tops, samp, counts, sums, positions, hist = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
+        scan = scan_member(p, k, enc, ctx, batch_size, top, samples, seed=m, sink=cache and cache.add)
         if cache is not None:
             to_str = getattr(lm.tokenizer, "to_str", None)
             yield f"{cache.close(to_str() if to_str else None)}: delphi latent cache ({int(cache.counts.sum()):,} activations)"
@@ -347,30 +378,24 @@ def build_atlas(
         extra = {"logits": _logit_field(effects, decode)}
         if heads is not None:
             extra["head_attribution"] = lambda lat, heads=heads: [round(float(h), 5) for h in heads[lat]]
-        path = write_records(out / f"{mem.name}.jsonl", mem.width, (tops, samp, counts, sums, positions, hist), decode, extra)
+        path = write_records(out / f"{mem.name}.jsonl", mem.width, scan, decode, extra)
         tok_s = len(ctx) * ctx.shape[1] / secs
-        meta = {
-            "member": mem.name,
-            "hook": mem.hook,
-            "width": mem.width,
-            "k": mem.k,
-            "run": str(run.root.absolute()),
-            "step": run.step,
-            "model": run.store_meta["model"]["name"],
-            "text": {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
-            "positions_read": positions,
-            "top": top,
-            "samples": samples,
-            "window": [LEFT, RIGHT],
-            "n_heads": lm.cfg.n_heads if heads is not None else None,
-            "seconds": round(secs, 2),
-            "tokens_per_s": round(tok_s, 1),
-            "fired": int(np.sum(counts > 0)),
-            "histogram_edges": [] if hist.edges is None else [float(e) for e in hist.edges],
-        }
+        meta = member_meta(
+            run,
+            mem,
+            scan,
+            top,
+            samples,
+            secs,
+            model=run.store_meta["model"]["name"],
+            text={"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+            window=[LEFT, RIGHT],
+            n_heads=lm.cfg.n_heads if heads is not None else None,
+            tokens_per_s=round(tok_s, 1),
+        )
         (out / f"{mem.name}.meta.json").write_text(json.dumps(meta, indent=1))
         written.append(mem.name)
-        yield f"{path}: {mem.width} latents, {meta['fired']} fired on {positions:,} positions ({tok_s:,.0f} tok/s)"
+        yield f"{path}: {mem.width} latents, {meta['fired']} fired on {scan.positions:,} positions ({tok_s:,.0f} tok/s)"
     page = write_page(out, written)
     yield f"{page}: open in a browser"
 
@@ -391,7 +416,8 @@ def rows_atlas(run, store_path, member, rows: int, top: int, samples: int, out: 
         t0 = time.perf_counter()
         x, where = heldout_rows(run, st, mem.hook, rows)
         tok = heldout_rows(run, st, mem.hook, rows, part="tokens")[0].astype(np.int64)[:, 0]
-        first_row = int(run.store_meta["train_records"][1]) * st.rows_per_record if where.endswith("held out of training)") else 0
+        same = Path(st.root).resolve() == Path(run.store_meta["root"]).resolve()  # as heldout_rows decides
+        first_row = int(run.store_meta["train_records"][1]) * st.rows_per_record if same else 0
         p, k = run.folded(m), run.eval_k(m)
 
         @jax.jit
@@ -407,23 +433,8 @@ def rows_atlas(run, store_path, member, rows: int, top: int, samples: int, out: 
             return f"row {first_row + r}" + (f" · token {tok[r]}" if tok[r] >= 0 else "")
 
         path = write_records(out / f"{mem.name}.jsonl", mem.width, scan, label, {}, ids_map=lambda r, tok=tok: tok[r])
-        hist, counts = scan[5], scan[2]
-        meta = {
-            "member": mem.name,
-            "hook": mem.hook,
-            "width": mem.width,
-            "k": mem.k,
-            "run": str(run.root.absolute()),
-            "step": run.step,
-            "model": None,
-            "rows": {"from": where, "count": int(len(x)), "first_row": first_row},
-            "positions_read": scan[4],
-            "top": top,
-            "samples": samples,
-            "seconds": round(time.perf_counter() - t0, 2),
-            "fired": int(np.sum(counts > 0)),
-            "histogram_edges": [] if hist.edges is None else [float(e) for e in hist.edges],
-        }
+        rows_read = {"from": where, "count": int(len(x)), "first_row": first_row}
+        meta = member_meta(run, mem, scan, top, samples, time.perf_counter() - t0, model=None, rows=rows_read)
         (out / f"{mem.name}.meta.json").write_text(json.dumps(meta, indent=1))
         written.append(mem.name)
         yield f"{path}: {mem.width} latents, {meta['fired']} fired on {len(x):,} held-out store rows (no model: rows, not text)"
