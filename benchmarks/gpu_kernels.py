@@ -56,14 +56,14 @@ def cell(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
     return fmt.format(v * scale)
 
 
-def encoder_time(B, d, S, k, impl, reps):
+def encoder_time(B, d, S, k, encoder, reps):
     from sae_jax.kernels.topk import topk_encode
 
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (B, d), jnp.bfloat16)
     w = (jax.random.normal(kw, (d, S), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
     b = jnp.zeros((S,), jnp.bfloat16)
-    f = jax.jit(lambda x, w, b: topk_encode(x, w, b, k, impl=impl))
+    f = jax.jit(lambda x, w, b: topk_encode(x, w, b, k, encoder=encoder))
     return timed(lambda: f(x, w, b), reps)
 
 
@@ -75,7 +75,7 @@ def matmul_time(B, d, S, reps):
     return timed(lambda: f(x, w), reps)
 
 
-def step_time(B, d, S, k, impl, reps, dead: bool = False):
+def step_time(B, d, S, k, encoder, reps, dead: bool = False):
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
     from sae_jax.train.settings import TrainSettings
@@ -84,7 +84,7 @@ def step_time(B, d, S, k, impl, reps, dead: bool = False):
     spec = BankSpec(("h",), (S,), (k,), d, S, min(d // 2, 512))
     mesh = parallel.make_mesh(jax.device_count(), 1)
     dead_tokens = 1 if dead else 10**9  # 1: every latent not in the last batch's top-k is dead (AuxK every step)
-    settings = TrainSettings.defaults(steps=1000, warmup_steps=10, dead_tokens=dead_tokens, encoder=impl, encoder_dtype="bfloat16")
+    settings = TrainSettings.defaults(steps=1000, warmup_steps=10, dead_tokens=dead_tokens, encoder=encoder, encoder_dtype="bfloat16")
     step = TrainStep(spec, mesh, settings)
     state = step.init_state(jax.random.key(0), None)
     x = jax.random.normal(jax.random.key(1), (1, B, d), jnp.bfloat16)
@@ -126,7 +126,7 @@ def main() -> None:
     B, d, k = a.batch, a.d_in, a.k
     print(f"{dev.device_kind} ({jax.default_backend()}), peak bf16 {pk / 1e12 if pk else float('nan'):.0f} TFLOP/s; B={B}, d_in={d}, k={k}")
     backend = jax.default_backend()
-    impls = ["dense", "rows"] + ([f"pallas_{backend}"] if backend in ("gpu", "tpu") else [])
+    encoders = ["dense", "rows"] + ([f"pallas_{backend}"] if backend in ("gpu", "tpu") else [])
     print(
         f"  {'d_sae':>7} {'path':>11} {'matmul ms':>9} {'encoder ms':>11} {'enc MFU':>8} {'step ms':>9} {'step MFU':>9} "
         f"{'step/mm':>8} {'+dead ms':>9} {'tok/s':>10} {'roofline ms':>11}"
@@ -142,11 +142,11 @@ def main() -> None:
             t_mm = None
             print(f"  matmul at 2^{lg} failed: {type(e).__name__}")
         predicted = _roofline_ms(dev.device_kind, S, B, d, k)
-        for impl in impls:
-            r = {"d_sae": S, "path": impl, "device": dev.device_kind, "matmul_s": t_mm, "roofline_kernel_ms": predicted}
+        for encoder in encoders:
+            r = {"d_sae": S, "path": encoder, "device": dev.device_kind, "matmul_s": t_mm, "roofline_kernel_ms": predicted}
             for what, fn in (("encoder", encoder_time), ("step", step_time), ("dead", lambda *x: step_time(*x, dead=True))):
                 try:
-                    t = fn(B, d, S, k, impl, a.reps)
+                    t = fn(B, d, S, k, encoder, a.reps)
                     r[f"{what}_s"] = t
                     r[f"{what}_mfu"] = ((flops_enc if what == "encoder" else flops_step) / t / pk) if pk else None
                 except Exception as e:  # out of memory, or a lowering the backend lacks
@@ -157,7 +157,7 @@ def main() -> None:
             rows.append(r)
             tok_s = f"{B / r['step_s']:,.0f}" if "step_s" in r else "-"
             print(
-                f"  {'2^' + str(lg):>7} {impl:>11} {(t_mm or float('nan')) * 1e3:>9.2f} {cell(r, 'encoder_s', 1e3):>11} "
+                f"  {'2^' + str(lg):>7} {encoder:>11} {(t_mm or float('nan')) * 1e3:>9.2f} {cell(r, 'encoder_s', 1e3):>11} "
                 f"{cell(r, 'encoder_mfu', 100, '{:.0f}%'):>8} {cell(r, 'step_s', 1e3):>9} {cell(r, 'step_mfu', 100, '{:.0f}%'):>9} "
                 f"{cell(r, 'step_over_matmul', 1, '{:.2f}'):>8} {cell(r, 'dead_s', 1e3):>9} {tok_s:>10} "
                 f"{predicted if predicted is None else round(predicted, 2)!s:>11}"

@@ -51,7 +51,7 @@ def exact(x, w_enc, b_enc, k: int) -> bool:
 
     from sae_jax.kernels.topk import topk_encode
 
-    v, _ = topk_encode(jnp.asarray(x), jnp.asarray(w_enc), jnp.asarray(b_enc), k, impl="pallas_tpu", block=512)
+    v, _ = topk_encode(jnp.asarray(x), jnp.asarray(w_enc), jnp.asarray(b_enc), k, encoder="pallas_tpu", encoder_block=512)
     rv, _ = lax.top_k(jnp.maximum(jnp.dot(jnp.asarray(x), jnp.asarray(w_enc)) + b_enc, 0), k)
     return bool(np.allclose(np.asarray(v), np.asarray(rv), rtol=1e-5, atol=1e-5))
 

@@ -7,7 +7,7 @@ At d_in=2304, k=64, B=8192 and d_sae 2^16..2^20, per chip (TPU v5e, v5p, v6e; H1
 
 - matmul: 2 B d_in d_sae / peak bf16 FLOP/s;
 - selection: B d_sae x (vector ops per pre-activation element) / vector op rate. The ops are
-  counted from the kernel's own merge (`pallas._gated_merge` traced to a jaxpr: every op weighted
+  counted from the kernel's own merge (`pallas.gated_merge` traced to a jaxpr: every op weighted
   by the elements it touches, per [tb, block] tile) as fixed + R x per-round, with R the
   measured mean rounds per block at that width (`benchmarks/merge_rounds.py` on SmolLM2
   activations with a fresh dictionary; --rounds to pass others). AuxK adds a second variant with
@@ -53,7 +53,7 @@ def merge_ops(tb: int, kp: int, blk: int, k: int) -> tuple[float, float]:
     import jax.numpy as jnp
     import numpy as np
 
-    from sae_jax.kernels.pallas import _gated_merge
+    from sae_jax.kernels.pallas import gated_merge
 
     def work(eqns) -> float:
         total = 0.0
@@ -64,7 +64,7 @@ def merge_ops(tb: int, kp: int, blk: int, k: int) -> tuple[float, float]:
             total += max(sizes, default=0)
         return total
 
-    jx = jax.make_jaxpr(lambda v, i, p: _gated_merge(v, i, p, 0, k))(
+    jx = jax.make_jaxpr(lambda v, i, p: gated_merge(v, i, p, 0, k))(
         jnp.zeros((tb, kp)), jnp.zeros((tb, kp), jnp.int32), jnp.zeros((tb, blk))
     )
     loop = next(e for e in jx.eqns if e.primitive.name == "while")
@@ -112,7 +112,7 @@ def predict(chip: str, width: int, rounds: float, k_aux: int) -> dict:
     }
 
 
-def xla_cost(width: int, impl: str) -> dict:
+def xla_cost(width: int, encoder: str) -> dict:
     """XLA's cost_analysis of the encoder on one v5e chip through libtpu (deviceless)."""
     import os
 
@@ -128,11 +128,11 @@ def xla_cost(width: int, impl: str) -> dict:
     sh = jax.sharding.SingleDeviceSharding(dev)
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh) for s in ((B, D_IN), (D_IN, width), (width,))]
     with compiling_for("tpu"):
-        c = jax.jit(lambda x, w, b: topk_encode(x, w, b, K, impl=impl)).trace(*args).lower().compile()
+        c = jax.jit(lambda x, w, b: topk_encode(x, w, b, K, encoder=encoder)).trace(*args).lower().compile()
     cost = c.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {
-        "impl": impl,
+        "encoder": encoder,
         "width": width,
         "xla_flops": cost.get("flops"),
         "xla_bytes": cost.get("bytes accessed"),
@@ -163,13 +163,13 @@ def main() -> None:
         )
     out = {"roofline": rows}
     if a.xla:
-        out["xla"] = [xla_cost(2**e, impl) for e in (16, 18) for impl in ("pallas_tpu", "stream")]
+        out["xla"] = [xla_cost(2**e, encoder) for e in (16, 18) for encoder in ("pallas_tpu", "stream")]
         print(
             "\nXLA cost_analysis through libtpu, TPU v5e (a Pallas kernel is opaque to XLA beyond the CostEstimate it declares; loops are counted once)"
         )
         for r in out["xla"]:
             print(
-                f"  {r['impl']:<11} {r['width']:>8}  flops {r['xla_flops']:.3g}  bytes {r['xla_bytes']:.3g}  optimal {r['xla_optimal_ms']:.2f} ms"
+                f"  {r['encoder']:<11} {r['width']:>8}  flops {r['xla_flops']:.3g}  bytes {r['xla_bytes']:.3g}  optimal {r['xla_optimal_ms']:.2f} ms"
             )
     write_json("roofline.json", out)
 

@@ -86,7 +86,7 @@ def test_forward_matches_dense_reference(case):
     p = _params(spec, mesh)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(spec.size, 16, D)).astype(np.float32)
-    y = rng.normal(size=(spec.size, 16, spec.dout)).astype(np.float32)
+    y = rng.normal(size=(spec.size, 16, spec.d_out)).astype(np.float32)
     out = make_forward(spec, mesh)(p, jnp.asarray(x), y=jnp.asarray(y) if spec.transcoder else None)
     for m in range(spec.size):
         acts, recons = _dense_reference(spec, p, x, m)
@@ -137,7 +137,7 @@ def test_eight_devices_agree_with_one(case):
     spec = CASES[case]
     rng = np.random.default_rng(0)
     x = rng.normal(size=(spec.size, 64, D)).astype(np.float32)
-    y = rng.normal(size=(spec.size, 64, spec.dout)).astype(np.float32) if spec.transcoder else None
+    y = rng.normal(size=(spec.size, 64, spec.d_out)).astype(np.float32) if spec.transcoder else None
     base, mb = _train(spec, (1, 1), x, y)
     for shape in [(4, 2), (2, 4)]:
         st, m = _train(spec, shape, x, y)
@@ -273,10 +273,10 @@ def test_gradients_equal_a_dense_reference(case):
     p = _params(spec, mesh, seed=3)
     rng = np.random.default_rng(1)
     x = rng.normal(size=(spec.size, 16, D)).astype(np.float32)
-    y = rng.normal(size=(spec.size, 16, spec.dout)).astype(np.float32) if spec.transcoder else x
+    y = rng.normal(size=(spec.size, 16, spec.d_out)).astype(np.float32) if spec.transcoder else x
     coefs = jnp.asarray([0.3, 0.7][: spec.size], jnp.float32)
     eps = 0.05
-    loss = make_loss(spec, mesh, eps=eps)
+    loss = make_loss(spec, mesh, jumprelu_bandwidth=eps)
     dead = jnp.zeros((spec.size, spec.width), bool)
     g = jax.jit(jax.grad(lambda q: loss(q, jnp.asarray(x), jnp.asarray(y), dead, coefs)[0]))(p)
     ref = jax.grad(lambda q: _reference_loss(spec, q, jnp.asarray(x), jnp.asarray(y), coefs, eps))(

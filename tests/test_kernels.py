@@ -12,7 +12,7 @@ from sae_jax.kernels.topk import topk_encode, topk_pre
 # (batch, d_in, d_sae, k, block): d_sae not a multiple of the block, k bigger than a block, batch 1,
 # and a width where `rows` selects through group maxima (d_sae / 16 >= 4 k)
 SHAPES = [(7, 16, 100, 5, 32), (1, 8, 70, 12, 8), (33, 24, 256, 40, 64), (16, 12, 50, 50, 16), (9, 16, 1024, 6, 128)]
-IMPLS = ["stream", "rows", "pallas_gpu", "pallas_tpu"]
+ENCODERS = ["stream", "rows", "pallas_gpu", "pallas_tpu"]
 
 
 def _data(shape, dtype, seed=0):
@@ -39,27 +39,27 @@ def _check_same(v, i, rv, ri, x, w, b, tol):
         assert len(set(np.asarray(i)[r].tolist())) == i.shape[1]
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_forward_equals_dense_reference(impl, shape, dtype):
+def test_forward_equals_dense_reference(encoder, shape, dtype):
     x, w, b = _data(shape, dtype)
     k, block = shape[3], shape[4]
-    v, i = topk_encode(x, w, b, k, impl=impl, block=block)
+    v, i = topk_encode(x, w, b, k, encoder=encoder, encoder_block=block)
     rv, ri = _ref(x, w, b, k)
     assert v.shape == (shape[0], k) and i.dtype == jnp.int32
     _check_same(v, i, rv, ri, x, w, b, 1e-5 if dtype == jnp.float32 else 1e-2)
 
 
-@pytest.mark.parametrize("impl", ["dense", *IMPLS])
+@pytest.mark.parametrize("encoder", ["dense", *ENCODERS])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse_vjp_equals_dense_autodiff(impl, shape):
+def test_sparse_vjp_equals_dense_autodiff(encoder, shape):
     x, w, b = _data(shape, jnp.float32, seed=1)
     k, block = shape[3], shape[4]
     tgt = jax.random.normal(jax.random.key(9), (shape[0], k))
 
     def loss_ours(x, w, b):
-        v, _ = topk_encode(x, w, b, k, impl=impl, block=block)
+        v, _ = topk_encode(x, w, b, k, encoder=encoder, encoder_block=block)
         return jnp.sum((v - tgt) ** 2 * jnp.arange(1, k + 1))
 
     def loss_ref(x, w, b):
@@ -75,8 +75,8 @@ def test_sparse_vjp_equals_dense_autodiff(impl, shape):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_aux_selection_shares_the_pass(impl):
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_aux_selection_shares_the_pass(encoder):
     """AuxK's top-k over dead latents (aux bias -inf on live ones) equals its dense reference, and
     the gradients of both selections together equal dense autodiff."""
     shape = (9, 16, 90, 6, 32)
@@ -84,7 +84,7 @@ def test_aux_selection_shares_the_pass(impl):
     dead = jnp.arange(90) % 3 == 0
 
     def ours(x, w, b):
-        v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, impl=impl, block=32)
+        v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, encoder=encoder, encoder_block=32)
         return jnp.sum(jax.nn.relu(v) ** 2) + jnp.sum(jax.nn.relu(av) * 3.0), (i, ai)
 
     def ref(x, w, b):
@@ -125,7 +125,7 @@ def test_x_grad_false_drops_only_the_input_cotangent():
     x, w, b = _data((16, 12, 512, 8, 64), jnp.float32, seed=5)
 
     def grads(x_grad):
-        return jax.grad(lambda x, w, b: jnp.sum(topk_pre(x, w, b, 8, impl="rows", x_grad=x_grad)[0] ** 2), argnums=(0, 1, 2))(x, w, b)
+        return jax.grad(lambda x, w, b: jnp.sum(topk_pre(x, w, b, 8, encoder="rows", x_grad=x_grad)[0] ** 2), argnums=(0, 1, 2))(x, w, b)
 
     (dx1, dw1, db1), (dx0, dw0, db0) = grads(True), grads(False)
     np.testing.assert_array_equal(np.asarray(dw0), np.asarray(dw1))
@@ -140,9 +140,9 @@ def test_streaming_has_no_dense_buffer():
     w = jax.ShapeDtypeStruct((d, S), jnp.float32)
     b = jax.ShapeDtypeStruct((S,), jnp.float32)
 
-    def step(impl):
+    def step(encoder):
         def loss(x, w, b):
-            return jnp.sum(topk_encode(x, w, b, k, impl=impl, block=1024)[0])
+            return jnp.sum(topk_encode(x, w, b, k, encoder=encoder, encoder_block=1024)[0])
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().memory_analysis().temp_size_in_bytes
 
@@ -156,7 +156,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="k=21"):
         topk_encode(x, w, b, 21)
     with pytest.raises(ValueError, match="unknown TopK encoder"):
-        topk_encode(x, w, b, 3, impl="cuda")
+        topk_encode(x, w, b, 3, encoder="cuda")
     with pytest.raises(ValueError, match=r"\[B, d\]"):
         topk_encode(x, w.T, b, 3)
 
@@ -214,17 +214,17 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
     assert stream.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes / 2
 
 
-@pytest.mark.parametrize("impl", ["dense", *IMPLS])
-def test_bfloat16_compute_dtype(impl):
-    """compute_dtype='bfloat16' rounds the matmul inputs only: values within bf16 rounding of the
+@pytest.mark.parametrize("encoder", ["dense", *ENCODERS])
+def test_bfloat16_encoder_dtype(encoder):
+    """encoder_dtype='bfloat16' rounds the matmul inputs only: values within bf16 rounding of the
     float32 reference, and the backward still uses the float32 parameters (same sparse grads)."""
     shape = (16, 32, 300, 8, 64)
     x, w, b = _data(shape, jnp.float32, seed=4)
-    v, i = topk_encode(x, w, b, 8, impl=impl, block=64, compute_dtype="bfloat16")
+    v, i = topk_encode(x, w, b, 8, encoder=encoder, encoder_block=64, encoder_dtype="bfloat16")
     xr, wr = x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32)
     rv, _ = _ref(xr, wr, b, 8)
     np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b, 8, impl=impl, block=64, compute_dtype="bfloat16")[0]))(w)
+    g = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b, 8, encoder=encoder, encoder_block=64, encoder_dtype="bfloat16")[0]))(w)
     # gradient wrt W_enc column j = sum of x rows that selected j (float32 x)
     want = np.zeros(w.shape, np.float32)
     sel = np.asarray(v) > 0
@@ -252,8 +252,8 @@ def test_kernels_on_real_activations_and_their_gated_rounds(tiny_store):
     x = jnp.asarray(rows)
     w, b = fresh(4096)
     rv, _ = _ref(x[:128], w, b, 32)
-    for impl in ("pallas_tpu", "pallas_gpu"):
-        v, i = topk_encode(x[:128], w, b, 32, impl=impl, block=512)
+    for encoder in ("pallas_tpu", "pallas_gpu"):
+        v, i = topk_encode(x[:128], w, b, 32, encoder=encoder, encoder_block=512)
         _check_same(v, i, rv, None, x[:128], w, b, 1e-5)
     w, b = fresh(16384)
     rounds, unrolled = gated_rounds(jnp.dot(x, w) + b, 32, 256, 512)

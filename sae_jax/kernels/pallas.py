@@ -42,7 +42,7 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _gated_merge(run_v, run_i, pre, start, k: int):
+def gated_merge(run_v, run_i, pre, start, k: int):
     """Merge a block of pre-activations [tb, blk] (latent ids start + column) into the running
     top-k slots (values / ids [tb, kp], unordered; slots >= k hold +inf and are never touched).
 
@@ -116,7 +116,7 @@ def _tpu_kernel(x_ref, w_ref, *refs, ks: tuple[int, ...], block: int):
 
     pre = jnp.dot(x_ref[...], w_ref[...], preferred_element_type=jnp.float32)
     for t, k in enumerate(ks):
-        v, i = _gated_merge(outs[2 * t][...], outs[2 * t + 1][...], pre + b_refs[t][...].astype(jnp.float32), j * block, k)
+        v, i = gated_merge(outs[2 * t][...], outs[2 * t + 1][...], pre + b_refs[t][...].astype(jnp.float32), j * block, k)
         outs[2 * t][...] = v
         outs[2 * t + 1][...] = i
 
@@ -136,7 +136,7 @@ def _gpu_kernel(x_ref, w_ref, *refs, ks: tuple[int, ...], block: int, n_blocks: 
 
         pre = lax.fori_loop(0, n_chunks, mm, jnp.zeros((tb, block), jnp.float32))
         return tuple(
-            _gated_merge(*carry[t], pre + b_refs[t][:, pl.ds(start, block)].astype(jnp.float32), start, k) for t, k in enumerate(ks)
+            gated_merge(*carry[t], pre + b_refs[t][:, pl.ds(start, block)].astype(jnp.float32), start, k) for t, k in enumerate(ks)
         )
 
     init = tuple(_init_slots(outs[2 * t].shape, k) for t, k in enumerate(ks))
@@ -192,8 +192,8 @@ def _slots(k: int, backend: str) -> int:
 VMEM_LIMIT = 64 * 2**20  # scoped VMEM the TPU kernel may use (v5e/v6e have 128 MiB, v5p 95; the default scope is 16-32)
 
 
-@functools.partial(jax.jit, static_argnames=("ks", "block", "backend", "row_tile", "d_chunk", "target"))
-def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_tile: int = 0, d_chunk: int = 64, target: str = ""):
+@functools.partial(jax.jit, static_argnames=("ks", "encoder_block", "backend", "row_tile", "d_chunk", "target"))
+def _fused(x, w, biases, *, ks: tuple[int, ...], encoder_block: int, backend: str, row_tile: int = 0, d_chunk: int = 64, target: str = ""):
     """[(values [B, k], ids [B, k]) per bias]: one pass over the latents, the matmul once."""
     rows, d = x.shape
     s = w.shape[1]
@@ -201,7 +201,7 @@ def _fused(x, w, biases, *, ks: tuple[int, ...], block: int, backend: str, row_t
     # tiles sized for the hardware: a GPU program holds a [tb, block] f32 tile in registers /
     # shared memory (64 x 128); a TPU step a [tb, block] VMEM tile (lanes of 128, 8-row sublanes),
     # with tb rows sharing each streamed W block (tb FLOPs per byte of W in bf16)
-    block = _pow2(min(block, MAX_BLOCK[backend], max(s, 1)))
+    block = _pow2(min(encoder_block, MAX_BLOCK[backend], max(s, 1)))  # the tile's width: the knob, capped
     block = max(block, 128 if backend == "tpu" else 16)
     tb = row_tile or max(min(ROW_TILE[backend], _pow2(rows)), 8)
     xp = _pad(x, 0, tb)
@@ -255,7 +255,7 @@ def _ordered(v, i):
     return -neg_v, i
 
 
-def topk_candidates(x, w, biases, ks, block: int, backend: str):
+def topk_candidates(x, w, biases, ks, encoder_block: int, backend: str):
     """[(values [B, k], indices [B, k]) per bias, k from `ks`]: one fused pass (AuxK's selection
     shares the TopK matmul and keeps its own slot count)."""
-    return _fused(x, w, tuple(biases), ks=tuple(ks), block=block, backend=backend, target=target_platform())
+    return _fused(x, w, tuple(biases), ks=tuple(ks), encoder_block=encoder_block, backend=backend, target=target_platform())

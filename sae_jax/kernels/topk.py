@@ -1,12 +1,12 @@
 """TopK encoders that never build the dense [batch, d_sae] pre-activation, with a sparse backward.
 
 `topk_pre(x, w, b, k)` returns the k largest pre-activations `x @ w + b` per row, descending, and
-their latent indices. Implementations (`impl=`):
+their latent indices. Implementations (`encoder=`):
 
-| impl        | what                                                                        |
+| encoder     | what                                                                        |
 | ----------- | --------------------------------------------------------------------------- |
 | `dense`     | the reference: `lax.top_k(x @ w + b)`; builds [B, d_sae] (tests, small widths) |
-| `stream`    | XLA: a scan over latent blocks of `block` columns, merging a running top-k; peak memory [B, block] |
+| `stream`    | XLA: a scan over latent blocks of `encoder_block` columns, merging a running top-k; peak memory [B, encoder_block] |
 | `rows`      | XLA: a map over row blocks, each a dense [R, d_sae] block (R x d_sae <= 2^25) and its top-k; on a CPU the block stays in cache and the step runs at the matmul's speed |
 | `pallas_gpu`| Pallas (Triton) kernel: block matmul + bias + per-block top-k candidates fused (`kernels.pallas`) |
 | `pallas_tpu`| Pallas (Mosaic) kernel, the same on TPU                                      |
@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-IMPLS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
-DEFAULT_BLOCK = 4096
+ENCODERS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
+DEFAULT_ENCODER_BLOCK = 4096
 ROWS_BUDGET = 2**25  # `rows`: elements of one [R, d_sae] pre-activation block (128 MiB in float32)
 ROWS_MAX = 1024  # `rows`: rows per block at most (512-1024 ran fastest at d_sae 2^14 and 2^16 on CPU)
 MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the budget
@@ -58,12 +58,12 @@ def row_block(rows: int, width: int, budget: int = ROWS_BUDGET, rows_max: int = 
     return next(r for r in range(cap, 0, -1) if rows % r == 0)
 
 
-def resolve_impl(impl: str, rows: int = 0, width: int = 0) -> str:
-    """The implementation `impl` names; `auto` by backend and, on CPU, by the shape [rows, width]."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown TopK encoder implementation {impl!r} (choose from {', '.join(IMPLS)})")
-    if impl != "auto":
-        return impl
+def resolve_encoder(encoder: str, rows: int = 0, width: int = 0) -> str:
+    """The implementation `encoder` names; `auto` by backend and, on CPU, by the shape [rows, width]."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"unknown TopK encoder implementation {encoder!r} (choose from {', '.join(ENCODERS)})")
+    if encoder != "auto":
+        return encoder
     from sae_jax.kernels.pallas import target_platform
 
     backend = target_platform()
@@ -106,8 +106,8 @@ def _merge(v, i, bv, bi, k):
     return top, jnp.take_along_axis(alli, pos, axis=-1)
 
 
-def _dense(x, w, biases, k, cd=None):
-    pre = jnp.dot(x, w if cd is None else w.astype(cd), preferred_element_type=jnp.float32)
+def _dense(x, w, biases, k, encoder_dtype=None):
+    pre = jnp.dot(x, w if encoder_dtype is None else w.astype(encoder_dtype), preferred_element_type=jnp.float32)
     out = []
     for b in biases:
         v, i = row_top_k(pre, k, bias=b.astype(jnp.float32))
@@ -115,10 +115,10 @@ def _dense(x, w, biases, k, cd=None):
     return out
 
 
-def _stream(x, w, biases, k, block, cd=None):
+def _stream(x, w, biases, k, encoder_block, encoder_dtype=None):
     """Scan over latent blocks; each keeps the running top-k of every bias variant."""
     d, s = w.shape
-    block = min(block, s)
+    block = min(encoder_block, s)
     n_full, tail = divmod(s, block)
     rows = x.shape[0]
     kb = min(k, block)
@@ -126,7 +126,7 @@ def _stream(x, w, biases, k, block, cd=None):
 
     def blk(carry, start, width):
         wb = lax.dynamic_slice_in_dim(w, start, width, axis=1)
-        pre = jnp.dot(x, wb if cd is None else wb.astype(cd), preferred_element_type=jnp.float32)
+        pre = jnp.dot(x, wb if encoder_dtype is None else wb.astype(encoder_dtype), preferred_element_type=jnp.float32)
         out = []
         for (v, i), b in zip(carry, biases, strict=True):
             pb = pre + lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32)
@@ -143,37 +143,38 @@ def _stream(x, w, biases, k, block, cd=None):
     return carry
 
 
-def _rows(x, w, biases, k, cd=None):
+def _rows(x, w, biases, k, encoder_dtype=None):
     """A map over blocks of rows: each block's dense pre-activations and their top-k (exact, no merge)."""
     rows, d = x.shape
     from sae_jax.kernels.pallas import target_platform
 
     gpu = target_platform() == "gpu"
     r = row_block(rows, w.shape[1], *((GPU_ROWS_BUDGET, GPU_ROWS_MAX) if gpu else (ROWS_BUDGET, ROWS_MAX)))
-    out = lax.map(lambda xb: _dense(xb, w, biases, k, cd), x.reshape(rows // r, r, d))
+    out = lax.map(lambda xb: _dense(xb, w, biases, k, encoder_dtype), x.reshape(rows // r, r, d))
     return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
 
 
-def _forward(x, w, biases, ks, impl, block, cd=None):
+def _forward(x, w, biases, ks, encoder, encoder_block, encoder_dtype=None):
     """[(values, ids) per bias, k from `ks`] (the XLA paths select max(ks) for every bias; slice).
-    `cd`: the matmul's input dtype (None: as given); accumulation is always float32."""
+    `encoder_dtype`: the matmul's input dtype (None: as given); accumulation is always float32."""
     k = max(ks)
-    if cd is not None:
-        x = x.astype(cd)
-    if impl == "dense":
-        return _dense(x, w, biases, k, cd)
-    if impl == "rows":
-        return _rows(x, w, biases, k, cd)
-    if impl == "stream":
-        return _stream(x, w, biases, k, block, cd)
-    if impl in ("pallas_gpu", "pallas_tpu"):
+    if encoder_dtype is not None:
+        x = x.astype(encoder_dtype)
+    if encoder == "dense":
+        return _dense(x, w, biases, k, encoder_dtype)
+    if encoder == "rows":
+        return _rows(x, w, biases, k, encoder_dtype)
+    if encoder == "stream":
+        return _stream(x, w, biases, k, encoder_block, encoder_dtype)
+    if encoder in ("pallas_gpu", "pallas_tpu"):
         from sae_jax.kernels import pallas
 
-        w = w if cd is None else w.astype(cd)
-        if impl == "pallas_gpu" and len(ks) > 1 and ks[1] > TRITON_MAX_SLOTS:
-            return pallas.topk_candidates(x, w, biases[:1], ks[:1], block, backend="gpu") + _stream(x, w, biases[1:], ks[1], block, cd)
-        return pallas.topk_candidates(x, w, biases, ks, block, backend=impl.removeprefix("pallas_"))
-    raise ValueError(f"unknown TopK encoder implementation {impl!r}")
+        w = w if encoder_dtype is None else w.astype(encoder_dtype)
+        if encoder == "pallas_gpu" and len(ks) > 1 and ks[1] > TRITON_MAX_SLOTS:
+            head = pallas.topk_candidates(x, w, biases[:1], ks[:1], encoder_block, backend="gpu")
+            return head + _stream(x, w, biases[1:], ks[1], encoder_block, encoder_dtype)
+        return pallas.topk_candidates(x, w, biases, ks, encoder_block, backend=encoder.removeprefix("pallas_"))
+    raise ValueError(f"unknown TopK encoder implementation {encoder!r}")
 
 
 def _blocks(*arrays, r: int):
@@ -205,9 +206,9 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
+def _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad):
     biases = (b,) if aux_b is None else (b, aux_b)
-    out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), impl, block, cd)
+    out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), encoder, encoder_block, encoder_dtype)
     (v, i) = out[0]
     v, i = v[:, :k], i[:, :k]
     if aux_b is None:
@@ -216,12 +217,12 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
     return v, i, av[:, :k_aux], ai[:, :k_aux]
 
 
-def _fwd(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad):
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, impl, block, cd, x_grad)
+def _fwd(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad):
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad)
     return (v, i, av, ai), (x, w, i, ai, aux_b)
 
 
-def _bwd(k, k_aux, impl, block, cd, x_grad, res, cts):
+def _bwd(k, k_aux, encoder, encoder_block, encoder_dtype, x_grad, res, cts):
     x, w, i, ai, aux_b = res
     gv, _, gav, _ = cts
     if aux_b is None:
@@ -240,11 +241,21 @@ _topk_pre.defvjp(_fwd, _bwd)
 
 
 def topk_pre(
-    x, w, b, k: int, *, aux_b=None, k_aux: int = 0, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None, x_grad: bool = True
+    x,
+    w,
+    b,
+    k: int,
+    *,
+    aux_b=None,
+    k_aux: int = 0,
+    encoder: str = "auto",
+    encoder_block: int = DEFAULT_ENCODER_BLOCK,
+    encoder_dtype=None,
+    x_grad: bool = True,
 ):
     """(values [B, k], indices [B, k]) of the largest `x @ w + b` per row, descending; with `aux_b`
     also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP,
-    computed from the parameters as given). `compute_dtype` ('bfloat16') casts the matmul's inputs
+    computed from the parameters as given). `encoder_dtype` ('bfloat16') casts the matmul's inputs
     (w block by block when streaming); accumulation stays float32. `x_grad=False`: x is data, its
     cotangent is zero (the backward skips its gather)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or b.shape != (w.shape[1],):
@@ -253,15 +264,16 @@ def topk_pre(
         raise ValueError(f"topk_pre: k={k} must be in 1..{w.shape[1]} (the number of latents)")
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
-    cd = None if compute_dtype in (None, "", "float32") else jnp.dtype(compute_dtype).name
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, resolve_impl(impl, x.shape[0], w.shape[1]), block, cd, x_grad)
+    dtype = None if encoder_dtype in (None, "", "float32") else jnp.dtype(encoder_dtype).name
+    encoder = resolve_encoder(encoder, x.shape[0], w.shape[1])
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, dtype, x_grad)
     return (v, i) if aux_b is None else (v, i, av, ai)
 
 
-def topk_encode(x, W_enc, b_enc, k: int, *, impl: str = "auto", block: int = DEFAULT_BLOCK, compute_dtype=None):
+def topk_encode(x, W_enc, b_enc, k: int, *, encoder: str = "auto", encoder_block: int = DEFAULT_ENCODER_BLOCK, encoder_dtype=None):
     """(values, indices) of a TopK encoder on `x` (already minus b_dec): relu of the k largest
-    pre-activations, without a dense [B, d_sae] matrix (except `impl='dense'`)."""
-    v, i = topk_pre(x, W_enc, b_enc, k, impl=impl, block=block, compute_dtype=compute_dtype)
+    pre-activations, without a dense [B, d_sae] matrix (except `encoder='dense'`)."""
+    v, i = topk_pre(x, W_enc, b_enc, k, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype)
     return jax.nn.relu(v), i
 
 

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax.kernels.topk import sparse_decode, topk_pre
+from sae_jax.kernels.topk import DEFAULT_ENCODER_BLOCK, sparse_decode, topk_pre
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 SPARSE = ("topk", "batchtopk")
@@ -63,7 +63,7 @@ class BankSpec:
     architecture: str = "topk"
     coefs: tuple[float, ...] = ()  # relu: L1 coefficient, jumprelu: L0 coefficient, per member
     out_hooks: tuple[str, ...] = ()  # transcoders: the output hook per member; () for SAEs
-    d_out: int = 0  # 0: d_in
+    d_out: int = 0  # the target's width; 0 (given): d_in
     skip: bool = False  # transcoders: a linear skip W_skip
     prefixes: tuple[int, ...] = ()  # Matryoshka: nested prefix sizes, increasing, below every width
     cap: int = 0  # batchtopk: candidates kept per row (>= max k)
@@ -71,6 +71,8 @@ class BankSpec:
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture {self.architecture!r}: choose from {', '.join(ARCHITECTURES)}")
+        if not self.d_out:
+            object.__setattr__(self, "d_out", self.d_in)
 
     @property
     def size(self) -> int:
@@ -92,10 +94,6 @@ class BankSpec:
     def targets(self) -> tuple[str, ...]:
         """The hook each member reconstructs."""
         return self.out_hooks or self.hooks
-
-    @property
-    def dout(self) -> int:
-        return self.d_out or self.d_in
 
     @property
     def n_candidates(self) -> int:
@@ -135,9 +133,9 @@ def init_params(
     d_out; random columns of that norm otherwise), b_enc = 0, JumpReLU thresholds `init_threshold`,
     W_skip = 0."""
     k_dec, k_enc = jax.random.split(key)
-    w = jax.random.normal(k_dec, (spec.size, spec.width, spec.dout), jnp.float32)
+    w = jax.random.normal(k_dec, (spec.size, spec.width, spec.d_out), jnp.float32)
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
-    if spec.dout == spec.d_in:
+    if spec.d_out == spec.d_in:
         w_enc = jnp.swapaxes(w, 1, 2) * encoder_scale
     else:
         w_enc = jax.random.normal(k_enc, (spec.size, spec.d_in, spec.width), jnp.float32)
@@ -146,12 +144,12 @@ def init_params(
         "W_enc": w_enc,
         "b_enc": jnp.zeros((spec.size, spec.width), jnp.float32),
         "W_dec": w,
-        "b_dec": jnp.zeros((spec.size, spec.dout), jnp.float32) if b_dec is None else b_dec.astype(jnp.float32),
+        "b_dec": jnp.zeros((spec.size, spec.d_out), jnp.float32) if b_dec is None else b_dec.astype(jnp.float32),
     }
     if spec.architecture == "jumprelu":
         p["threshold"] = jnp.full((spec.size, spec.width), init_threshold, jnp.float32)
     if spec.skip:
-        p["W_skip"] = jnp.zeros((spec.size, spec.d_in, spec.dout), jnp.float32)
+        p["W_skip"] = jnp.zeros((spec.size, spec.d_in, spec.d_out), jnp.float32)
     return p
 
 
@@ -165,7 +163,20 @@ def _global_topk(v, i, k: int, n_model: int):
     return v, i
 
 
-def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int, with_aux: bool, impl: str, block: int, cd=None):
+def _encode(
+    x,
+    w_enc,
+    b_enc,
+    latent_mask,
+    dead,
+    k: int,
+    k_aux: int,
+    n_model: int,
+    with_aux: bool,
+    encoder: str,
+    encoder_block: int,
+    encoder_dtype=None,
+):
     """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
     backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
     the pass. `x` is data (no cotangent: parameters that act on the input, like b_dec, are folded
@@ -178,10 +189,11 @@ def _encode(x, w_enc, b_enc, latent_mask, dead, k: int, k_aux: int, n_model: int
     kl, kal = min(k, s_local), min(k_aux, s_local)
     if with_aux:
         b_aux = jnp.where(dead & latent_mask, b_enc, neg)
-        enc = partial(topk_pre, k=kl, k_aux=kal, impl=impl, block=block, compute_dtype=cd, x_grad=False)
+        enc = partial(topk_pre, k=kl, k_aux=kal, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype, x_grad=False)
         v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
         return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
-    v, i = jax.vmap(partial(topk_pre, k=kl, impl=impl, block=block, compute_dtype=cd, x_grad=False))(x, w_enc, b_main)
+    enc = partial(topk_pre, k=kl, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype, x_grad=False)
+    v, i = jax.vmap(enc)(x, w_enc, b_main)
     return _global_topk(v, i + off, k, n_model), None
 
 
@@ -224,16 +236,16 @@ def forward_sparse(
     spec: BankSpec,
     n_model: int,
     with_aux: bool,
-    impl: str = "auto",
-    block: int = 4096,
-    compute_dtype=None,
+    encoder: str = "auto",
+    encoder_block: int = DEFAULT_ENCODER_BLOCK,
+    encoder_dtype=None,
 ):
     """One device's part of a TopK / BatchTopK bank forward (inside shard_map).
 
     x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local];
     ks [M]. `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with
     `lax.cond` at its top level, since a `cond` inside the differentiated function ran both
-    branches. `impl`/`block`/`compute_dtype`: the TopK encoder (`kernels.topk`).
+    branches. `encoder`/`encoder_block`/`encoder_dtype`: the TopK encoder (`kernels.topk`).
 
     Returns a dict: `x_hat [P, M, B_local, d_out]` (one reconstruction per Matryoshka prefix, the
     full dictionary last; without W_skip), `values`/`indices [M, B_local, C]` (global ids),
@@ -247,7 +259,7 @@ def forward_sparse(
         b_enc = b_enc - jnp.einsum("md,mds->ms", b_dec, w_enc)
     C = spec.n_candidates
     (v, idx), aux = _encode(
-        lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, impl, block, compute_dtype
+        lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, encoder, encoder_block, encoder_dtype
     )
     rv = jax.nn.relu(v)
     m = rv.shape[0]
@@ -296,50 +308,52 @@ def _rect(u):
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def jumprelu(z, theta, eps: float):
-    """z * (z > theta); backward: dz = H(z - theta) g, dtheta = -(theta / eps) K((z - theta) / eps) g
-    with K the rectangle kernel (Rajamanoharan et al. 2024, the Gemma Scope recipe)."""
+def jumprelu(z, theta, jumprelu_bandwidth: float):
+    """z * (z > theta); backward: dz = H(z - theta) g, dtheta = -(theta / e) K((z - theta) / e) g
+    with e = `jumprelu_bandwidth` and K the rectangle kernel (Rajamanoharan et al. 2024, the Gemma Scope recipe)."""
     return z * (z > theta)
 
 
-def _jumprelu_fwd(z, theta, eps):
-    return jumprelu(z, theta, eps), (z, theta)
+def _jumprelu_fwd(z, theta, jumprelu_bandwidth):
+    return jumprelu(z, theta, jumprelu_bandwidth), (z, theta)
 
 
-def _jumprelu_bwd(eps, res, g):
+def _jumprelu_bwd(jumprelu_bandwidth, res, g):
     z, theta = res
-    return g * (z > theta), -(theta / eps) * _rect((z - theta) / eps) * g
+    e = jumprelu_bandwidth
+    return g * (z > theta), -(theta / e) * _rect((z - theta) / e) * g
 
 
 jumprelu.defvjp(_jumprelu_fwd, _jumprelu_bwd)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
-def heaviside(z, theta, eps: float):
-    """H(z - theta) (the L0 count); backward: dz = 0, dtheta = -(1 / eps) K((z - theta) / eps) g."""
+def heaviside(z, theta, jumprelu_bandwidth: float):
+    """H(z - theta) (the L0 count); backward: dz = 0, dtheta = -(1 / e) K((z - theta) / e) g (e = `jumprelu_bandwidth`)."""
     return (z > theta).astype(z.dtype)
 
 
-def _heaviside_fwd(z, theta, eps):
-    return heaviside(z, theta, eps), (z, theta)
+def _heaviside_fwd(z, theta, jumprelu_bandwidth):
+    return heaviside(z, theta, jumprelu_bandwidth), (z, theta)
 
 
-def _heaviside_bwd(eps, res, g):
+def _heaviside_bwd(jumprelu_bandwidth, res, g):
     z, theta = res
-    return jnp.zeros_like(z), -(1.0 / eps) * _rect((z - theta) / eps) * g
+    e = jumprelu_bandwidth
+    return jnp.zeros_like(z), -(1.0 / e) * _rect((z - theta) / e) * g
 
 
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, eps: float = 0.001, compute_dtype=None, **_):
+def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_bandwidth: float = 0.001, encoder_dtype=None):
     """One device's part of a JumpReLU / ReLU bank forward (inside shard_map): the same contract
     as `forward_sparse` (no `values`/`indices`; `penalty [M, B_local]` is the per-row sparsity
     term: the L0 count through the straight-through estimator, or sum_i f_i ||W_dec_i||)."""
     del ks, dead
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
     enc_in = x if spec.transcoder else x - b_dec[:, None, :]
-    cd = compute_dtype or jnp.float32
+    cd = encoder_dtype or jnp.float32
     pre = jnp.einsum("mbd,mds->mbs", enc_in.astype(cd), w_enc.astype(cd), preferred_element_type=jnp.float32) + b_enc[:, None, :]
     mask = latent_mask[:, None, :].astype(jnp.float32)
     if spec.architecture == "relu":
@@ -347,8 +361,8 @@ def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, eps: floa
         penalty = jnp.einsum("mbs,ms->mb", acts, jnp.linalg.norm(w_dec, axis=-1))
     else:
         theta = jnp.broadcast_to(params["threshold"][:, None, :], pre.shape)
-        acts = jumprelu(pre, theta, eps) * mask
-        penalty = (heaviside(pre, theta, eps) * mask).sum(-1)
+        acts = jumprelu(pre, theta, jumprelu_bandwidth) * mask
+        penalty = (heaviside(pre, theta, jumprelu_bandwidth) * mask).sum(-1)
     penalty = lax.psum(penalty, "model")
     fired_rows = acts > 0
     x_hat = lax.psum(jnp.einsum("mbs,msd->mbd", acts, w_dec), "model") + b_dec[:, None, :]

@@ -78,7 +78,7 @@ class _Shapes:
 
 def step_flops(spec, batch: int) -> float:
     """FLOPs of one train step of the bank (forward and backward), AuxK excluded."""
-    W, d_in, d_out = spec.width, spec.d_in, spec.dout
+    W, d_in, d_out = spec.width, spec.d_in, spec.d_out
     total = 0.0
     for k in spec.ks:
         if spec.sparse:  # encoder matmul; decode, its two gradients and the encoder's sparse gradient over the k winners
@@ -161,7 +161,7 @@ def compile_check(
     x_sharding = parallel.sharding(mesh, "x")
     x = jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_in), dtype, sharding=x_sharding)
     args = (state, x) + (
-        (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.dout), dtype, sharding=x_sharding),) if spec.transcoder else ()
+        (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_out), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
     t0 = time.perf_counter()
     with compiling(mesh):  # traced and lowered for the target: the encoder's `auto` and the Pallas kernels, not this host's

@@ -247,7 +247,7 @@ def write_bank_json(
         "architecture": spec.architecture,
         "kind": spec.kind(),
         "d_in": spec.d_in,
-        "d_out": spec.dout,
+        "d_out": spec.d_out,
         "width": spec.width,
         "k_aux": spec.k_aux,
         "transcoder": spec.transcoder,

@@ -205,7 +205,7 @@ def _canonical(v):
 
 # ---- the rules -------------------------------------------------------------------------------
 def _check(s: TrainSettings) -> None:
-    from sae_jax.kernels.topk import IMPLS
+    from sae_jax.kernels.topk import ENCODERS
     from sae_jax.sae.bank import ARCHITECTURES
 
     def bad(name, want):
@@ -286,5 +286,5 @@ def _check(s: TrainSettings) -> None:
     for name, ok, want in rules:
         if not ok:
             bad(name, want)
-    if s.encoder not in IMPLS:
-        bad("encoder", f"unknown TopK encoder implementation (choose from {', '.join(IMPLS)})")
+    if s.encoder not in ENCODERS:
+        bad("encoder", f"unknown TopK encoder implementation (choose from {', '.join(ENCODERS)})")

@@ -17,6 +17,7 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
+from sae_jax.kernels.topk import DEFAULT_ENCODER_BLOCK
 from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
 from sae_jax.train.settings import DEFAULT_LR, TrainSettings
 
@@ -69,16 +70,23 @@ def make_optimizer(
 
 
 def sharded_forward(
-    spec: BankSpec, mesh, with_aux: bool = True, encoder: str = "auto", block: int = 4096, compute_dtype=None, eps: float = 0.001
+    spec: BankSpec,
+    mesh,
+    with_aux: bool = True,
+    encoder: str = "auto",
+    encoder_block: int = DEFAULT_ENCODER_BLOCK,
+    encoder_dtype=None,
+    jumprelu_bandwidth: float = 0.001,
 ):
     """The bank forward over the mesh: `fwd(params, x, latent_mask, ks, dead) -> dict` (see
     `bank.forward_sparse`); x is the encoder's input hook, already scaled."""
     n_model = mesh.shape["model"]
     S, P = parallel.spec, parallel.P
     if spec.sparse:
-        fn = partial(forward_sparse, spec=spec, n_model=n_model, with_aux=with_aux, impl=encoder, block=block, compute_dtype=compute_dtype)
+        enc = {"encoder": encoder, "encoder_block": encoder_block, "encoder_dtype": encoder_dtype}
+        fn = partial(forward_sparse, spec=spec, n_model=n_model, with_aux=with_aux, **enc)
     else:
-        fn = partial(forward_dense, spec=spec, eps=eps, compute_dtype=compute_dtype)
+        fn = partial(forward_dense, spec=spec, jumprelu_bandwidth=jumprelu_bandwidth, encoder_dtype=encoder_dtype)
     rows = P(None, "data")
     out = {
         "x_hat": P(None, None, "data", None),
@@ -129,9 +137,16 @@ def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: i
     return jnp.sum(fvu.sum(0) + aux_coef * auxk + sparsity), (fvu, auxk, sparsity, out)
 
 
-def make_loss(spec: BankSpec, mesh, with_aux: bool = False, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
+def make_loss(
+    spec: BankSpec,
+    mesh,
+    with_aux: bool = False,
+    encoder: str = "auto",
+    encoder_block: int = DEFAULT_ENCODER_BLOCK,
+    jumprelu_bandwidth: float = 0.001,
+):
     """`loss(params, x, y, dead, coefs, aux_coef) -> (loss, aux)` on scaled inputs: `bank_loss` over the mesh (tests, tools)."""
-    fwd = sharded_forward(spec, mesh, with_aux, encoder, block, eps=eps)
+    fwd = sharded_forward(spec, mesh, with_aux, encoder, encoder_block, jumprelu_bandwidth=jumprelu_bandwidth)
 
     def loss(params, x, y, dead, coefs, aux_coef=0.0):
         lat, ks = _masks(spec, mesh)
@@ -140,11 +155,13 @@ def make_loss(spec: BankSpec, mesh, with_aux: bool = False, encoder: str = "auto
     return loss
 
 
-def make_forward(spec: BankSpec, mesh, encoder: str = "auto", block: int = 4096, eps: float = 0.001):
+def make_forward(
+    spec: BankSpec, mesh, encoder: str = "auto", encoder_block: int = DEFAULT_ENCODER_BLOCK, jumprelu_bandwidth: float = 0.001
+):
     """`forward(params, x, dead=None, y=None) -> Output` for inputs `x [M, B, d_in]` (already
     scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
     selects over the batch), reconstruction, latents, FVU and AuxK loss per member."""
-    fwd = sharded_forward(spec, mesh, spec.sparse, encoder, block, eps=eps)
+    fwd = sharded_forward(spec, mesh, spec.sparse, encoder, encoder_block, jumprelu_bandwidth=jumprelu_bandwidth)
 
     @jax.jit
     def apply(params, x, dead, y):
@@ -217,7 +234,7 @@ def abstract_state(spec: BankSpec, mesh, tx) -> dict:
     """The train state as `jax.ShapeDtypeStruct`s with their shardings, nothing allocated: for
     compiling the step ahead of time (`sae-jax compile-check`)."""
     make = _state_fn(spec, tx, 0.001, ENCODER_INIT_SCALE)
-    sample = jax.ShapeDtypeStruct((spec.size, 8, spec.dout), jnp.float32)
+    sample = jax.ShapeDtypeStruct((spec.size, 8, spec.d_out), jnp.float32)
     abstract = jax.eval_shape(make, jax.random.key(0), sample)
     shardings = _state_shardings(spec, mesh, tx, abstract)
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
