@@ -184,19 +184,7 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
     )
     ctx_iter = itertools.chain([next(ctx_iter)], ctx_iter)
     n_proc, me = jax.process_count(), jax.process_index()
-    if me == 0:
-        m = _prepare_dir(out, fingerprint, header)
-        if not m["complete"]:
-            _fold_parts(out, m)
-            for p in out.glob(".tmp-*"):  # leftovers of a killed run: never listed, safe to drop
-                p.unlink()
-    _barrier("sae_jax.harvest: directory ready")
-    if me != 0:
-        m = st.read_manifest(out)
-        if m["fingerprint"] != fingerprint:
-            raise st.StoreError(
-                f"{out}: process {me} runs other harvest settings than process 0 ({', '.join(sorted(_diff_keys(m['fingerprint'], fingerprint)))})"
-            )
+    m = _open_output(out, fingerprint, header, me)
     if m["complete"]:
         log(f"{out}: store already complete ({len(m['shards'])} shards); nothing to do")
         return st.open_store(out)
@@ -271,6 +259,25 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
         _finish_manifest(out, m, n_target, compile_s, time.perf_counter() - t0, tokens_run, h, d, log)
     _barrier("sae_jax.harvest: manifest written")
     return st.open_store(out)
+
+
+def _open_output(out: Path, fingerprint: dict, header: dict, me: int) -> dict:
+    """The store's manifest, every process agreeing on it: process 0 creates or checks the
+    directory (and folds in what a killed run left), the others check they run its settings."""
+    if me == 0:
+        m = _prepare_dir(out, fingerprint, header)
+        if not m["complete"]:
+            _fold_parts(out, m)
+            for p in out.glob(".tmp-*"):  # leftovers of a killed run: never listed, safe to drop
+                p.unlink()
+    _barrier("sae_jax.harvest: directory ready")
+    if me != 0:
+        m = st.read_manifest(out)
+        if m["fingerprint"] != fingerprint:
+            raise st.StoreError(
+                f"{out}: process {me} runs other harvest settings than process 0 ({', '.join(sorted(_diff_keys(m['fingerprint'], fingerprint)))})"
+            )
+    return m
 
 
 def _barrier(name: str) -> None:
