@@ -68,7 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.matryoshka_prefixes = ""  # topk / batchtopk: nested prefix sizes, e.g. "128,512,2048" (the full width is the last)
     c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
     c.train.steps = 200  # optimiser steps (tokens = steps x batch_size)
-    c.train.lr = 0.0  # 0: 8e-4 / sqrt(width / 2^14) per member (docs/design.md, "Recipe")
+    c.train.lr = 0.0  # 0: 8e-4 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (docs/design.md, "The recipe")
     c.train.bias_lr_scale = 0.1  # b_enc and b_dec learn at this times train.lr (inputs at unit mean squared norm)
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from sae_jax import cli
@@ -134,3 +135,28 @@ def test_a_run_from_before_the_recipe_change_is_another_run():
     assert canon != s.identity()
     assert TrainSettings.canonical_identity(s.identity()) == s.identity()
     assert s.replace(lr=1e-3).identity()["lr_rule"] == ""  # an explicit lr needs no rule
+
+
+def test_default_learning_rate_by_architecture():
+    """`train.lr = 0`: 8e-4 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (at 8e-4 its
+    thresholds left half its latents dead); the identity records the rule the run trains with, so
+    a JumpReLU run of the other rule is another run."""
+    from sae_jax.sae.bank import BankSpec
+    from sae_jax.train.step import member_lrs
+
+    for arch, base, coefs in (("topk", 8e-4, ()), ("relu", 8e-4, (0.01, 0.01)), ("jumprelu", 2e-4, (0.01, 0.01))):
+        spec = BankSpec(
+            hooks=("a", "a"),
+            widths=(2**14, 2**16),
+            ks=(0, 0) if coefs else (8, 8),
+            d_in=8,
+            width=2**16,
+            k_aux=4,
+            architecture=arch,
+            coefs=coefs,
+        )
+        np.testing.assert_allclose(member_lrs(spec, TrainSettings.defaults()), [base, base / 2], rtol=1e-6)
+        np.testing.assert_allclose(member_lrs(spec, TrainSettings.defaults(lr=3e-4)), [3e-4, 3e-4], rtol=1e-6)
+    jump = TrainSettings.defaults(architecture="jumprelu", l0_coefs=(0.01,))
+    assert jump.identity()["lr_rule"] == "0.0002 / sqrt(width / 2^14)"
+    assert TrainSettings.defaults().identity()["lr_rule"] == "0.0008 / sqrt(width / 2^14)"

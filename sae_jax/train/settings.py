@@ -29,7 +29,17 @@ IDENTITY = (
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale",
 )  # fmt: skip
 DEFAULT_LR = 8e-4  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
-LR_RULE = f"{DEFAULT_LR:g} / sqrt(width / 2^14)"
+# JumpReLU keeps the earlier base: at 8e-4 its thresholds (trained at the full rate, moving up to
+# ~lr a step against a 0.001 bandwidth) left 44-51% of latents dead (docs/design.md, "The recipe")
+ARCH_LR = {"jumprelu": 2e-4}
+
+
+def lr_rule(architecture: str) -> str:
+    """The learning rate `train.lr = 0` stands for, as a run's identity records it."""
+    return f"{ARCH_LR.get(architecture, DEFAULT_LR):g} / sqrt(width / 2^14)"
+
+
+LR_RULE = lr_rule("topk")
 # identity fields added after runs existed: the value those runs trained with (not today's default)
 LEGACY = {"bias_lr_scale": 1.0, "lr_rule": "0.0002 / sqrt(width / 2^14)"}
 
@@ -144,7 +154,7 @@ class TrainSettings:
     def identity(self) -> dict:
         """The run-defining fields as JSON values (lists joined by commas, as in the config), and
         the rule `lr = 0` stands for (a run resumed under another rule would be another run)."""
-        return {**{k: _canonical(getattr(self, k)) for k in IDENTITY}, "lr_rule": LR_RULE if self.lr == 0 else ""}
+        return {**{k: _canonical(getattr(self, k)) for k in IDENTITY}, "lr_rule": lr_rule(self.architecture) if self.lr == 0 else ""}
 
     @classmethod
     def canonical_identity(cls, raw: dict) -> dict:
@@ -260,7 +270,7 @@ def _check(s: TrainSettings) -> None:
         ("threshold_decay", 0 <= s.threshold_decay < 1, "must be in [0, 1)"),
         ("batch_size", s.batch_size >= 1, "must be positive"),
         ("steps", s.steps >= 1, "must be positive"),
-        ("lr", finite(s.lr) and s.lr >= 0, f"must be >= 0 and finite (0: {LR_RULE} per member)"),
+        ("lr", finite(s.lr) and s.lr >= 0, f"must be >= 0 and finite (0: {LR_RULE} per member; JumpReLU {lr_rule('jumprelu')})"),
         ("bias_lr_scale", finite(s.bias_lr_scale) and s.bias_lr_scale >= 0, "must be >= 0 and finite (the biases' lr / train.lr)"),
         ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),

@@ -19,7 +19,7 @@ import optax
 from sae_jax import parallel
 from sae_jax.kernels.topk import DEFAULT_ENCODER_BLOCK
 from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
-from sae_jax.train.settings import DEFAULT_LR, TrainSettings
+from sae_jax.train.settings import ARCH_LR, DEFAULT_LR, TrainSettings
 
 
 class Output(NamedTuple):
@@ -32,10 +32,11 @@ class Output(NamedTuple):
     prefix_fvu: jax.Array  # [P, M] FVU of each Matryoshka prefix (P = 1 without prefixes)
 
 
-def default_lr(width: int) -> float:
-    """`DEFAULT_LR` at 2^14 latents, scaled by 1/sqrt(width / 2^14) (sparsify's width rule, whose
-    base is 2e-4: 4x lower; docs/design.md, "Recipe", has the measurements behind ours)."""
-    return DEFAULT_LR / float(np.sqrt(width / 2**14))
+def default_lr(width: int, architecture: str = "topk") -> float:
+    """`DEFAULT_LR` at 2^14 latents (JumpReLU: `ARCH_LR`), scaled by 1/sqrt(width / 2^14)
+    (sparsify's width rule, whose base is 2e-4: 4x lower; docs/design.md, "The recipe", has the
+    measurements behind ours)."""
+    return ARCH_LR.get(architecture, DEFAULT_LR) / float(np.sqrt(width / 2**14))
 
 
 BIASES = ("b_enc", "b_dec")  # the parameters `bias_lr_scale` applies to
@@ -279,7 +280,7 @@ class TrainStep:
 
 def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
     """Each member's learning rate: `train.lr`, or (0) the width rule `default_lr`."""
-    return np.asarray([settings.lr or default_lr(w) for w in spec.widths], np.float32)
+    return np.asarray([settings.lr or default_lr(w, spec.architecture) for w in spec.widths], np.float32)
 
 
 def build_optimizer(spec: BankSpec, settings: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
