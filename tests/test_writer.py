@@ -168,7 +168,7 @@ def test_feature_world_fires_at_its_probabilities_and_scores_recovery():
     w = FeatureWorld(spec, seed=3)
     rng = np.random.default_rng(0)
     n = 200_000
-    rows, feats = w._firings(n, rng)
+    rows, feats = w.firings(n, rng)
     freq = np.bincount(feats, minlength=spec.n_features) / n
     top = slice(0, 32)  # frequent enough that sampling noise is small
     np.testing.assert_allclose(freq[top], w.marginal[top], rtol=0.05)

@@ -95,7 +95,7 @@ class FeatureWorld:
             m[self.groups] += self.group_rate[:, None] / 2
         return m
 
-    def _firings(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    def firings(self, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(row, feature) pairs of one chunk of `n` rows (Poisson sampling: a pair may repeat)."""
         m = rng.poisson(self.solo.sum() * n)
         rows = [rng.integers(0, n, m)]
@@ -111,7 +111,7 @@ class FeatureWorld:
     def _clean(self, n: int, rng: np.random.Generator) -> np.ndarray:
         from scipy import sparse
 
-        rows, feats = self._firings(n, rng)
+        rows, feats = self.firings(n, rng)
         mags = self.scales[feats] * np.exp(rng.normal(0.0, self.spec.mag_sigma / 2, len(feats)))
         a = sparse.csr_matrix((mags, (rows, feats)), shape=(n, self.spec.n_features))
         return np.asarray(a @ self.features, np.float32)

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sae_jax.eval.errors import EvalError
-from sae_jax.eval.inputs import heldout_rows, load_run_model, missing_model, splice_mask, text_contexts
+from sae_jax.eval.inputs import heldout_rows, heldout_start, load_run_model, missing_model, splice_mask, text_contexts
 from sae_jax.model.hooks import parse_hook
 from sae_jax.sae import folded
 
@@ -416,8 +416,7 @@ def rows_atlas(run, store_path, member, rows: int, top: int, samples: int, out: 
         t0 = time.perf_counter()
         x, where = heldout_rows(run, st, mem.hook, rows)
         tok = heldout_rows(run, st, mem.hook, rows, part="tokens")[0].astype(np.int64)[:, 0]
-        same = Path(st.root).resolve() == Path(run.store_meta["root"]).resolve()  # as heldout_rows decides
-        first_row = int(run.store_meta["train_records"][1]) * st.rows_per_record if same else 0
+        first_row = int(heldout_start(run, st)[0]) * st.rows_per_record
         p, k = run.folded(m), run.eval_k(m)
 
         @jax.jit

@@ -76,25 +76,32 @@ def splice_mask(tokens, acts, special_ids, outlier_ratio: float):
     return keep
 
 
-def heldout_rows(run, store, hook: str, max_rows: int, part: str | None = None) -> tuple[np.ndarray, str]:
-    """Rows of `hook` the run did not train on: the run's held-out shards of its own store, or any
-    rows of another store of the same model. Returns (rows float32, description). `part="tokens"`:
-    the same rows' token fields (int32 [N, 3]) instead."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
+def heldout_start(run, store) -> tuple[int, bool]:
+    """(first record the run did not train on, whether `store` is the run's own store): its own
+    store's held-out shards, or from record 0 of another store of the same model."""
     meta = run.store_meta
     if store.manifest["model"]["digest"] != meta["model"]["digest"]:
         raise EvalError(
             f"{store.root} was harvested from {store.manifest['model']['name']} ({store.manifest['model']['digest']}); "
             f"the run was trained on {meta['model']['name']} ({meta['model']['digest']})"
         )
-    store.check_hook(hook)
     same = Path(store.root).resolve() == Path(meta["root"]).resolve()
     first = meta["train_records"][1] if same else 0
     if first >= store.n_records:
         raise EvalError(
             f"the run trained on every shard of {store.root} (train.holdout_shards=0): give --store with held-out rows of the same model"
         )
+    return first, same
+
+
+def heldout_rows(run, store, hook: str, max_rows: int, part: str | None = None) -> tuple[np.ndarray, str]:
+    """Rows of `hook` the run did not train on: the run's held-out shards of its own store, or any
+    rows of another store of the same model. Returns (rows float32, description). `part="tokens"`:
+    the same rows' token fields (int32 [N, 3]) instead."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    first, same = heldout_start(run, store)
+    store.check_hook(hook)
     out, n, rec0 = [], 0, 0
     for shard, f in zip(store.shards, store.files(part or hook), strict=True):
         if rec0 + shard["records"] > first and n < max_rows:

@@ -124,10 +124,17 @@ class BankSpec:
 # PyTorch's default nn.Linear init that sparsify starts from (Adam's step is relative to the
 # weights' size; the measurements behind the choice: docs/benchmarks.md).
 ENCODER_INIT_SCALE = 3**-0.5
+# JumpReLU's straight-through kernel width and initial threshold (Gemma Scope's; inputs at unit
+# mean squared norm): the defaults of `train.jumprelu_bandwidth` / `train.jumprelu_init_threshold`
+JUMPRELU_BANDWIDTH = JUMPRELU_INIT_THRESHOLD = 0.001
 
 
 def init_params(
-    spec: BankSpec, key, b_dec: jax.Array | None = None, init_threshold: float = 0.001, encoder_scale: float = ENCODER_INIT_SCALE
+    spec: BankSpec,
+    key,
+    b_dec: jax.Array | None = None,
+    init_threshold: float = JUMPRELU_INIT_THRESHOLD,
+    encoder_scale: float = ENCODER_INIT_SCALE,
 ) -> dict:
     """Decoder rows random unit vectors, encoder = decoder transpose x `encoder_scale` (when d_in ==
     d_out; random columns of that norm otherwise), b_enc = 0, JumpReLU thresholds `init_threshold`,
@@ -346,7 +353,7 @@ def _heaviside_bwd(jumprelu_bandwidth, res, g):
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_bandwidth: float = 0.001, encoder_dtype=None):
+def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH, encoder_dtype=None):
     """One device's part of a JumpReLU / ReLU bank forward (inside shard_map): the same contract
     as `forward_sparse` (no `values`/`indices`; `penalty [M, B_local]` is the per-row sparsity
     term: the L0 count through the straight-through estimator, or sum_i f_i ||W_dec_i||)."""

@@ -18,7 +18,17 @@ import optax
 
 from sae_jax import parallel
 from sae_jax.kernels.topk import DEFAULT_ENCODER_BLOCK
-from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, forward_dense, forward_sparse, geometric_median, init_params, losses
+from sae_jax.sae.bank import (
+    ENCODER_INIT_SCALE,
+    JUMPRELU_BANDWIDTH,
+    JUMPRELU_INIT_THRESHOLD,
+    BankSpec,
+    forward_dense,
+    forward_sparse,
+    geometric_median,
+    init_params,
+    losses,
+)
 from sae_jax.train.settings import ARCH_LR, DEFAULT_LR, TrainSettings
 
 
@@ -77,7 +87,7 @@ def sharded_forward(
     encoder: str = "auto",
     encoder_block: int = DEFAULT_ENCODER_BLOCK,
     encoder_dtype=None,
-    jumprelu_bandwidth: float = 0.001,
+    jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH,
 ):
     """The bank forward over the mesh: `fwd(params, x, latent_mask, ks, dead) -> dict` (see
     `bank.forward_sparse`); x is the encoder's input hook, already scaled."""
@@ -144,7 +154,7 @@ def make_loss(
     with_aux: bool = False,
     encoder: str = "auto",
     encoder_block: int = DEFAULT_ENCODER_BLOCK,
-    jumprelu_bandwidth: float = 0.001,
+    jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH,
 ):
     """`loss(params, x, y, dead, coefs, aux_coef) -> (loss, aux)` on scaled inputs: `bank_loss` over the mesh (tests, tools)."""
     fwd = sharded_forward(spec, mesh, with_aux, encoder, encoder_block, jumprelu_bandwidth=jumprelu_bandwidth)
@@ -157,7 +167,7 @@ def make_loss(
 
 
 def make_forward(
-    spec: BankSpec, mesh, encoder: str = "auto", encoder_block: int = DEFAULT_ENCODER_BLOCK, jumprelu_bandwidth: float = 0.001
+    spec: BankSpec, mesh, encoder: str = "auto", encoder_block: int = DEFAULT_ENCODER_BLOCK, jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH
 ):
     """`forward(params, x, dead=None, y=None) -> Output` for inputs `x [M, B, d_in]` (already
     scaled; `y`, the transcoders' targets, default x): the training-mode forward (BatchTopK
@@ -222,7 +232,13 @@ def _state_shardings(spec: BankSpec, mesh, tx, abstract) -> dict:
 
 
 def init_state(
-    spec: BankSpec, mesh, tx, key, sample: np.ndarray | None, init_threshold: float = 0.001, encoder_scale: float = ENCODER_INIT_SCALE
+    spec: BankSpec,
+    mesh,
+    tx,
+    key,
+    sample: np.ndarray | None,
+    init_threshold: float = JUMPRELU_INIT_THRESHOLD,
+    encoder_scale: float = ENCODER_INIT_SCALE,
 ) -> dict:
     """Parameters created already sharded; `b_dec` from the geometric median of `sample [M, N, d_out]`
     (the targets: a transcoder's output hook)."""
@@ -234,7 +250,7 @@ def init_state(
 def abstract_state(spec: BankSpec, mesh, tx) -> dict:
     """The train state as `jax.ShapeDtypeStruct`s with their shardings, nothing allocated: for
     compiling the step ahead of time (`sae-jax compile-check`)."""
-    make = _state_fn(spec, tx, 0.001, ENCODER_INIT_SCALE)
+    make = _state_fn(spec, tx, JUMPRELU_INIT_THRESHOLD, ENCODER_INIT_SCALE)
     sample = jax.ShapeDtypeStruct((spec.size, 8, spec.d_out), jnp.float32)
     abstract = jax.eval_shape(make, jax.random.key(0), sample)
     shardings = _state_shardings(spec, mesh, tx, abstract)
