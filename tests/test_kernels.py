@@ -182,6 +182,32 @@ def test_sparse_decode_and_its_vjp_equal_dense():
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
+    """The backward's latent-ordered scatter-add and gather-dot (`scatter_rows`, `gather_dots`)
+    against dense one-hot arithmetic: slots crowded onto a few latents (long runs of one index),
+    latents never selected (their rows stay zero), and more slots than one block holds."""
+    from sae_jax.kernels import topk
+
+    B, K, d, S = 600, 16, 256, 50
+    assert B * K * d > 2 * topk.SORTED_BUDGET  # at least three blocks
+    key = jax.random.split(jax.random.key(5), 4)
+    idx = jnp.minimum(jax.random.geometric(key[0], 0.2, (B, K)) - 1, S - 11)  # latents >= S - 10 never chosen
+    coef = jax.random.normal(key[1], (B, K))
+    src = jax.random.normal(key[2], (B, d))
+    table = jax.random.normal(key[3], (S, d))
+    onehot = jax.nn.one_hot(idx, S)  # [B, K, S]
+    want_rows = jnp.einsum("bks,bk,bd->sd", onehot, coef, src, precision="highest")
+    want_dots = jnp.einsum("bks,sd,bd->bk", onehot, table, src, precision="highest")
+    slots = topk.sort_slots(idx)
+    np.testing.assert_array_equal(np.diff(np.asarray(slots[0])) >= 0, True)  # latent order
+    got_rows = topk.scatter_rows(src, coef, idx, S, slots)
+    np.testing.assert_allclose(np.asarray(got_rows), np.asarray(want_rows), rtol=1e-5, atol=1e-4)
+    assert not np.asarray(got_rows[S - 10 :]).any()
+    np.testing.assert_allclose(np.asarray(topk.gather_dots(table, src, idx, slots)), np.asarray(want_dots), rtol=1e-5, atol=1e-4)
+    # the plan is optional: without it each computes its own
+    np.testing.assert_array_equal(np.asarray(topk.scatter_rows(src, coef, idx, S)), np.asarray(got_rows))
+
+
 def test_train_step_memory_has_no_batch_by_latents_buffer():
     """The compiled bank train step (streaming encoder, sparse decode, AuxK branch included) holds
     no buffer of B x d_sae or B x k_aux x d_in elements; the dense encoder's step does."""
