@@ -45,7 +45,7 @@ MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the 
 
 
 SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] block of gathered rows (8 MiB)
-SORTED_BUDGET = 2**20  # `scatter_rows`: elements of one [n, d] block of sorted updates (4 MiB; 2^19-2^21 ran alike on CPU)
+SORTED_BUDGET = 2**20  # `scatter_rows` / `gather_dots`: elements of one [n, d] block of sorted slots' rows (4 MiB; 2^21 ran alike on CPU, 2^22 10% and 2^23 50% slower)
 
 
 # `rows` on a GPU: blocks of up to 2^29 pre-activations (2 GiB in float32; HBM holds them) so that
