@@ -206,6 +206,12 @@ def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
     np.testing.assert_allclose(np.asarray(topk.gather_dots(table, src, idx, slots)), np.asarray(want_dots), rtol=1e-5, atol=1e-4)
     # the plan is optional: without it each computes its own
     np.testing.assert_array_equal(np.asarray(topk.scatter_rows(src, coef, idx, S)), np.asarray(got_rows))
+    # a bank vmaps them over its members (the scatter stays marked sorted): each member as alone
+    two = jax.vmap(lambda s, c, i: topk.scatter_rows(s, c, i, S))(
+        jnp.stack([src, -src]), jnp.stack([coef, coef]), jnp.stack([idx, S - 1 - idx])
+    )
+    np.testing.assert_array_equal(np.asarray(two[0]), np.asarray(got_rows))
+    np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(topk.scatter_rows(-src, coef, S - 1 - idx, S)))
 
 
 def test_train_step_memory_has_no_batch_by_latents_buffer():

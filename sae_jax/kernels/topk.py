@@ -20,9 +20,10 @@ gradient. With g [B, k] the cotangent of the values:
     db[j] = sum_{(r, s): idx[r, s] = j} g[r, s]
 
 so the backward costs O(B k d_in) instead of the dense O(B d_sae d_in). The scatter-adds (here and
-in `sparse_decode`'s backward) visit the slots sorted by latent (`scatter_rows`): each latent's
-row of the gradient is then written in one run, in order, instead of at random (on a CPU the
-unsorted scatter ran at half the speed; the stable sort keeps each latent's sum in slot order). `aux_b` adds a second
+in `sparse_decode`'s backward) and the decoder's gather-dot visit the slots sorted by latent
+(`sort_slots`, stable: each latent's sum keeps slot order), so the [width, d] tables are written
+and read row after row, not at random (on a CPU, latents chosen uniformly: a scatter-add 52-58
+ms in row order, 39 ms with its sort; docs/benchmarks.md). `aux_b` adds a second
 selection in the same pass (AuxK over dead latents: `b` replaced by `aux_b`, typically -inf for
 live latents), sharing the matmul.
 
@@ -45,7 +46,9 @@ MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the 
 
 
 SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] block of gathered rows (8 MiB)
-SORTED_BUDGET = 2**20  # `scatter_rows` / `gather_dots`: elements of one [n, d] block of sorted slots' rows (4 MiB; 2^21 ran alike on CPU, 2^22 10% and 2^23 50% slower)
+# `scatter_rows` / `gather_dots`: elements of one [n, d] block of the sorted slots' rows (4 MiB;
+# on CPU 2^21 ran alike, 2^22 10% and 2^23 50% slower)
+SORTED_BUDGET = 2**20
 
 
 # `rows` on a GPU: blocks of up to 2^29 pre-activations (2 GiB in float32; HBM holds them) so that
