@@ -51,9 +51,14 @@ def test_forward_equals_dense_reference(encoder, shape, dtype):
     _check_same(v, i, rv, ri, x, w, b, 1e-5 if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("order", ["rows", "latents"])
 @pytest.mark.parametrize("encoder", ["dense", *ENCODERS])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse_vjp_equals_dense_autodiff(encoder, shape):
+def test_sparse_vjp_equals_dense_autodiff(encoder, shape, order, monkeypatch):
+    """`order`: the backward's slots in row order (these small tables' own) or, forced, in latent order."""
+    from sae_jax.kernels import topk
+
+    monkeypatch.setattr(topk, "LATENT_ORDER_MIN", 2**62 if order == "rows" else 0)
     x, w, b = _data(shape, jnp.float32, seed=1)
     k, block = shape[3], shape[4]
     tgt = jax.random.normal(jax.random.key(9), (shape[0], k))
@@ -161,8 +166,12 @@ def test_bad_arguments():
         topk_encode(x, w.T, b, 3)
 
 
-def test_sparse_decode_and_its_vjp_equal_dense():
+@pytest.mark.parametrize("order", ["rows", "latents"])
+def test_sparse_decode_and_its_vjp_equal_dense(order, monkeypatch):
+    from sae_jax.kernels import topk
     from sae_jax.kernels.topk import sparse_decode
+
+    monkeypatch.setattr(topk, "LATENT_ORDER_MIN", 2**62 if order == "rows" else 0)
 
     B, S, d, k = 11, 40, 6, 5
     key = jax.random.split(jax.random.key(3), 3)
@@ -204,14 +213,18 @@ def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
     np.testing.assert_allclose(np.asarray(got_rows), np.asarray(want_rows), rtol=1e-5, atol=1e-4)
     assert not np.asarray(got_rows[S - 10 :]).any()
     np.testing.assert_allclose(np.asarray(topk.gather_dots(table, src, idx, slots)), np.asarray(want_dots), rtol=1e-5, atol=1e-4)
-    # the plan is optional: without it each computes its own
+    # without the sorted slots (tables smaller than `LATENT_ORDER_MIN`): row order, the same sums
     np.testing.assert_array_equal(np.asarray(topk.scatter_rows(src, coef, idx, S)), np.asarray(got_rows))
+    np.testing.assert_allclose(np.asarray(topk.gather_dots(table, src, idx)), np.asarray(want_dots), rtol=1e-5, atol=1e-4)
+    assert not topk.latent_order(4096, 256) and topk.latent_order(2**14, 576)
     # a bank vmaps them over its members (the scatter stays marked sorted): each member as alone
-    two = jax.vmap(lambda s, c, i: topk.scatter_rows(s, c, i, S))(
+    two = jax.vmap(lambda s, c, i: topk.scatter_rows(s, c, i, S, topk.sort_slots(i)))(
         jnp.stack([src, -src]), jnp.stack([coef, coef]), jnp.stack([idx, S - 1 - idx])
     )
     np.testing.assert_array_equal(np.asarray(two[0]), np.asarray(got_rows))
-    np.testing.assert_array_equal(np.asarray(two[1]), np.asarray(topk.scatter_rows(-src, coef, S - 1 - idx, S)))
+    np.testing.assert_array_equal(
+        np.asarray(two[1]), np.asarray(topk.scatter_rows(-src, coef, S - 1 - idx, S, topk.sort_slots(S - 1 - idx)))
+    )
 
 
 def test_train_step_memory_has_no_batch_by_latents_buffer():

@@ -23,7 +23,8 @@ so the backward costs O(B k d_in) instead of the dense O(B d_sae d_in). The scat
 in `sparse_decode`'s backward) and the decoder's gather-dot visit the slots sorted by latent
 (`sort_slots`, stable: each latent's sum keeps slot order), so the [width, d] tables are written
 and read row after row, not at random (on a CPU, latents chosen uniformly: a scatter-add 52-58
-ms in row order, 39 ms with its sort; docs/benchmarks.md). `aux_b` adds a second
+ms in row order, 39 ms with its sort; docs/benchmarks.md), when the table is larger than a
+CPU's caches (`latent_order`); smaller tables are walked in row order. `aux_b` adds a second
 selection in the same pass (AuxK over dead latents: `b` replaced by `aux_b`, typically -inf for
 live latents), sharing the matmul.
 
@@ -49,6 +50,9 @@ SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] 
 # `scatter_rows` / `gather_dots`: elements of one [n, d] block of the sorted slots' rows (4 MiB;
 # on CPU 2^21 ran alike, 2^22 10% and 2^23 50% slower)
 SORTED_BUDGET = 2**20
+# `latent_order`: [width, d] tables of at least this many elements (16 MiB in float32) are
+# walked in latent order (measured: 2^20 elements slower sorted, 2^22.2 and more faster)
+LATENT_ORDER_MIN = 2**22
 
 
 # `rows` on a GPU: blocks of up to 2^29 pre-activations (2 GiB in float32; HBM holds them) so that
@@ -202,29 +206,57 @@ def _slot_block(slots: int, d: int) -> int:
     return row_block(slots, d, SORTED_BUDGET, slots)
 
 
+def latent_order(width: int, d: int) -> bool:
+    """Whether the backward walks the slots in latent order: when the [width, d] table outgrows a
+    CPU's caches (`LATENT_ORDER_MIN` elements). Below, the sort costs more than it saves (d 256,
+    4,096 latents, k 8, B 1024: the step 12% slower sorted; 2^13 and 2^14 latents at d 576:
+    6-10% faster)."""
+    return width * d >= LATENT_ORDER_MIN
+
+
 def scatter_rows(src, coef, idx, width: int, slots=None):
     """out[j] = sum over slots (r, s) with idx[r, s] = j of coef[r, s] * src[r]: [width, d] float32.
 
-    src [B, d], coef and idx [B, K]; `slots`: `sort_slots(idx)` when the caller has it. The
-    slots are taken in latent order (each latent's terms summed in slot order) in blocks of
-    `SORTED_BUDGET` elements whose updates (coef x gathered src rows) are built in cache."""
-    lat, rows, order = sort_slots(idx) if slots is None else slots
-    n = _slot_block(lat.shape[0], src.shape[1])
+    src [B, d], coef and idx [B, K]. With `slots` (`sort_slots(idx)`) the slots are taken in
+    latent order in blocks of `SORTED_BUDGET` elements whose updates (coef x gathered src rows)
+    are built in cache; without, in row order, blocks of rows (SLOTS_BUDGET). Either way each
+    latent's terms are summed in slot order."""
+    d = src.shape[1]
     src = src.astype(jnp.float32)
+    zeros = jnp.zeros((width, d), jnp.float32)
+    if slots is None:
+        rows, kk = idx.shape
+
+        def rblk(out, a):
+            sb, cb, ib = a
+            upd = cb.astype(jnp.float32)[..., None] * sb[:, None, :]  # [R, K, d]
+            return out.at[ib.reshape(-1)].add(upd.reshape(-1, d)), None
+
+        return lax.scan(rblk, zeros, _blocks(src, coef, idx, r=row_block(rows, kk * d, SLOTS_BUDGET)))[0]
+    lat, rows, order = slots
+    n = _slot_block(lat.shape[0], d)
 
     def blk(out, a):
         lb, rb, cb = a
         return out.at[lb].add(cb[:, None] * src[rb], indices_are_sorted=True), None
 
     parts = (lat, rows, coef.reshape(-1)[order].astype(jnp.float32))
-    out, _ = lax.scan(blk, jnp.zeros((width, src.shape[1]), jnp.float32), tuple(p.reshape(-1, n) for p in parts))
-    return out
+    return lax.scan(blk, zeros, tuple(p.reshape(-1, n) for p in parts))[0]
 
 
 def gather_dots(table, src, idx, slots=None):
     """out[r, s] = <table[idx[r, s]], src[r]>: [B, K] float32 (table [width, d], src [B, d]),
-    the table's rows read in latent order (`slots` as in `scatter_rows`)."""
-    lat, rows, order = sort_slots(idx) if slots is None else slots
+    the table's rows read in latent order with `slots`, else in row order (as `scatter_rows`)."""
+    if slots is None:
+        rows, kk = idx.shape
+
+        def rblk(_, a):
+            ib, sb = a
+            return None, jnp.einsum("rd,rkd->rk", sb.astype(jnp.float32), table[ib].astype(jnp.float32))
+
+        _, out = lax.scan(rblk, None, _blocks(idx, src, r=row_block(rows, kk * src.shape[1], SLOTS_BUDGET)))
+        return out.reshape(idx.shape)
+    lat, rows, order = slots
     n = _slot_block(lat.shape[0], src.shape[1])
 
     def blk(_, a):
@@ -251,7 +283,7 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 
         _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], SLOTS_BUDGET)))
         dx = dx.reshape(x.shape).astype(x.dtype)
-    dwt = scatter_rows(x, g, idx, s)
+    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None)
     db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     return dx, dwt.T.astype(w.dtype), db
 
@@ -355,7 +387,8 @@ def _decode_fwd(values, indices, w_dec):
 
 def _decode_bwd(res, g):
     values, indices, w_dec = res
-    slots = sort_slots(indices)  # one sort for the gather and the scatter
+    # one sort for the gather and the scatter
+    slots = sort_slots(indices) if latent_order(*w_dec.shape) else None
     dv = gather_dots(w_dec, g, indices, slots)
     dw = scatter_rows(g, values, indices, w_dec.shape[0], slots)
     return dv.astype(values.dtype), None, dw.astype(w_dec.dtype)
