@@ -159,7 +159,7 @@ def cmd_compile_check(argv) -> int:
     p.add_argument(
         "--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)"
     )
-    p.add_argument("--gpu", default="", help="compile for GPUs with XLA's CUDA compiler: h100, h200, h100:8 (needs jax[cuda12]; no GPU)")
+    p.add_argument("--gpu", default="", help="compile for GPUs with XLA's CUDA compiler: h100, h200, h100:8 (needs the cuda-aot extra)")
     if _wants_help(argv):
         p.print_help()
         print("\n" + _config_help(argv, "default.py"))

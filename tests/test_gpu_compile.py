@@ -1,6 +1,6 @@
 """The real train step compiled by XLA's CUDA compiler for H100 and H200 targets, from this CPU
 (the CUDA plugin's compile-only devices: no GPU, no driver). Runs `sae-jax compile-check --gpu` in
-`.gpu-venv` (`make gpu-venv`: this project plus jax[cuda12], kept apart from the CPU venv)."""
+`.gpu-venv` (`make gpu-venv`: this project plus jax's CUDA plugin and ptxas, kept apart from the CPU venv)."""
 
 import json
 import os

@@ -4,10 +4,10 @@ compilers (`sae-jax compile-check --topology ... | --gpu ...`).
 - TPU: `jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")`
   with libtpu installed (`make tpu-venv`): libtpu's compiler, its HBM and VMEM checks.
 - GPU: the CUDA plugin's compile-only devices, described by a `GpuTargetConfigProto` (the chip's
-  cores, memories, compute capability) written below from the vendors' figures, with
-  `jax[cuda12]` installed (`make gpu-venv`); no GPU and no driver needed. Pallas' Triton lowering
-  asks the default device what GPU it targets; `compiling` answers with the target's kind
-  through an abstract mesh.
+  cores, memories, compute capability) written below from the vendors' figures, with the
+  `cuda-aot` extra installed (jax's CUDA plugin and ptxas; `make gpu-venv`); no GPU and no
+  driver needed. Pallas' Triton lowering asks the default device what GPU it targets;
+  `compiling` answers with the target's kind through an abstract mesh.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def gpu_devices(target: str) -> list:
     if importlib.util.find_spec("jax_cuda12_plugin") is None:
         raise TargetError(
             f"--gpu {target}: compiling for a GPU needs jax's CUDA plugin in this Python (`make gpu-venv` builds .gpu-venv with "
-            "jax[cuda12]; run .gpu-venv/bin/sae-jax compile-check ...)"
+            "the cuda-aot extra; run .gpu-venv/bin/sae-jax compile-check ...)"
         )
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")  # no driver or GPU here: compile only
     from jax.experimental import topologies
