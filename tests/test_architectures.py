@@ -37,6 +37,25 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("case", ["topk", *CASES])
+def test_one_device_step_has_no_collectives(case):
+    """On one device the mesh axes are bound by size-1 vmaps, not shard_map: the compiled step
+    holds no one-participant all-reduce (the gradients' psum over `data` copied every gradient
+    each step); on 2x4 the same step has collectives. The values: test_meshes_agree (TopK) and
+    test_eight_devices_agree_with_one (these cases) compare 1x1 with other meshes."""
+    spec = _spec("topk") if case == "topk" else CASES[case]
+    xs = [jax.ShapeDtypeStruct((2, 64, D), jnp.float32)] + (
+        [jax.ShapeDtypeStruct((2, 64, spec.d_out), jnp.float32)] if spec.transcoder else []
+    )
+    collectives = ("all-reduce", "all-gather", "collective-permute", "all-to-all")
+    for shape, want in (((1, 1), False), ((2, 4), True)):
+        mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+        step = TrainStep(spec, mesh, TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100))
+        hlo = step.lower(step.abstract_state(), *xs).compile().as_text()
+        found = [c for c in collectives if f" {c}(" in hlo or f" {c}-start(" in hlo]
+        assert bool(found) is want, (shape, found)
+
+
 def _params(spec, mesh, seed=1):
     tx, _ = make_optimizer(spec, np.full(spec.size, 1e-3), 10, 1, 0.2)
     p = jax.device_get(init_state(spec, mesh, tx, jax.random.key(seed), None, 0.05)["params"])

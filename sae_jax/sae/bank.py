@@ -160,6 +160,12 @@ def init_params(
     return p
 
 
+def _model_offset(s_local: int):
+    """The first global latent id of this `model` shard; a static 0 on a 1-wide model axis (so
+    nothing downstream is batched where the one-device step binds the axis by a vmap)."""
+    return 0 if lax.axis_size("model") == 1 else lax.axis_index("model") * s_local
+
+
 def _global_topk(v, i, k: int, n_model: int):
     """Exact global top-k from each `model` shard's local candidates `v, i [M, B, kl]` (global ids)."""
     if n_model > 1:
@@ -190,7 +196,7 @@ def _encode(
     into `b_enc` by the caller). Returns (v, i) and, with_aux, (dead v, dead i): pre-activations,
     global ids."""
     s_local = w_enc.shape[-1]
-    off = lax.axis_index("model") * s_local
+    off = _model_offset(s_local)
     neg = jnp.asarray(-jnp.inf, b_enc.dtype)
     b_main = jnp.where(latent_mask, b_enc, neg)
     kl, kal = min(k, s_local), min(k_aux, s_local)
@@ -213,7 +219,7 @@ def _decode(values, indices, w_dec):
     no [B, k, d_out] gather, forward or backward.
     """
     s_local = w_dec.shape[1]
-    off = lax.axis_index("model") * s_local
+    off = _model_offset(s_local)
     own = (indices >= off) & (indices < off + s_local)
     local = jnp.where(own, indices - off, 0)
     vals = jnp.where(own, values, 0.0)

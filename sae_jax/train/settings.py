@@ -34,9 +34,14 @@ DEFAULT_LR = 8e-4  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width 
 ARCH_LR = {"jumprelu": 2e-4}
 
 
+def base_lr(architecture: str) -> float:
+    """The default learning rate at 2^14 latents for an architecture (`train.lr = 0`)."""
+    return ARCH_LR.get(architecture, DEFAULT_LR)
+
+
 def lr_rule(architecture: str) -> str:
     """The learning rate `train.lr = 0` stands for, as a run's identity records it."""
-    return f"{ARCH_LR.get(architecture, DEFAULT_LR):g} / sqrt(width / 2^14)"
+    return f"{base_lr(architecture):g} / sqrt(width / 2^14)"
 
 
 LR_RULE = lr_rule("topk")
