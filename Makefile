@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
-# four venvs take ~6 GB; pip's cache of the same wheels would nearly double that on a fresh machine,
-# and byte-compiling every installed module adds ~0.6 GB (Python compiles what it imports)
+# four venvs take ~6 GB; pip's cache of the same wheels would nearly double that on a fresh machine
 export PIP_NO_CACHE_DIR ?= 1
-export PIP_COMPILE ?= 0
+# the compile-only venvs skip byte-compiling at install (~130 MB each; their few processes spend
+# seconds importing against minutes compiling). .venv and .peer-venv keep it: with
+# PYTHONDONTWRITEBYTECODE set, as on these machines, every import would compile from source
+NO_PYC := PIP_COMPILE=0
 # The peers (SAELens, sparsify) that the export tests load exports with: torch wants Python 3.11.
 PEER_PYTHON ?= $(shell command -v /usr/bin/python3.11 || PYENV_VERSION=3.11.7 pyenv which python3.11)
 PEER_VENV   := .peer-venv
@@ -41,14 +43,14 @@ $(PEER_VENV)/.installed: tests/peers/requirements.txt tests/peers/no-deps.txt
 $(TPU_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(TPU_VENV)
 	$(TPU_VENV)/bin/pip install -q --upgrade pip
-	$(TPU_VENV)/bin/pip install -q -e '.[tpu]'
+	$(NO_PYC) $(TPU_VENV)/bin/pip install -q -e '.[tpu]'
 	touch $@
 
 # this project with jax's CUDA plugin and libraries: compile for H100/H200 targets without a GPU
 $(GPU_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/pip install -q --upgrade pip
-	$(GPU_VENV)/bin/pip install -q -e '.[cuda-aot]'
+	$(NO_PYC) $(GPU_VENV)/bin/pip install -q -e '.[cuda-aot]'
 	touch $@
 
 # headless Chromium for the latent atlas page's browser test (Debian's package)
