@@ -46,7 +46,7 @@ $(TPU_VENV)/.installed: pyproject.toml
 	$(NO_PYC) $(TPU_VENV)/bin/pip install -q -e '.[tpu]'
 	touch $@
 
-# this project with jax's CUDA plugin and libraries: compile for H100/H200 targets without a GPU
+# this project with jax's CUDA plugin and ptxas (no CUDA runtime libraries): compile for H100/H200 targets without a GPU
 $(GPU_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(GPU_VENV)
 	$(GPU_VENV)/bin/pip install -q --upgrade pip
