@@ -22,7 +22,8 @@ to the bank's widest width (rounded up to a multiple of the `model` mesh axis) a
 latents never fire. Padding costs `M * max_width / sum(widths)` of the encoder work.
 
 The forward is written for one device's shard of a mesh with axes `data` (tokens) and `model`
-(latents) and runs inside `jax.shard_map`.
+(latents) and runs inside `jax.shard_map` (on a one-device mesh, under size-1 vmaps that bind the
+same axis names: `train.step.sharded_forward`).
 
 Sparse path (`topk`, `batchtopk`): each shard streams its own latents through the TopK encoder
 (`sae_jax.kernels.topk`: no dense [batch, d_sae] pre-activation, a sparse backward), the
