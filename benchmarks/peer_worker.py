@@ -91,7 +91,7 @@ class SaeJax(Trainer):
         d, w, k = cfg["d_in"], cfg["width"], cfg["k"]
         self.spec = BankSpec(("h",), (w,), (k,), d, w, d // 2)
         self.mesh = parallel.make_mesh(1, 1)
-        settings = TrainSettings.defaults(
+        fields = dict(
             lr=cfg["lr"],
             steps=cfg["steps"],
             warmup_steps=cfg["warmup"],
@@ -100,6 +100,7 @@ class SaeJax(Trainer):
             aux_coef=cfg["aux_coef"],
             encoder=cfg.get("encoder", "auto"),
         )
+        settings = TrainSettings.defaults(**{**fields, **cfg.get("sae_jax_set", {})})  # peers.py --sae-jax-set
         self.step = TrainStep(self.spec, self.mesh, settings, np.array([float(cfg["input_scale"])]))
         # the input scale sae-jax train takes from the store's statistics: unit mean squared norm
         self.scale = float(cfg["input_scale"])
@@ -122,11 +123,15 @@ class SaeJax(Trainer):
         self.jax.block_until_ready(self.state)
 
     def matmul_seconds(self, reps: int = 5) -> float:
-        """The step's floor: the encoder matmul [batch, d_in] x [d_in, d_sae] alone (jitted, f32,
-        the same shapes), median of `reps` after a warm-up."""
+        """The step's floor: the encoder matmul [batch, d_in] x [d_in, d_sae] alone (jitted, the
+        same shapes, inputs in the step's encoder dtype, float32 accumulation), median of `reps`
+        after a warm-up."""
+        from sae_jax.kernels.topk import resolve_encoder_dtype
+
+        dt = resolve_encoder_dtype(self.step.settings.encoder_dtype) or "float32"
         x = self.jnp.asarray(self.batch())
         w = self.state["params"]["W_enc"][0]
-        mm = self.jax.jit(lambda a, b: a @ b)
+        mm = self.jax.jit(lambda a, b: self.jnp.dot(a.astype(dt), b.astype(dt), preferred_element_type=self.jnp.float32))
         self.jax.block_until_ready(mm(x, w))
         ts = []
         for _ in range(reps):

@@ -143,6 +143,26 @@ def downstream(worker: Worker, name: str, folder: Path, meta: dict, args) -> dic
     return {"loss_recovered": perf["ce_loss_score"], "ce_with_sae": perf["ce_loss_with_sae"], "kl_with_sae": behav["kl_div_with_sae"]}
 
 
+def parse_sets(items: list[str]) -> dict:
+    """`FIELD=VALUE` pairs into TrainSettings overrides (VALUE read as a Python literal, else a string)."""
+    import ast
+    import dataclasses
+
+    from sae_jax.train.settings import TrainSettings
+
+    fields = {f.name for f in dataclasses.fields(TrainSettings)}
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in fields:
+            sys.exit(f"--sae-jax-set {item!r}: expected FIELD=VALUE with FIELD a TrainSettings field ({', '.join(sorted(fields))})")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
 def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: Path, args) -> list[dict]:
     from sae_jax.train.step import default_lr
 
@@ -166,12 +186,14 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
         "seed": seed,
         "dead_window": args.dead_window,
         "input_scale": meta["input_scale"],
+        "sae_jax_set": args.sae_jax_set,
     }
     workers = {n: Worker(n) for n in args.trainers}
     try:
         res = {n: {"trainer": n, "width": width, "seed": seed, "steps": steps, "seconds": 0.0} for n in workers}
         for n, w in workers.items():
             lr = cfg["lr"] if n == "sae_jax" or args.peer_lr == "ours" else PEER_LR / float(np.sqrt(width / 2**14))
+            lr = args.sae_jax_set.get("lr", lr) if n == "sae_jax" else lr
             res[n]["lr"] = lr
             res[n]["init_s"] = w.ask(cmd="init", **{**cfg, "lr": lr})["init_s"]
             res[n]["first_step_s"] = w.ask(cmd="train", steps=1)["seconds"]
@@ -223,8 +245,16 @@ def main() -> None:
     ap.add_argument(
         "--peer-lr", default="own", choices=("own", "ours"), help="the peers' Adam lr: their rule (2e-4 / sqrt(d_sae / 2^14)) or sae_jax's"
     )
+    ap.add_argument(
+        "--sae-jax-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a TrainSettings field for sae_jax's step (e.g. bias_lr_scale=0.3; repeatable): what-if runs against the defaults",
+    )
     ap.add_argument("--out", default=str(ROOT / "runs/bench/peers.json"))
     args = ap.parse_args()
+    args.sae_jax_set = parse_sets(args.sae_jax_set)
     args.trainers = [t for t in args.trainers.split(",") if t]
     if bad := [t for t in args.trainers if t not in TRAINERS]:
         sys.exit(f"--trainers: unknown {bad} (choose from {', '.join(TRAINERS)})")

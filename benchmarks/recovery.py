@@ -45,6 +45,7 @@ from _heldout import Accumulator  # noqa: E402
 from peers import PEER_LR, ROOT, Worker, ensure_peer_venv, export_rows  # noqa: E402
 
 from sae_jax.data.synthetic import FeatureWorld, WorldSpec  # noqa: E402
+from sae_jax.kernels.topk import resolve_encoder_dtype  # noqa: E402
 from sae_jax.train.settings import DEFAULT_LR, TrainSettings  # noqa: E402
 
 HOOK = "world"
@@ -56,7 +57,9 @@ WORLDS = {
     "dense": (WorldSpec(d_in=128, n_features=4096, mean_active=16, skew=0.8, mag_sigma=0.5, corr=0.3, noise=0.05), 8192, 16),
 }
 PEERS = ("sparsify", "sparsify_adam", "saelens")
-RECIPE = f"lr{DEFAULT_LR:g}.b{TrainSettings.defaults().bias_lr_scale:g}"  # sae_jax's defaults, in its runs' names
+_D = TrainSettings.defaults()
+# sae_jax's defaults, in its runs' names (the encoder dtype resolved for this machine: `auto`)
+RECIPE = f"lr{DEFAULT_LR:g}.b{_D.bias_lr_scale:g}.{resolve_encoder_dtype(_D.encoder_dtype) or 'float32'}"
 
 
 def write_world(world: FeatureWorld, rows: int, seed: int, out: Path) -> None:

@@ -80,7 +80,9 @@ def default_config() -> ml_collections.ConfigDict:
     # fewer than 128 rows fit a 2^25-element block) | rows | stream | dense | pallas_gpu | pallas_tpu
     c.train.encoder = "auto"
     c.train.encoder_block = 4096  # latents per streamed block
-    c.train.encoder_dtype = "float32"  # the encoder matmul's inputs: float32 or bfloat16 (accumulation float32)
+    # the TopK encoder matmul's inputs: auto (bfloat16 on TPU, GPU and CPUs with bf16 instructions,
+    # else float32), float32 or bfloat16; accumulation, parameters and gradients stay float32
+    c.train.encoder_dtype = "auto"
     c.train.mesh_data = 0  # devices on the data (batch) axis; 0: every device not on the model axis
     c.train.mesh_model = 1  # devices the latents are split over (a divisor of the device count)
     c.train.checkpoint_every = 50  # steps between checkpoints (SIGTERM and the last step always save)

@@ -108,7 +108,8 @@ def test_aux_selection_shares_the_pass(encoder):
 
 def test_row_top_k_equals_lax_top_k():
     """The group-maxima top-k returns lax.top_k's values in its order, and indices that carry
-    them, with ties, -inf entries (masked latents) and rows whose winners share one group."""
+    them, with ties, -inf entries (masked latents) and rows whose winners share one group; at
+    each group size it picks (k 1-32: 16, 64: 8, 96: 4, AuxK-like 200: lax.top_k itself)."""
     from sae_jax.kernels.topk import row_top_k
 
     rng = np.random.default_rng(0)
@@ -117,7 +118,7 @@ def test_row_top_k_equals_lax_top_k():
     pre[8:16, :1900] = -np.inf  # only the last 148 latents live
     pre[16:24, 160:176] += 10.0  # the top k in one group of 16
     pre[24] = -np.inf  # a row of masked latents only
-    for k in (1, 7, 32):
+    for k in (1, 7, 32, 64, 96, 200):
         v, i = row_top_k(jnp.asarray(pre), k)
         rv, _ = lax.top_k(jnp.asarray(pre), k)
         np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
@@ -278,6 +279,30 @@ def test_bfloat16_encoder_dtype(encoder):
             if sel[r, s_]:
                 want[:, int(i[r, s_])] += np.asarray(x[r])
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it():
+    """`auto`: bfloat16 when compiling for TPU or GPU, on this CPU as its flags say; explicit
+    names pass through; an unknown name is refused; train settings accept the same names."""
+    from sae_jax.kernels import pallas, topk
+    from sae_jax.train.settings import ENCODER_DTYPES
+
+    assert ENCODER_DTYPES == topk.ENCODER_DTYPES
+    for platform in ("tpu", "gpu"):
+        with pallas.compiling_for(platform):
+            assert topk.resolve_encoder_dtype("auto") == "bfloat16"
+            assert topk.resolve_encoder_dtype("float32") == "float32"
+    cpu = "bfloat16" if topk.host_bf16_dot() else "float32"
+    assert topk.resolve_encoder_dtype("auto") == cpu
+    assert topk.resolve_encoder_dtype(None) is None
+    with pytest.raises(ValueError, match="float16"):
+        topk.resolve_encoder_dtype("float16")
+    # auto selects the same latents as that dtype named explicitly
+    x, w, b = _data((16, 32, 300, 8, 64), jnp.float32, seed=4)
+    auto = topk_encode(x, w, b, 8, encoder="rows", encoder_dtype="auto")
+    named = topk_encode(x, w, b, 8, encoder="rows", encoder_dtype=cpu)
+    for a, n in zip(auto, named, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(n))
 
 
 def test_kernels_on_real_activations_and_their_gated_rounds(tiny_store):

@@ -38,7 +38,7 @@ BAD = {
     "encoder_init_scale": (0.0, "positive"),
     "encoder": ("fast", "choose from auto"),
     "encoder_block": (0, "positive"),
-    "encoder_dtype": ("float8", "float32, bfloat16"),
+    "encoder_dtype": ("float8", "auto, float32, bfloat16"),
     "mesh_data": (-1, ">= 0"),
     "mesh_model": (3, "does not divide the 8 devices"),
     "checkpoint_every": (0, "positive"),

@@ -33,13 +33,16 @@ live latents), sharing the matmul.
 
 from __future__ import annotations
 
+import functools
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 ENCODERS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_ENCODER_BLOCK = 4096
 ROWS_BUDGET = 2**25  # `rows`: elements of one [R, d_sae] pre-activation block (128 MiB in float32)
 ROWS_MAX = 1024  # `rows`: rows per block at most (512-1024 ran fastest at d_sae 2^14 and 2^16 on CPU)
@@ -87,20 +90,53 @@ def resolve_encoder(encoder: str, rows: int = 0, width: int = 0) -> str:
     return "rows" if row_block(rows, width) >= min(MIN_ROWS, rows) else "stream"
 
 
-def row_top_k(pre, k: int, group: int = 16, bias=None):
+@functools.cache
+def host_bf16_dot() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX-BF16, from
+    /proc/cpuinfo's flags; False where there is no such file)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_encoder_dtype(encoder_dtype) -> str | None:
+    """The TopK encoder matmul's input dtype: None (as given), 'float32' or 'bfloat16'; `auto` is
+    bfloat16 where the platform multiplies it natively (TPU, GPU, a CPU with `host_bf16_dot`) and
+    float32 elsewhere. Accumulation is float32 either way, and the sparse backward reads the float32
+    inputs, so only the selection and the selected values see the rounding (SmolLM2, 2^14
+    latents, 200 steps: held-out FVU 0.0584 against 0.0582 in float32; docs/benchmarks.md)."""
+    if encoder_dtype in (None, ""):
+        return None
+    if encoder_dtype not in ENCODER_DTYPES:
+        raise ValueError(f"unknown encoder dtype {encoder_dtype!r} (choose from {', '.join(ENCODER_DTYPES)})")
+    if encoder_dtype != "auto":
+        return encoder_dtype
+    from sae_jax.kernels.pallas import target_platform
+
+    platform = target_platform()
+    return "bfloat16" if platform in ("tpu", "gpu") or (platform == "cpu" and host_bf16_dot()) else "float32"
+
+
+def row_top_k(pre, k: int, group: int = 0, bias=None):
     """`lax.top_k(pre + bias, k)` over the last axis of a [B, S] block, by way of group maxima: the k
     largest entries of a row lie in the k groups (of `group` consecutive columns) with the largest
     maxima (an entry outside them is beaten by k group maxima), so the top k of those k x group
     candidates is exact. The same values in the same (descending) order as `lax.top_k`; among
     tied values the indices may differ. XLA:CPU's top_k costs several ns per element and this
-    replaces it with a max-reduction and two top_ks over S / group and k x group entries; rows
-    too short for it to pay go to `lax.top_k` directly. `bias [S]` is added where it is read (the
-    group maxima, the gathered candidates), so pre + bias is never written out."""
+    replaces it with a max-reduction and two top_ks over S / group and k x group entries.
+    `group` 0 picks the largest of 16, 8, 4 that leaves at least 4 k groups (AuxK's k of a few
+    hundred takes 8 or 4); rows too short for any go to `lax.top_k` directly. `bias [S]` is added
+    where it is read (the group maxima, the gathered candidates), so pre + bias is never written
+    out."""
     rows, s = pre.shape
-    if s % group or s // group < 4 * k:
+    if not group:
+        group = next((g for g in (16, 8, 4) if s % g == 0 and s // g >= 4 * k), 0)
+    if not group or s % group or s // group < 4 * k:
         return lax.top_k(pre if bias is None else pre + bias, k)
     g = pre.reshape(rows, s // group, group)
-    gb = None if bias is None else bias.reshape(s // group, group)
+    gb = None if bias is None else jnp.asarray(bias).reshape(s // group, group)
     _, gi = lax.top_k((g if gb is None else g + gb).max(axis=-1), k)  # [B, k] the groups holding the top k
     cand = jnp.take_along_axis(g, gi[:, :, None], axis=1)
     if gb is not None:
@@ -117,31 +153,30 @@ def _merge(v, i, bv, bi, k):
     return top, jnp.take_along_axis(alli, pos, axis=-1)
 
 
-def _dense(x, w, biases, k, encoder_dtype=None):
+def _dense(x, w, biases, ks, encoder_dtype=None):
     pre = jnp.dot(x, w if encoder_dtype is None else w.astype(encoder_dtype), preferred_element_type=jnp.float32)
     out = []
-    for b in biases:
+    for b, k in zip(biases, ks, strict=True):
         v, i = row_top_k(pre, k, bias=b.astype(jnp.float32))
         out.append((v, i.astype(jnp.int32)))
     return out
 
 
-def _stream(x, w, biases, k, encoder_block, encoder_dtype=None):
-    """Scan over latent blocks; each keeps the running top-k of every bias variant."""
+def _stream(x, w, biases, ks, encoder_block, encoder_dtype=None):
+    """Scan over latent blocks; each keeps the running top-k of every bias variant (its own k)."""
     d, s = w.shape
     block = min(encoder_block, s)
     n_full, tail = divmod(s, block)
     rows = x.shape[0]
-    kb = min(k, block)
-    init = [(jnp.full((rows, k), -jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32)) for _ in biases]
+    init = [(jnp.full((rows, k), -jnp.inf, jnp.float32), jnp.zeros((rows, k), jnp.int32)) for k in ks]
 
     def blk(carry, start, width):
         wb = lax.dynamic_slice_in_dim(w, start, width, axis=1)
         pre = jnp.dot(x, wb if encoder_dtype is None else wb.astype(encoder_dtype), preferred_element_type=jnp.float32)
         out = []
-        for (v, i), b in zip(carry, biases, strict=True):
+        for (v, i), b, k in zip(carry, biases, ks, strict=True):
             pb = pre + lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32)
-            bv, bi = row_top_k(pb, min(kb, width))
+            bv, bi = row_top_k(pb, min(k, width))
             out.append(_merge(v, i, bv, bi.astype(jnp.int32) + start, k))
         return out
 
@@ -154,36 +189,37 @@ def _stream(x, w, biases, k, encoder_block, encoder_dtype=None):
     return carry
 
 
-def _rows(x, w, biases, k, encoder_dtype=None):
+def _rows(x, w, biases, ks, encoder_dtype=None):
     """A map over blocks of rows: each block's dense pre-activations and their top-k (exact, no merge)."""
     rows, d = x.shape
     from sae_jax.kernels.pallas import target_platform
 
     gpu = target_platform() == "gpu"
     r = row_block(rows, w.shape[1], *((GPU_ROWS_BUDGET, GPU_ROWS_MAX) if gpu else (ROWS_BUDGET, ROWS_MAX)))
-    out = lax.map(lambda xb: _dense(xb, w, biases, k, encoder_dtype), x.reshape(rows // r, r, d))
+    out = lax.map(lambda xb: _dense(xb, w, biases, ks, encoder_dtype), x.reshape(rows // r, r, d))
     return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
 
 
 def _forward(x, w, biases, ks, encoder, encoder_block, encoder_dtype=None):
-    """[(values, ids) per bias, k from `ks`] (the XLA paths select max(ks) for every bias; slice).
-    `encoder_dtype`: the matmul's input dtype (None: as given); accumulation is always float32."""
-    k = max(ks)
+    """[(values, ids) per bias, its k from `ks`] (the Pallas kernels may return more; callers slice).
+    `encoder_dtype`: the matmul's input dtype (None: as given); accumulation is always float32.
+    Each bias is selected at its own k: AuxK's few hundred would otherwise make the main
+    selection a top-k_aux too (on CPU that doubled an AuxK step's selection time)."""
     if encoder_dtype is not None:
         x = x.astype(encoder_dtype)
     if encoder == "dense":
-        return _dense(x, w, biases, k, encoder_dtype)
-    if encoder == "rows":
-        return _rows(x, w, biases, k, encoder_dtype)
+        return _dense(x, w, biases, ks, encoder_dtype)
+    if encoder == "rows":  # w cast once, not once per row block
+        return _rows(x, w if encoder_dtype is None else w.astype(encoder_dtype), biases, ks)
     if encoder == "stream":
-        return _stream(x, w, biases, k, encoder_block, encoder_dtype)
+        return _stream(x, w, biases, ks, encoder_block, encoder_dtype)
     if encoder in ("pallas_gpu", "pallas_tpu"):
         from sae_jax.kernels import pallas
 
         w = w if encoder_dtype is None else w.astype(encoder_dtype)
         if encoder == "pallas_gpu" and len(ks) > 1 and ks[1] > TRITON_MAX_SLOTS:
             head = pallas.topk_candidates(x, w, biases[:1], ks[:1], encoder_block, backend="gpu")
-            return head + _stream(x, w, biases[1:], ks[1], encoder_block, encoder_dtype)
+            return head + _stream(x, w, biases[1:], ks[1:], encoder_block, encoder_dtype)
         return pallas.topk_candidates(x, w, biases, ks, encoder_block, backend=encoder.removeprefix("pallas_"))
     raise ValueError(f"unknown TopK encoder implementation {encoder!r}")
 
@@ -347,7 +383,8 @@ def topk_pre(
         raise ValueError(f"topk_pre: k={k} must be in 1..{w.shape[1]} (the number of latents)")
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
-    dtype = None if encoder_dtype in (None, "", "float32") else jnp.dtype(encoder_dtype).name
+    dtype = resolve_encoder_dtype(encoder_dtype)
+    dtype = None if dtype == "float32" else dtype
     encoder = resolve_encoder(encoder, x.shape[0], w.shape[1])
     v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, dtype, x_grad)
     return (v, i) if aux_b is None else (v, i, av, ai)

@@ -370,7 +370,8 @@ def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_
     del ks, dead
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
     enc_in = x if spec.transcoder else x - b_dec[:, None, :]
-    cd = encoder_dtype or jnp.float32
+    # `auto` is float32 here: the dense architectures' weight gradients come from the same matmul
+    cd = jnp.float32 if encoder_dtype in (None, "", "auto") else encoder_dtype
     pre = jnp.einsum("mbd,mds->mbs", enc_in.astype(cd), w_enc.astype(cd), preferred_element_type=jnp.float32) + b_enc[:, None, :]
     mask = latent_mask[:, None, :].astype(jnp.float32)
     if spec.architecture == "relu":

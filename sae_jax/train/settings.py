@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from sae_jax.errors import SaeJaxError
 
-ENCODER_DTYPES = ("float32", "bfloat16")
+ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # as kernels.topk.ENCODER_DTYPES (settings import no jax)
 # the fields that make a run what it is: a run directory holding other values is another run
 IDENTITY = (
     "store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens",
