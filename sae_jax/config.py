@@ -70,6 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.steps = 200  # optimiser steps (tokens = steps x batch_size)
     c.train.lr = 0.0  # 0: 8e-4 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (docs/design.md, "The recipe")
     c.train.bias_lr_scale = 0.1  # b_enc and b_dec learn at this times train.lr (inputs at unit mean squared norm)
+    c.train.decoder_lr_scale = 5.0  # W_dec learns at this times train.lr (docs/design.md, "The recipe")
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing

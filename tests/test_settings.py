@@ -30,6 +30,7 @@ BAD = {
     "steps": (-3, "positive"),
     "lr": (-1.0, ">= 0 and finite"),
     "bias_lr_scale": (float("nan"), ">= 0 and finite"),
+    "decoder_lr_scale": (-1.0, ">= 0 and finite"),
     "warmup_steps": (-1, ">= 0"),
     "decay_frac": (2.0, "in [0, 1]"),
     "dead_tokens": (0, "positive"),
@@ -129,9 +130,10 @@ def test_a_run_from_before_the_recipe_change_is_another_run():
     that run trained with (biases at 1x, lr = 0 meaning 2e-4 / sqrt(width / 2^14)), not to today's
     defaults: resuming it under the new recipe is refused by the run-directory check."""
     s = TrainSettings.defaults()
-    old = {k: v for k, v in s.identity().items() if k not in ("bias_lr_scale", "lr_rule")}
+    old = {k: v for k, v in s.identity().items() if k not in ("bias_lr_scale", "decoder_lr_scale", "lr_rule")}
     canon = TrainSettings.canonical_identity(old)
     assert canon["bias_lr_scale"] == 1.0 and canon["lr_rule"] == "0.0002 / sqrt(width / 2^14)"
+    assert canon["decoder_lr_scale"] == 1.0
     assert canon != s.identity()
     assert TrainSettings.canonical_identity(s.identity()) == s.identity()
     assert s.replace(lr=1e-3).identity()["lr_rule"] == ""  # an explicit lr needs no rule

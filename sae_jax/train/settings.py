@@ -26,7 +26,7 @@ IDENTITY = (
     "store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens",
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
-    "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale",
+    "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "decoder_lr_scale",
 )  # fmt: skip
 DEFAULT_LR = 8e-4  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
 # JumpReLU keeps the earlier base: at 8e-4 its thresholds (trained at the full rate, moving up to
@@ -46,7 +46,7 @@ def lr_rule(architecture: str) -> str:
 
 LR_RULE = lr_rule("topk")
 # identity fields added after runs existed: the value those runs trained with (not today's default)
-LEGACY = {"bias_lr_scale": 1.0, "lr_rule": "0.0002 / sqrt(width / 2^14)"}
+LEGACY = {"bias_lr_scale": 1.0, "decoder_lr_scale": 1.0, "lr_rule": "0.0002 / sqrt(width / 2^14)"}
 
 
 class SettingsError(SaeJaxError, ValueError):
@@ -77,6 +77,7 @@ class TrainSettings:
     steps: int
     lr: float
     bias_lr_scale: float
+    decoder_lr_scale: float
     warmup_steps: int
     decay_frac: float
     dead_tokens: int
@@ -277,6 +278,11 @@ def _check(s: TrainSettings) -> None:
         ("steps", s.steps >= 1, "must be positive"),
         ("lr", finite(s.lr) and s.lr >= 0, f"must be >= 0 and finite (0: {LR_RULE} per member; JumpReLU {lr_rule('jumprelu')})"),
         ("bias_lr_scale", finite(s.bias_lr_scale) and s.bias_lr_scale >= 0, "must be >= 0 and finite (the biases' lr / train.lr)"),
+        (
+            "decoder_lr_scale",
+            finite(s.decoder_lr_scale) and s.decoder_lr_scale >= 0,
+            "must be >= 0 and finite (the decoder weights' lr / train.lr)",
+        ),
         ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),
         ("dead_tokens", s.dead_tokens >= 1, "must be positive (tokens without firing before a latent counts as dead)"),

@@ -53,11 +53,18 @@ BIASES = ("b_enc", "b_dec")  # the parameters `bias_lr_scale` applies to
 
 
 def make_optimizer(
-    spec: BankSpec, lrs: np.ndarray, steps: int, warmup: int, decay_frac: float, bias_lr_scale: float = 1.0
+    spec: BankSpec,
+    lrs: np.ndarray,
+    steps: int,
+    warmup: int,
+    decay_frac: float,
+    bias_lr_scale: float = 1.0,
+    decoder_lr_scale: float = 1.0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam; linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
     Each member has its own learning rate (leading bank axis); the biases (`BIASES`) take
-    `bias_lr_scale` times it (docs/design.md, "Recipe"). Returns (optimiser, schedule)."""
+    `bias_lr_scale` times it and the decoder `decoder_lr_scale` times it (docs/design.md, "The
+    recipe"). Returns (optimiser, schedule)."""
     decay_start = int(steps * (1 - decay_frac))
 
     def sched(count):  # the factor of update `count` (0-based); warmup 0: full from the first
@@ -71,7 +78,8 @@ def make_optimizer(
     def per_member(updates, state, params=None):
         del params
         out = {n: -u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)) for n, u in updates.items()}
-        return {n: u * bias_lr_scale if n in BIASES else u for n, u in out.items()}, state
+        scale = {"W_dec": decoder_lr_scale, **dict.fromkeys(BIASES, bias_lr_scale)}
+        return {n: u * scale[n] if n in scale else u for n, u in out.items()}, state
 
     return optax.chain(
         optax.scale_by_adam(),
@@ -313,7 +321,13 @@ def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
 
 def build_optimizer(spec: BankSpec, settings: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return make_optimizer(
-        spec, member_lrs(spec, settings), settings.steps, settings.warmup_steps, settings.decay_frac, settings.bias_lr_scale
+        spec,
+        member_lrs(spec, settings),
+        settings.steps,
+        settings.warmup_steps,
+        settings.decay_frac,
+        settings.bias_lr_scale,
+        settings.decoder_lr_scale,
     )
 
 
