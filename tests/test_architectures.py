@@ -140,8 +140,20 @@ def test_jumprelu_straight_through_gradients():
 
 def _train(spec, shape, x, y=None, steps=6):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    # float32 mesh math: a float32 encoder (bf16 dot kernels differ by shard shape on XLA:CPU) and
+    # the decoder at train.lr, not the default 5x, whose larger steps carry the meshes'
+    # summation-order rounding further (measured: matryoshka_batchtopk with both defaults, two
+    # latents' decoder rows 5.7e-6 apart after 6 steps; within the bounds below with either pinned)
     settings = TrainSettings.defaults(
-        lr=2e-3, steps=100, warmup_steps=2, dead_tokens=64, sparsity_warmup_frac=0.03, jumprelu_bandwidth=0.05, jumprelu_init_threshold=0.01
+        lr=2e-3,
+        steps=100,
+        warmup_steps=2,
+        dead_tokens=64,
+        sparsity_warmup_frac=0.03,
+        jumprelu_bandwidth=0.05,
+        jumprelu_init_threshold=0.01,
+        decoder_lr_scale=1.0,
+        encoder_dtype="float32",
     )
     step = TrainStep(spec, mesh, settings)
     st = step.init_state(jax.random.key(0), jnp.asarray((x if y is None else y)[:, :32]))

@@ -17,10 +17,12 @@ SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=2
 def _run(shape, x, steps=5):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
     # latents unfired for 100 tokens count as dead, so AuxK is live from the third step on
-    # the decoder at train.lr: at the default 5x its larger steps carry the meshes' summation-order
-    # rounding further each step (measured: W_dec 2.4e-6 and W_enc 1.8e-6 apart after these steps,
-    # against < 1e-6 at 1x, float32 or bf16 encoder alike); the mesh's math is what is compared here
-    step = TrainStep(SPEC, mesh, TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100, decoder_lr_scale=1.0))
+    # float32 mesh math: the decoder at train.lr, not the default 5x, whose larger steps carry the
+    # meshes' summation-order rounding further (measured: W_dec 2.4e-6 and W_enc 1.8e-6 apart after
+    # these steps, < 1e-6 at 1x with a float32 or bf16 encoder), and a float32 encoder (bf16 dot
+    # kernels differ by shard shape on XLA:CPU)
+    settings = TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100, decoder_lr_scale=1.0, encoder_dtype="float32")
+    step = TrainStep(SPEC, mesh, settings)
     st = step.init_state(jax.random.key(0), jnp.asarray(x[:, :32]))
     for _ in range(steps):
         st, m = step(st, jnp.asarray(x))
