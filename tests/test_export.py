@@ -222,8 +222,10 @@ OTHER_BANKS = {
     "jumprelu": ({"architecture": "jumprelu", "hooks": "blocks.1.hook_resid_post", "l0_coefs": "0.001,0.01"}, {"saelens": "JumpReLUSAE"}),
     "batchtopk": ({"architecture": "batchtopk", "hooks": "blocks.1.hook_resid_post", "ks": "8"}, {"saelens": "JumpReLUSAE"}),
     "relu": ({"architecture": "relu", "hooks": "blocks.1.hook_resid_post", "l1_coefs": "0.01"}, {"saelens": "StandardSAE"}),
+    # the decoder at train.lr: this 16-step skip transcoder fires on 2 of the 256 x 8 slots of the
+    # rows compared at 1x and on none at the default 5x (3x: 4), and the comparison needs a firing
     "topk_skip_transcoder": (
-        {"hooks": "blocks.1.attn.hook_z", "out_hooks": "blocks.1.hook_resid_post", "skip": True, "ks": "8"},
+        {"hooks": "blocks.1.attn.hook_z", "out_hooks": "blocks.1.hook_resid_post", "skip": True, "ks": "8", "decoder_lr_scale": 1.0},
         {"sparsify": "SparseCoder"},
     ),
     "jumprelu_skip_transcoder": (
