@@ -308,6 +308,16 @@ class SaeLens(Trainer):
 TRAINERS = {"sae_jax": SaeJax, "sparsify": Sparsify, "saelens": SaeLens}
 
 
+def compute_threads(name: str) -> int:
+    """Threads the library computes with: XLA:CPU's pool has one per CPU this process may run on
+    (its MaxParallelism); PyTorch says its intra-op count."""
+    if name == "sae_jax":
+        return len(os.sched_getaffinity(0))
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     name = sys.argv[1]
     os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
@@ -318,7 +328,7 @@ def main() -> None:
             if msg["cmd"] == "init":
                 t0 = time.perf_counter()
                 trainer = TRAINERS[name](msg)
-                reply({"ok": True, "init_s": time.perf_counter() - t0})
+                reply({"ok": True, "init_s": time.perf_counter() - t0, "threads": compute_threads(name)})
             elif msg["cmd"] == "train":
                 reply({"ok": True, "seconds": trainer.train(msg["steps"]), "step": trainer.t, "peak_rss_mib": peak_rss_mib()})
             elif msg["cmd"] == "matmul":

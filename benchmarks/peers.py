@@ -135,6 +135,8 @@ def downstream(worker: Worker, name: str, folder: Path, meta: dict, args) -> dic
     folder.parent.mkdir(parents=True, exist_ok=True)
     worker.ask(cmd="save", folder=str(folder), hook=meta["hook"], hookpoint=hf_module(meta["hook"]) or meta["hook"])
     cmd = [str(ROOT / ".venv/bin/sae-jax"), "eval", str(folder), "--store", meta["store"], "--tokens", "4096"]
+    if args.text:  # a store harvested from plain text has no held-out split of its own
+        cmd += ["--text", args.text]
     r = subprocess.run([*cmd, "--contexts", str(args.downstream), "--out", str(folder / "eval")], capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         sys.exit(f"{name}: sae-jax eval failed:\n{r.stderr[-3000:]}")
@@ -195,7 +197,8 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
             lr = cfg["lr"] if n == "sae_jax" or args.peer_lr == "ours" else PEER_LR / float(np.sqrt(width / 2**14))
             lr = args.sae_jax_set.get("lr", lr) if n == "sae_jax" else lr
             res[n]["lr"] = lr
-            res[n]["init_s"] = w.ask(cmd="init", **{**cfg, "lr": lr})["init_s"]
+            init = w.ask(cmd="init", **{**cfg, "lr": lr})
+            res[n]["init_s"], res[n]["threads"] = init["init_s"], init["threads"]
             res[n]["first_step_s"] = w.ask(cmd="train", steps=1)["seconds"]
         left, order = steps - 1, list(workers)
         for r in range(rounds):
@@ -243,6 +246,11 @@ def main() -> None:
         help="held-out text contexts to splice each trained dictionary into the model on (sae-jax eval; 0: none)",
     )
     ap.add_argument(
+        "--text",
+        default="",
+        help="held-out text for --downstream (file, directory or glob), needed when the store was harvested from plain text",
+    )
+    ap.add_argument(
         "--peer-lr", default="own", choices=("own", "ours"), help="the peers' Adam lr: their rule (2e-4 / sqrt(d_sae / 2^14)) or sae_jax's"
     )
     ap.add_argument(
@@ -288,13 +296,13 @@ def main() -> None:
 
     print(f"\nTopK, d_in {meta['d_in']}, k {args.k}, batch {args.batch} ({machine})")
     print(
-        f"  {'d_sae':>6} {'seed':>4} {'trainer':<8} {'lr':>8} {'tokens':>9} {'tok/s':>7} {'vs sparsify':>11} {'peak RSS':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'dead % (train)':>14}"
+        f"  {'d_sae':>6} {'seed':>4} {'trainer':<8} {'threads':>7} {'lr':>8} {'tokens':>9} {'tok/s':>7} {'vs sparsify':>11} {'peak RSS':>9} {'FVU':>7} {'L0':>6} {'dead %':>7} {'dead % (train)':>14}"
     )
     for r in rows:
         base = next((b for b in rows if b["trainer"] == "sparsify" and b["width"] == r["width"] and b["seed"] == r["seed"]), None)
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         print(
-            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
+            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r.get('threads', 0):>7} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
             f"{r['peak_rss_mib']:>6,.0f} MiB {r['fvu']:>7.4f} {r['l0']:>6.1f} {100 * r['dead_frac']:>7.2f} {100 * r['window_dead_frac']:>14.2f}"
         )
     if args.downstream:

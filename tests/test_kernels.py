@@ -283,11 +283,9 @@ def test_bfloat16_encoder_dtype(encoder):
 
 def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it():
     """`auto`: bfloat16 when compiling for TPU or GPU, on this CPU as its flags say; explicit
-    names pass through; an unknown name is refused; train settings accept the same names."""
+    names pass through; an unknown name is refused."""
     from sae_jax.kernels import pallas, topk
-    from sae_jax.train.settings import ENCODER_DTYPES
 
-    assert ENCODER_DTYPES == topk.ENCODER_DTYPES
     for platform in ("tpu", "gpu"):
         with pallas.compiling_for(platform):
             assert topk.resolve_encoder_dtype("auto") == "bfloat16"

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 from sae_jax.errors import SaeJaxError
 
-ENCODER_DTYPES = ("auto", "float32", "bfloat16")  # as kernels.topk.ENCODER_DTYPES (settings import no jax)
 # the fields that make a run what it is: a run directory holding other values is another run
 IDENTITY = (
     "store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens",
@@ -221,7 +220,7 @@ def _canonical(v):
 
 # ---- the rules -------------------------------------------------------------------------------
 def _check(s: TrainSettings) -> None:
-    from sae_jax.kernels.topk import ENCODERS
+    from sae_jax.kernels.topk import ENCODER_DTYPES, ENCODERS
     from sae_jax.sae.bank import ARCHITECTURES
 
     def bad(name, want):

@@ -74,11 +74,11 @@ def make_optimizer(
         return warm * decay
 
     lrs = jnp.asarray(lrs, jnp.float32)
+    scale = {"W_dec": decoder_lr_scale, **dict.fromkeys(BIASES, bias_lr_scale)}
 
     def per_member(updates, state, params=None):
         del params
         out = {n: -u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)) for n, u in updates.items()}
-        scale = {"W_dec": decoder_lr_scale, **dict.fromkeys(BIASES, bias_lr_scale)}
         return {n: u * scale[n] if n in scale else u for n, u in out.items()}, state
 
     return optax.chain(
