@@ -68,8 +68,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.matryoshka_prefixes = ""  # topk / batchtopk: nested prefix sizes, e.g. "128,512,2048" (the full width is the last)
     c.train.batch_size = 4096  # tokens per step (a multiple of the store's rows per record)
     c.train.steps = 200  # optimiser steps (tokens = steps x batch_size)
-    c.train.lr = 0.0  # 0: 8e-4 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (docs/design.md, "The recipe")
-    c.train.bias_lr_scale = 0.1  # b_enc and b_dec learn at this times train.lr (inputs at unit mean squared norm)
+    c.train.lr = 0.0  # 0: 1.2e-3 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (docs/design.md, "The recipe")
+    # b_enc and b_dec learn at this times train.lr, in the units train.bias_lr_units names: raw (the
+    # store's own: in the scaled units the step trains in, lr x this / sqrt(mean squared norm) of the
+    # bias's hook) or scaled (inputs at unit mean squared norm); docs/design.md, "The recipe"
+    c.train.bias_lr_scale = 1.35
+    c.train.bias_lr_units = "raw"
     c.train.decoder_lr_scale = 5.0  # W_dec learns at this times train.lr (docs/design.md, "The recipe")
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps

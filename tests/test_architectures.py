@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import MESH_MATH
 
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
@@ -140,10 +141,8 @@ def test_jumprelu_straight_through_gradients():
 
 def _train(spec, shape, x, y=None, steps=6):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
-    # float32 mesh math: a float32 encoder (bf16 dot kernels differ by shard shape on XLA:CPU) and
-    # the decoder at train.lr, not the default 5x, whose larger steps carry the meshes'
-    # summation-order rounding further (measured: matryoshka_batchtopk with both defaults, two
-    # latents' decoder rows 5.7e-6 apart after 6 steps; within the bounds below with either pinned)
+    # float32 mesh math (conftest.MESH_MATH; measured here with the decoder's 5x and a bf16 encoder:
+    # matryoshka_batchtopk, two latents' decoder rows 5.7e-6 apart after 6 steps)
     settings = TrainSettings.defaults(
         lr=2e-3,
         steps=100,
@@ -152,8 +151,7 @@ def _train(spec, shape, x, y=None, steps=6):
         sparsity_warmup_frac=0.03,
         jumprelu_bandwidth=0.05,
         jumprelu_init_threshold=0.01,
-        decoder_lr_scale=1.0,
-        encoder_dtype="float32",
+        **MESH_MATH,
     )
     step = TrainStep(spec, mesh, settings)
     st = step.init_state(jax.random.key(0), jnp.asarray((x if y is None else y)[:, :32]))

@@ -4,24 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import MESH_MATH
 
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec
 from sae_jax.train.settings import TrainSettings
-from sae_jax.train.step import TrainStep, init_state, make_forward, make_optimizer, sharded_forward
+from sae_jax.train.step import TrainStep, bias_lr_factors, init_state, make_forward, make_optimizer, sharded_forward
 
 SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
 
 
 def _run(shape, x, steps=5):
     mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
-    # latents unfired for 100 tokens count as dead, so AuxK is live from the third step on
-    # float32 mesh math: the decoder at train.lr, not the default 5x, whose larger steps carry the
-    # meshes' summation-order rounding further (measured: W_dec 2.4e-6 and W_enc 1.8e-6 apart after
-    # these steps, < 1e-6 at 1x with a float32 or bf16 encoder), and a float32 encoder (bf16 dot
-    # kernels differ by shard shape on XLA:CPU)
-    settings = TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100, decoder_lr_scale=1.0, encoder_dtype="float32")
+    # latents unfired for 100 tokens count as dead, so AuxK is live from the third step on;
+    # float32 mesh math (conftest.MESH_MATH; the decoder's 5x alone: W_dec 2.4e-6 and W_enc 1.8e-6 apart)
+    settings = TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100, **MESH_MATH)
     step = TrainStep(SPEC, mesh, settings)
     st = step.init_state(jax.random.key(0), jnp.asarray(x[:, :32]))
     for _ in range(steps):
@@ -149,3 +147,35 @@ def test_bias_lr_scale_scales_only_the_bias_updates():
         np.testing.assert_allclose(moved[0.25][n], 0.25 * moved[1.0][n], rtol=0, atol=ulp[n])
         assert (moved[0.0][n] == 0).all()
     np.testing.assert_allclose(moved[0.25]["W_enc"], moved[1.0]["W_enc"], rtol=0, atol=ulp["W_enc"])
+
+
+def test_bias_lr_units_raw_scales_each_bias_by_its_hooks_scale():
+    """train.bias_lr_units = raw: each member's biases move `input_scale` times what they move with
+    the same bias_lr_scale in scaled units (a fixed rate in the store's units); the weights are
+    untouched. A transcoder's b_dec takes the target's scale, b_enc the input's."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 64, 32)).astype(np.float32))
+    mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
+    s_in = np.array([0.5, 0.125], np.float32)
+    moved = {}
+    for units in ("scaled", "raw"):
+        settings = TrainSettings.defaults(steps=10, warmup_steps=0, bias_lr_scale=0.5, bias_lr_units=units)
+        step = TrainStep(SPEC, mesh, settings, s_in)
+        st = step.init_state(jax.random.key(0), x[:, :32] * s_in[:, None, None])
+        before = jax.device_get(st["params"])
+        st, _ = step(st, x)
+        after = jax.device_get(st["params"])
+        moved[units] = {n: np.asarray(after[n]) - np.asarray(before[n]) for n in ("b_enc", "b_dec", "W_enc")}
+        ulp = {n: 2 * np.spacing(np.abs(np.asarray(after[n])).max()) for n in moved[units]}
+    for n in ("b_enc", "b_dec"):
+        assert np.abs(moved["scaled"][n]).max() > 100 * ulp[n]
+        want = moved["scaled"][n] * s_in.reshape(2, 1)
+        np.testing.assert_allclose(moved["raw"][n], want, rtol=0, atol=ulp[n])
+    np.testing.assert_allclose(moved["raw"]["W_enc"], moved["scaled"]["W_enc"], rtol=0, atol=ulp["W_enc"])
+    raw = TrainSettings.defaults(bias_lr_scale=2.0, bias_lr_units="raw")
+    f = bias_lr_factors(raw, np.array([0.5, 0.25]), np.array([0.1, 0.2]))
+    np.testing.assert_allclose(f["b_enc"], [1.0, 0.5])
+    np.testing.assert_allclose(f["b_dec"], [0.2, 0.4])
+    f = bias_lr_factors(raw.replace(bias_lr_units="scaled"), np.array([0.5, 0.25]), np.array([0.1, 0.2]))
+    np.testing.assert_allclose(f["b_enc"], [2.0, 2.0])
+    np.testing.assert_allclose(f["b_dec"], [2.0, 2.0])

@@ -30,6 +30,7 @@ BAD = {
     "steps": (-3, "positive"),
     "lr": (-1.0, ">= 0 and finite"),
     "bias_lr_scale": (float("nan"), ">= 0 and finite"),
+    "bias_lr_units": ("store", "choose from raw, scaled"),
     "decoder_lr_scale": (-1.0, ">= 0 and finite"),
     "warmup_steps": (-1, ">= 0"),
     "decay_frac": (2.0, "in [0, 1]"),
@@ -127,26 +128,32 @@ def test_help_lists_each_field_with_its_default_and_meaning(job, capsys):
 
 def test_a_run_from_before_the_recipe_change_is_another_run():
     """An identity written before `bias_lr_scale` and the 8e-4 rule existed canonicalises to what
-    that run trained with (biases at 1x, lr = 0 meaning 2e-4 / sqrt(width / 2^14)), not to today's
-    defaults: resuming it under the new recipe is refused by the run-directory check."""
+    that run trained with (biases at 1x in scaled units, lr = 0 meaning 2e-4 / sqrt(width / 2^14)),
+    not to today's defaults: resuming it under the new recipe is refused by the run-directory check.
+    One written before `bias_lr_units` (biases at 0.1x) read its scale in scaled units."""
     s = TrainSettings.defaults()
-    old = {k: v for k, v in s.identity().items() if k not in ("bias_lr_scale", "decoder_lr_scale", "lr_rule")}
+    new = ("bias_lr_scale", "bias_lr_units", "decoder_lr_scale", "lr_rule")
+    old = {k: v for k, v in s.identity().items() if k not in new}
     canon = TrainSettings.canonical_identity(old)
     assert canon["bias_lr_scale"] == 1.0 and canon["lr_rule"] == "0.0002 / sqrt(width / 2^14)"
-    assert canon["decoder_lr_scale"] == 1.0
+    assert canon["decoder_lr_scale"] == 1.0 and canon["bias_lr_units"] == "scaled"
+    before_units = {k: v for k, v in s.identity().items() if k != "bias_lr_units"}
+    canon = TrainSettings.canonical_identity({**before_units, "bias_lr_scale": 0.1, "lr_rule": "0.0008 / sqrt(width / 2^14)"})
+    assert canon["bias_lr_units"] == "scaled" and canon["bias_lr_scale"] == 0.1
+    assert canon != s.identity()
     assert canon != s.identity()
     assert TrainSettings.canonical_identity(s.identity()) == s.identity()
     assert s.replace(lr=1e-3).identity()["lr_rule"] == ""  # an explicit lr needs no rule
 
 
 def test_default_learning_rate_by_architecture():
-    """`train.lr = 0`: 8e-4 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (at 8e-4 its
+    """`train.lr = 0`: 1.2e-3 / sqrt(width / 2^14) per member, JumpReLU 2e-4 / sqrt(...) (at 8e-4 its
     thresholds left half its latents dead); the identity records the rule the run trains with, so
     a JumpReLU run of the other rule is another run."""
     from sae_jax.sae.bank import BankSpec
     from sae_jax.train.step import member_lrs
 
-    for arch, base, coefs in (("topk", 8e-4, ()), ("relu", 8e-4, (0.01, 0.01)), ("jumprelu", 2e-4, (0.01, 0.01))):
+    for arch, base, coefs in (("topk", 1.2e-3, ()), ("relu", 1.2e-3, (0.01, 0.01)), ("jumprelu", 2e-4, (0.01, 0.01))):
         spec = BankSpec(
             hooks=("a", "a"),
             widths=(2**14, 2**16),
@@ -161,4 +168,4 @@ def test_default_learning_rate_by_architecture():
         np.testing.assert_allclose(member_lrs(spec, TrainSettings.defaults(lr=3e-4)), [3e-4, 3e-4], rtol=1e-6)
     jump = TrainSettings.defaults(architecture="jumprelu", l0_coefs=(0.01,))
     assert jump.identity()["lr_rule"] == "0.0002 / sqrt(width / 2^14)"
-    assert TrainSettings.defaults().identity()["lr_rule"] == "0.0008 / sqrt(width / 2^14)"
+    assert TrainSettings.defaults().identity()["lr_rule"] == "0.0012 / sqrt(width / 2^14)"

@@ -25,9 +25,9 @@ IDENTITY = (
     "store", "hooks", "widths", "ks", "batch_size", "steps", "lr", "warmup_steps", "decay_frac", "dead_tokens",
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
-    "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "decoder_lr_scale",
+    "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
 )  # fmt: skip
-DEFAULT_LR = 8e-4  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
+DEFAULT_LR = 1.2e-3  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
 # JumpReLU keeps the earlier base: at 8e-4 its thresholds (trained at the full rate, moving up to
 # ~lr a step against a 0.001 bandwidth) left 44-51% of latents dead (docs/design.md, "The recipe")
 ARCH_LR = {"jumprelu": 2e-4}
@@ -45,7 +45,13 @@ def lr_rule(architecture: str) -> str:
 
 LR_RULE = lr_rule("topk")
 # identity fields added after runs existed: the value those runs trained with (not today's default)
-LEGACY = {"bias_lr_scale": 1.0, "decoder_lr_scale": 1.0, "lr_rule": "0.0002 / sqrt(width / 2^14)"}
+LEGACY = {
+    "bias_lr_scale": 1.0,
+    "bias_lr_units": "scaled",
+    "decoder_lr_scale": 1.0,
+    "lr_rule": "0.0002 / sqrt(width / 2^14)",
+}
+BIAS_LR_UNITS = ("raw", "scaled")  # how train.bias_lr_scale is read (train/step.py, `bias_lr_factors`)
 
 
 class SettingsError(SaeJaxError, ValueError):
@@ -76,6 +82,7 @@ class TrainSettings:
     steps: int
     lr: float
     bias_lr_scale: float
+    bias_lr_units: str
     decoder_lr_scale: float
     warmup_steps: int
     decay_frac: float
@@ -277,6 +284,11 @@ def _check(s: TrainSettings) -> None:
         ("steps", s.steps >= 1, "must be positive"),
         ("lr", finite(s.lr) and s.lr >= 0, f"must be >= 0 and finite (0: {LR_RULE} per member; JumpReLU {lr_rule('jumprelu')})"),
         ("bias_lr_scale", finite(s.bias_lr_scale) and s.bias_lr_scale >= 0, "must be >= 0 and finite (the biases' lr / train.lr)"),
+        (
+            "bias_lr_units",
+            s.bias_lr_units in BIAS_LR_UNITS,
+            f"choose from {', '.join(BIAS_LR_UNITS)} (the units train.bias_lr_scale is in)",
+        ),
         (
             "decoder_lr_scale",
             finite(s.decoder_lr_scale) and s.decoder_lr_scale >= 0,

@@ -52,19 +52,35 @@ def default_lr(width: int, architecture: str = "topk") -> float:
 BIASES = ("b_enc", "b_dec")  # the parameters `bias_lr_scale` applies to
 
 
+def bias_lr_factors(settings: TrainSettings, input_scale, output_scale) -> dict[str, np.ndarray]:
+    """Each bias's learning rate over its member's [M]: `train.bias_lr_scale`, in the units
+    `train.bias_lr_units` names. `scaled`: as given, in the units the step trains in (inputs at
+    unit mean squared norm). `raw`: times the scale of the bias's own hook (b_enc: the input's,
+    b_dec: the target's), so that the bias moves at `bias_lr_scale x lr` a step in the store's
+    units whatever their size: Adam moves a parameter by about its lr a step, and in scaled units
+    that is 1/s = sqrt(mean squared norm) times more, relative to the data, than in raw units
+    (135x on SmolLM2's residual stream, 3-4x on the synthetic worlds; docs/design.md, "The recipe")."""
+    s_in = np.asarray(input_scale, np.float32)
+    s_out = np.asarray(output_scale, np.float32)
+    c = np.full(s_in.shape, settings.bias_lr_scale, np.float32)
+    if settings.bias_lr_units == "scaled":
+        return {"b_enc": c, "b_dec": c}
+    return {"b_enc": c * s_in, "b_dec": c * s_out}
+
+
 def make_optimizer(
     spec: BankSpec,
     lrs: np.ndarray,
     steps: int,
     warmup: int,
     decay_frac: float,
-    bias_lr_scale: float = 1.0,
+    bias_lr_scale: float | dict = 1.0,
     decoder_lr_scale: float = 1.0,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Adam; linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
-    Each member has its own learning rate (leading bank axis); the biases (`BIASES`) take
-    `bias_lr_scale` times it and the decoder `decoder_lr_scale` times it (docs/design.md, "The
-    recipe"). Returns (optimiser, schedule)."""
+    Each member has its own learning rate `lrs` [M] (leading bank axis); the biases (`BIASES`)
+    take `bias_lr_scale` times it (a number, or per bias an array [M]: `bias_lr_factors`) and the
+    decoder `decoder_lr_scale` times it (docs/design.md, "The recipe"). Returns (optimiser, schedule)."""
     decay_start = int(steps * (1 - decay_frac))
 
     def sched(count):  # the factor of update `count` (0-based); warmup 0: full from the first
@@ -74,12 +90,17 @@ def make_optimizer(
         return warm * decay
 
     lrs = jnp.asarray(lrs, jnp.float32)
-    scale = {"W_dec": decoder_lr_scale, **dict.fromkeys(BIASES, bias_lr_scale)}
+    bias = bias_lr_scale if isinstance(bias_lr_scale, dict) else dict.fromkeys(BIASES, bias_lr_scale)
+    factors = {n: jnp.asarray(f, jnp.float32) for n, f in {"W_dec": decoder_lr_scale, **bias}.items()}  # scalars or [M]
 
     def per_member(updates, state, params=None):
         del params
-        out = {n: -u * lrs.reshape((-1,) + (1,) * (u.ndim - 1)) for n, u in updates.items()}
-        return {n: u * scale[n] if n in scale else u for n, u in out.items()}, state
+
+        def member(v, u):  # a scalar, or [M] along u's leading bank axis
+            return v.reshape((-1,) + (1,) * (u.ndim - 1)) if v.ndim else v
+
+        out = {n: -u * member(lrs, u) for n, u in updates.items()}
+        return {n: u * member(factors[n], u) if n in factors else u for n, u in out.items()}, state
 
     return optax.chain(
         optax.scale_by_adam(),
@@ -292,12 +313,10 @@ class TrainStep:
 
     def __init__(self, spec: BankSpec, mesh, settings: TrainSettings, input_scale=None, output_scale=None):
         self.spec, self.mesh, self.settings = spec, mesh, settings
-        self.tx, self.sched = build_optimizer(spec, settings)
-        ones = np.ones(spec.size, np.float32)
-        input_scale = ones if input_scale is None else input_scale
-        self.jitted = _jit_step(
-            spec, mesh, settings, self.tx, self.sched, input_scale, input_scale if output_scale is None else output_scale
-        )
+        input_scale = np.ones(spec.size, np.float32) if input_scale is None else np.asarray(input_scale, np.float32)
+        output_scale = input_scale if output_scale is None else np.asarray(output_scale, np.float32)
+        self.tx, self.sched = build_optimizer(spec, settings, input_scale, output_scale)
+        self.jitted = _jit_step(spec, mesh, settings, self.tx, self.sched, input_scale, output_scale)
 
     def __call__(self, state, x, y=None):
         return self.jitted(state, x) if y is None else self.jitted(state, x, y)
@@ -319,14 +338,20 @@ def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
     return np.asarray([settings.lr or default_lr(w, spec.architecture) for w in spec.widths], np.float32)
 
 
-def build_optimizer(spec: BankSpec, settings: TrainSettings) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(
+    spec: BankSpec, settings: TrainSettings, input_scale=None, output_scale=None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimiser of `settings`; `input_scale` / `output_scale` [M] (default 1) set the biases'
+    rate when `train.bias_lr_units = raw` (`bias_lr_factors`)."""
+    s_in = np.ones(spec.size, np.float32) if input_scale is None else input_scale
+    s_out = s_in if output_scale is None else output_scale
     return make_optimizer(
         spec,
         member_lrs(spec, settings),
         settings.steps,
         settings.warmup_steps,
         settings.decay_frac,
-        settings.bias_lr_scale,
+        bias_lr_factors(settings, s_in, s_out),
         settings.decoder_lr_scale,
     )
 
