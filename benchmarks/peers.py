@@ -302,7 +302,7 @@ def main() -> None:
         base = next((b for b in rows if b["trainer"] == "sparsify" and b["width"] == r["width"] and b["seed"] == r["seed"]), None)
         ratio = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         print(
-            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r.get('threads', 0):>7} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
+            f"  {r['width']:>6} {r['seed']:>4} {r['trainer']:<8} {r['threads']:>7} {r['lr']:>8.1e} {r['steps'] * args.batch:>9,} {r['tok_s']:>7,.0f} {ratio:>11} "
             f"{r['peak_rss_mib']:>6,.0f} MiB {r['fvu']:>7.4f} {r['l0']:>6.1f} {100 * r['dead_frac']:>7.2f} {100 * r['window_dead_frac']:>14.2f}"
         )
     if args.downstream:

@@ -222,10 +222,19 @@ OTHER_BANKS = {
     "jumprelu": ({"architecture": "jumprelu", "hooks": "blocks.1.hook_resid_post", "l0_coefs": "0.001,0.01"}, {"saelens": "JumpReLUSAE"}),
     "batchtopk": ({"architecture": "batchtopk", "hooks": "blocks.1.hook_resid_post", "ks": "8"}, {"saelens": "JumpReLUSAE"}),
     "relu": ({"architecture": "relu", "hooks": "blocks.1.hook_resid_post", "l1_coefs": "0.01"}, {"saelens": "StandardSAE"}),
-    # the decoder at train.lr: this 16-step skip transcoder fires on 2 of the 256 x 8 slots of the
-    # rows compared at 1x and on none at the default 5x (3x: 4), and the comparison needs a firing
+    # the decoder at train.lr and lr 0.0128 (the 8e-4 rule's rate at 64 latents): this 16-step skip
+    # transcoder fires on 2 of the 256 x 8 slots of the rows compared at 1x and on none at the
+    # default 5x (3x: 4), and the comparison needs a firing; at today's 1.2e-3 rule (0.0192 at 64
+    # latents) it fires on none and explains the target worse than its mean (measured 1.07)
     "topk_skip_transcoder": (
-        {"hooks": "blocks.1.attn.hook_z", "out_hooks": "blocks.1.hook_resid_post", "skip": True, "ks": "8", "decoder_lr_scale": 1.0},
+        {
+            "hooks": "blocks.1.attn.hook_z",
+            "out_hooks": "blocks.1.hook_resid_post",
+            "skip": True,
+            "ks": "8",
+            "decoder_lr_scale": 1.0,
+            "lr": 0.0128,
+        },
         {"sparsify": "SparseCoder"},
     ),
     "jumprelu_skip_transcoder": (

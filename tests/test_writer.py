@@ -61,6 +61,24 @@ def test_a_written_store_trains(tmp_path):
     assert r.last["step"] == 6 and 0 < r.last["fvu"][0] < 2
 
 
+def test_a_store_of_zeros_is_refused_by_train_naming_the_hook(tmp_path):
+    """Activations all zero have no unit-norm scale (nor a raw-unit bias rate): train stops
+    before any step with an error naming the manifest and the hook, and writes no checkpoint."""
+    from sae_jax.config import default_config
+    from sae_jax.errors import SaeJaxError
+    from sae_jax.train.loop import train
+
+    out = tmp_path / "s"
+    with StoreWriter(out, {"blocks.0.hook_resid_post": 32}, rows_per_record=64, shard_rows=512) as w:
+        w.add({"blocks.0.hook_resid_post": np.zeros((1024, 32), np.float32)})
+    c = default_config()
+    t = c.train
+    t.store, t.run_dir, t.widths, t.ks, t.batch_size, t.steps, t.progress = str(out), str(tmp_path / "run"), "64", "4", 256, 2, False
+    with pytest.raises(SaeJaxError, match=r"manifest.json: hook 'blocks.0.hook_resid_post' has mean squared norm 0.0"):
+        train(c, log=lambda *x: None)
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_writer_bad_input(tmp_path):
     w = StoreWriter(tmp_path / "s", {"A": 8, "B": 4}, rows_per_record=4, shard_rows=8)
     ok = {"A": np.zeros((4, 8), np.float32), "B": np.zeros((4, 4), np.float32)}

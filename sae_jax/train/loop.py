@@ -179,8 +179,19 @@ def _local_batch(s: TrainSettings, store: Store, groups: int) -> int:
 
 
 def input_scales(store: Store, hooks) -> np.ndarray:
-    """Per member, the factor that brings its hook to unit mean squared norm (the manifest's statistics)."""
-    return np.asarray([1.0 / np.sqrt(store.hooks[h]["mean_sq_norm"]) for h in hooks], np.float32)
+    """Per member, the factor that brings its hook to unit mean squared norm (the manifest's
+    statistics; the biases' raw-unit learning rate depends on it too). A hook whose activations
+    are all zero, or whose statistic is not a positive number, has no such factor."""
+    out = []
+    for h in hooks:
+        ms = store.hooks[h]["mean_sq_norm"]
+        if not (isinstance(ms, int | float) and np.isfinite(ms) and ms > 0):
+            raise TrainError(
+                f"{store.root}/manifest.json: hook {h!r} has mean squared norm {ms!r}; training scales each hook to unit mean "
+                "squared norm, which needs a positive finite value (activations all zero, or a damaged manifest)"
+            )
+        out.append(1.0 / np.sqrt(ms))
+    return np.asarray(out, np.float32)
 
 
 def train_records(store, holdout_shards: int) -> tuple[int, int]:
