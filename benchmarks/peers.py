@@ -62,7 +62,7 @@ def export_rows(store_dir: Path, hook: str, out: Path) -> dict:
     """The hook's training rows (every shard but the last) and held-out rows (the last shard), as
     float32 .npy for every trainer; the store's statistics give sae_jax's input scale."""
     from sae_jax.data.store import open_store
-    from sae_jax.train.loop import train_records
+    from sae_jax.train.loop import input_scales, train_records
 
     store = open_store(store_dir, verify=True)
     if hook not in store.hooks:
@@ -79,7 +79,7 @@ def export_rows(store_dir: Path, hook: str, out: Path) -> dict:
         "d_in": store.width(hook),
         "train_rows": int(cut),
         "eval_rows": int(len(rows) - cut),
-        "input_scale": float(1.0 / np.sqrt(store.hooks[hook]["mean_sq_norm"])),
+        "input_scale": float(input_scales(store, [hook])[0]),
         "dtype": str(store.dtype),
     }
 

@@ -59,7 +59,10 @@ WORLDS = {
 PEERS = ("sparsify", "sparsify_adam", "saelens")
 _D = TrainSettings.defaults()
 # sae_jax's defaults, in its runs' names (the encoder dtype resolved for this machine: `auto`)
-RECIPE = f"lr{DEFAULT_LR:g}.b{_D.bias_lr_scale:g}{_D.bias_lr_units}.d{_D.decoder_lr_scale:g}.{resolve_encoder_dtype(_D.encoder_dtype) or 'float32'}"
+RECIPE = (
+    f"lr{DEFAULT_LR:g}.b{_D.bias_lr_scale:g}{_D.bias_lr_units}.d{_D.decoder_lr_scale:g}.adam{_D.adam_b1:g}-{_D.adam_b2:g}-{_D.adam_eps:g}"
+    f".{resolve_encoder_dtype(_D.encoder_dtype) or 'float32'}"
+)
 
 
 def write_world(world: FeatureWorld, rows: int, seed: int, out: Path) -> None:

@@ -75,6 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.bias_lr_scale = 1.35
     c.train.bias_lr_units = "raw"
     c.train.decoder_lr_scale = 5.0  # W_dec learns at this times train.lr (docs/design.md, "The recipe")
+    c.train.adam_b1 = 0.5  # Adam's first-moment (momentum) decay; optax's default is 0.9 (docs/design.md, "The recipe")
+    c.train.adam_b2 = 0.999  # Adam's second-moment decay
+    c.train.adam_eps = 1e-8  # Adam's epsilon (gradients of inputs at unit mean squared norm)
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing

@@ -32,6 +32,9 @@ BAD = {
     "bias_lr_scale": (float("nan"), ">= 0 and finite"),
     "bias_lr_units": ("store", "choose from raw, scaled"),
     "decoder_lr_scale": (-1.0, ">= 0 and finite"),
+    "adam_b1": (1.0, "in [0, 1)"),
+    "adam_b2": (-0.1, "in [0, 1)"),
+    "adam_eps": (0.0, "> 0 and finite"),
     "warmup_steps": (-1, ">= 0"),
     "decay_frac": (2.0, "in [0, 1]"),
     "dead_tokens": (0, "positive"),
@@ -130,13 +133,15 @@ def test_a_run_from_before_the_recipe_change_is_another_run():
     """An identity written before `bias_lr_scale` and the 8e-4 rule existed canonicalises to what
     that run trained with (biases at 1x in scaled units, lr = 0 meaning 2e-4 / sqrt(width / 2^14)),
     not to today's defaults: resuming it under the new recipe is refused by the run-directory check.
-    One written before `bias_lr_units` (biases at 0.1x) read its scale in scaled units."""
+    One written before `bias_lr_units` (biases at 0.1x) read its scale in scaled units; one written
+    before the Adam constants were settings trained with optax's 0.9 / 0.999 / 1e-8."""
     s = TrainSettings.defaults()
-    new = ("bias_lr_scale", "bias_lr_units", "decoder_lr_scale", "lr_rule")
+    new = ("bias_lr_scale", "bias_lr_units", "decoder_lr_scale", "lr_rule", "adam_b1", "adam_b2", "adam_eps")
     old = {k: v for k, v in s.identity().items() if k not in new}
     canon = TrainSettings.canonical_identity(old)
     assert canon["bias_lr_scale"] == 1.0 and canon["lr_rule"] == "0.0002 / sqrt(width / 2^14)"
     assert canon["decoder_lr_scale"] == 1.0 and canon["bias_lr_units"] == "scaled"
+    assert (canon["adam_b1"], canon["adam_b2"], canon["adam_eps"]) == (0.9, 0.999, 1e-8)
     before_units = {k: v for k, v in s.identity().items() if k != "bias_lr_units"}
     canon = TrainSettings.canonical_identity({**before_units, "bias_lr_scale": 0.1, "lr_rule": "0.0008 / sqrt(width / 2^14)"})
     assert canon["bias_lr_units"] == "scaled" and canon["bias_lr_scale"] == 0.1

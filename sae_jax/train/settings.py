@@ -26,6 +26,7 @@ IDENTITY = (
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
+    "adam_b1", "adam_b2", "adam_eps",
 )  # fmt: skip
 DEFAULT_LR = 1.2e-3  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
 # JumpReLU keeps the earlier base: at 8e-4 its thresholds (trained at the full rate, moving up to
@@ -49,6 +50,9 @@ LEGACY = {
     "bias_lr_scale": 1.0,
     "bias_lr_units": "scaled",
     "decoder_lr_scale": 1.0,
+    "adam_b1": 0.9,
+    "adam_b2": 0.999,
+    "adam_eps": 1e-8,
     "lr_rule": "0.0002 / sqrt(width / 2^14)",
 }
 BIAS_LR_UNITS = ("raw", "scaled")  # how train.bias_lr_scale is read (train/step.py, `bias_lr_factors`)
@@ -84,6 +88,9 @@ class TrainSettings:
     bias_lr_scale: float
     bias_lr_units: str
     decoder_lr_scale: float
+    adam_b1: float
+    adam_b2: float
+    adam_eps: float
     warmup_steps: int
     decay_frac: float
     dead_tokens: int
@@ -294,6 +301,9 @@ def _check(s: TrainSettings) -> None:
             finite(s.decoder_lr_scale) and s.decoder_lr_scale >= 0,
             "must be >= 0 and finite (the decoder weights' lr / train.lr)",
         ),
+        ("adam_b1", 0 <= s.adam_b1 < 1, "must be in [0, 1) (Adam's first-moment decay)"),
+        ("adam_b2", 0 <= s.adam_b2 < 1, "must be in [0, 1) (Adam's second-moment decay)"),
+        ("adam_eps", finite(s.adam_eps) and s.adam_eps > 0, "must be > 0 and finite"),
         ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),
         ("dead_tokens", s.dead_tokens >= 1, "must be positive (tokens without firing before a latent counts as dead)"),

@@ -76,8 +76,9 @@ def make_optimizer(
     decay_frac: float,
     bias_lr_scale: float | dict = 1.0,
     decoder_lr_scale: float = 1.0,
+    adam: tuple[float, float, float] = (0.9, 0.999, 1e-8),
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Adam; linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
+    """Adam (`adam`: b1, b2, eps); linear warmup, constant, then linear decay to 0 over the last `decay_frac` of steps.
     Each member has its own learning rate `lrs` [M] (leading bank axis); the biases (`BIASES`)
     take `bias_lr_scale` times it (a number, or per bias an array [M]: `bias_lr_factors`) and the
     decoder `decoder_lr_scale` times it (docs/design.md, "The recipe"). Returns (optimiser, schedule)."""
@@ -103,7 +104,7 @@ def make_optimizer(
         return {n: u * member(factors[n], u) if n in factors else u for n, u in out.items()}, state
 
     return optax.chain(
-        optax.scale_by_adam(),
+        optax.scale_by_adam(*adam),
         optax.scale_by_schedule(sched),
         optax.GradientTransformation(lambda p: optax.EmptyState(), per_member),
     ), sched
@@ -339,20 +340,19 @@ def member_lrs(spec: BankSpec, settings: TrainSettings) -> np.ndarray:
 
 
 def build_optimizer(
-    spec: BankSpec, settings: TrainSettings, input_scale=None, output_scale=None
+    spec: BankSpec, settings: TrainSettings, input_scale, output_scale
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """The optimiser of `settings`; `input_scale` / `output_scale` [M] (default 1) set the biases'
-    rate when `train.bias_lr_units = raw` (`bias_lr_factors`)."""
-    s_in = np.ones(spec.size, np.float32) if input_scale is None else input_scale
-    s_out = s_in if output_scale is None else output_scale
+    """The optimiser of `settings`; the members' `input_scale` / `output_scale` [M] set the
+    biases' rate when `train.bias_lr_units = raw` (`bias_lr_factors`)."""
     return make_optimizer(
         spec,
         member_lrs(spec, settings),
         settings.steps,
         settings.warmup_steps,
         settings.decay_frac,
-        bias_lr_factors(settings, s_in, s_out),
+        bias_lr_factors(settings, input_scale, output_scale),
         settings.decoder_lr_scale,
+        (settings.adam_b1, settings.adam_b2, settings.adam_eps),
     )
 
 
