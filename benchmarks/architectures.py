@@ -1,6 +1,7 @@
 """FVU against L0 for each architecture at equal width and tokens, and tokens/s against TopK.
 
     .venv/bin/python benchmarks/architectures.py [--part fvu|speed|all] [--store runs/demo/store] [--steps 80]
+        [--only relu] [--set FIELD=VALUE ...]
 
 On the embedded model's store (`sae-jax demo` makes runs/demo/store; harvested here if missing),
 hook blocks.6.hook_resid_post (d_in 576), width 4608 (8x), batch 2048 tokens: one bank per
@@ -43,10 +44,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--only", default="", help="comma-separated subset of the architectures")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="a train setting for every bank (FVU part; repeatable)"
+    )
     ap.add_argument("--out", default="runs/bench/architectures.json")
     ap.add_argument("--part", choices=("fvu", "speed", "all"), default="all")
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peers import parse_sets
+
+    a.set = parse_sets(a.set, flag="--set")
     if a.part in ("speed", "all"):
         speed(a)
     if a.part in ("fvu", "all"):
@@ -149,7 +157,7 @@ def fvu(a) -> None:
         t.store, t.hooks, t.widths, t.batch_size, t.steps = a.store, a.hook, str(a.width), a.batch, a.steps
         t.architecture = name.replace("matryoshka_", "")
         t.warmup_steps, t.log_every, t.checkpoint_every, t.progress = 10, max(a.steps // 5, 1), a.steps, False
-        for k, v in settings.items():
+        for k, v in {**settings, **a.set}.items():
             t[k] = v
         t.run_dir = str(Path(a.out).parent / f"arch-{name}-{a.steps}")
         shutil.rmtree(t.run_dir, ignore_errors=True)  # a fresh run each time

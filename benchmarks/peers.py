@@ -145,7 +145,7 @@ def downstream(worker: Worker, name: str, folder: Path, meta: dict, args) -> dic
     return {"loss_recovered": perf["ce_loss_score"], "ce_with_sae": perf["ce_loss_with_sae"], "kl_with_sae": behav["kl_div_with_sae"]}
 
 
-def parse_sets(items: list[str]) -> dict:
+def parse_sets(items: list[str], flag: str = "--sae-jax-set") -> dict:
     """`FIELD=VALUE` pairs into TrainSettings overrides (VALUE read as a Python literal, else a string)."""
     import ast
     import dataclasses
@@ -157,7 +157,7 @@ def parse_sets(items: list[str]) -> dict:
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or key not in fields:
-            sys.exit(f"--sae-jax-set {item!r}: expected FIELD=VALUE with FIELD a TrainSettings field ({', '.join(sorted(fields))})")
+            sys.exit(f"{flag} {item!r}: expected FIELD=VALUE with FIELD a TrainSettings field ({', '.join(sorted(fields))})")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
