@@ -10,7 +10,7 @@ dictionaries, `threshold [w]` (`Run.folded`). `kind` is the activation at infere
 The last two have no bound on active latents per row: they are encoded *capped* at k per row
 (the k largest of pre - threshold, by the same streaming encoder, no [N, w] pre-activation),
 which is exact for every row with at most k active latents; `truncated` counts the others.
-The decode works from (values, indices).
+The decode works from (values, indices) (`decode`: a gather, blocked, or dense at a large cap).
 """
 
 from __future__ import annotations
@@ -44,9 +44,37 @@ def truncated(values) -> jax.Array:
     return values[:, -1] > 0
 
 
+GATHER_BYTES = 1 << 28  # the most one gathered [N, slots, d_out] block of decoder rows may hold
+DENSE_SHARE = 8  # a cap of width / this or more decodes densely
+
+
 def decode(p, values, indices):
-    """(values, indices) [N, k] -> x_hat [N, d_out]: a gather of k decoder rows per row, no [N, w] matrix."""
-    return jnp.einsum("nk,nkd->nd", values, p["W_dec"][indices]) + p["b_dec"]
+    """(values, indices) [N, k] -> x_hat [N, d_out].
+
+    A gather of the k decoder rows of each row (no [N, w] matrix), in blocks of slots that hold at
+    most GATHER_BYTES: a capped encode of a dense dictionary (ReLU, JumpReLU at high L0) has k in
+    the thousands, and one [N, k, d_out] gather would be tens of GB. Where the cap is a large share
+    of the width (k >= w / DENSE_SHARE) the gather costs more than the dictionary itself, and the
+    codes go into a [N, w] matrix times W_dec instead."""
+    w_dec = p["W_dec"]
+    (n, k), (w, d) = values.shape, w_dec.shape
+    dtype = jnp.promote_types(values.dtype, w_dec.dtype)
+    hi = lax.Precision.HIGHEST
+    if DENSE_SHARE * k >= w:
+        codes = jnp.zeros((n, w), dtype).at[jnp.arange(n)[:, None], indices].add(values.astype(dtype))
+        return jnp.matmul(codes, w_dec, precision=hi) + p["b_dec"]
+    block = max(1, GATHER_BYTES // max(1, n * d * jnp.dtype(dtype).itemsize))
+    if block >= k:
+        return jnp.einsum("nk,nkd->nd", values, w_dec[indices], precision=hi) + p["b_dec"]
+    pad = -k % block
+    vs = jnp.pad(values, ((0, 0), (0, pad))).reshape(n, -1, block).swapaxes(0, 1)  # zero slots add nothing
+    ids = jnp.pad(indices, ((0, 0), (0, pad))).reshape(n, -1, block).swapaxes(0, 1)
+
+    def add(acc, vi):
+        return acc + jnp.einsum("nk,nkd->nd", vi[0], w_dec[vi[1]], precision=hi), None
+
+    out, _ = lax.scan(add, jnp.zeros((n, d), dtype), (vs, ids))
+    return out + p["b_dec"]
 
 
 @partial(jax.jit, static_argnames=("k", "chunk", "kind"))
