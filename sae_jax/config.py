@@ -75,7 +75,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.bias_lr_scale = 1.35
     c.train.bias_lr_units = "raw"
     c.train.decoder_lr_scale = 5.0  # W_dec learns at this times train.lr (docs/design.md, "The recipe")
-    c.train.adam_b1 = 0.9  # Adam's first-moment (momentum) decay; 0.5 for short runs (docs/design.md, "The recipe")
+    c.train.adam_b1 = 0.7  # Adam's first-moment (momentum) decay (docs/design.md, "The recipe")
     c.train.adam_b2 = 0.999  # Adam's second-moment decay
     c.train.adam_eps = 1e-8  # Adam's epsilon (gradients of inputs at unit mean squared norm)
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
