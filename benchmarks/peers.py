@@ -6,11 +6,12 @@
 For each width: one process per trainer (`benchmarks/peer_worker.py`; sae_jax in .venv, the peers
 in .peer-venv, which this script builds with `make peer-venv` if it is missing), all on the same
 token rows of one hook exported from the store (train.npy / eval.npy beside the JSON: runs/bench/peers/),
-the same d_in, d_sae, k, batch, Adam (betas 0.9 / 0.999), schedule (warmup, constant, linear
-decay over the last 20%), AuxK coefficient 1/32 with a 10M-token dead window, token budget and
-initial directions; each library at its own default learning rate (sae_jax 8e-4, sparsify's Adam
-rule 2e-4, both / sqrt(d_sae / 2^14); SAELens, which has none, at sparsify's), or every one at
-sae_jax's with `--peer-lr ours`. Every trainer takes one untimed step first
+the same d_in, d_sae, k, batch, Adam, schedule (warmup, constant, linear decay over the last
+20%), AuxK coefficient 1/32 with a 10M-token dead window, token budget and initial directions;
+each library at its own default learning rate and betas (sae_jax 1.2e-3 with b1 0.7 and its
+bias and decoder rates, sparsify's Adam rule 2e-4 with torch's 0.9 / 0.999, both / sqrt(d_sae /
+2^14); SAELens, which has no rule, at sparsify's), or every one at sae_jax's lr with `--peer-lr
+ours`. Every trainer takes one untimed step first
 (compilation, allocation; it counts toward the budget), then the rest in `--rounds` chunks,
 trainer order rotating every round, so that the machine's noise falls on all of them alike.
 
