@@ -74,9 +74,9 @@ def test_two_processes_match_one_and_resume_across_process_counts(tiny_store, tm
     # rounded to bf16 for the encoder matmul (`auto` on a CPU with AVX512-BF16) such a difference
     # can move a weight by one bf16 step and flip a near-tie of the selection (measured: 2.7e-5
     # apart after 12 steps with bf16, 2.5e-7 with float32). Adam's b1 pinned at 0.9 (optax's; the
-    # default is 0.7), so the test does not move with the default: at b1 0.5 the first moment weighs the newest
-    # gradient 0.5, not 0.1, so a rounding difference of the all-reduce moves an update 5x as
-    # far; at 64 latents the decoder learns at 0.096 a step (the width rule, x5) and after 12
+    # default is 0.7), so the test does not move with the default: at b1 0.5 the first moment
+    # weighs the newest gradient 0.5, not 0.1, so a rounding difference of the all-reduce moves an
+    # update 5x as far; at 64 latents the decoder learns at 0.096 a step (the width rule, x5) and after 12
     # steps the two runs were 1.1e-6 apart at 0.5 (2.6e-7 at 0.9; at 0.5 with the decoder at 1x,
     # W_enc 2.3e-6: the gap is chaotic, not a bias)
     mesh = {"train.mesh_data": 8, "train.mesh_model": 1, "train.encoder_dtype": "float32", "train.adam_b1": 0.9}
