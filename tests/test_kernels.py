@@ -281,17 +281,23 @@ def test_bfloat16_encoder_dtype(encoder):
     np.testing.assert_allclose(np.asarray(g), want, rtol=1e-5, atol=1e-5)
 
 
-def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it():
-    """`auto`: bfloat16 when compiling for TPU or GPU, on this CPU as its flags say; explicit
-    names pass through; an unknown name is refused."""
+def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it_faster():
+    """`auto`: bfloat16 when compiling for TPU or GPU, on this CPU as its timing says (never
+    without the flags); explicit names pass through; an unknown name is refused."""
     from sae_jax.kernels import pallas, topk
 
     for platform in ("tpu", "gpu"):
         with pallas.compiling_for(platform):
             assert topk.resolve_encoder_dtype("auto") == "bfloat16"
             assert topk.resolve_encoder_dtype("float32") == "float32"
-    cpu = "bfloat16" if topk.host_bf16_dot() else "float32"
+    cpu = "bfloat16" if topk.host_bf16_faster() else "float32"
     assert topk.resolve_encoder_dtype("auto") == cpu
+    if not topk.host_bf16_dot():
+        assert cpu == "float32"
+    with pytest.MonkeyPatch.context() as mp:  # no bf16 instructions: float32, and nothing timed
+        mp.setattr(topk, "host_bf16_dot", lambda: False)
+        mp.setattr(topk.jax, "devices", None)
+        assert topk.host_bf16_faster.__wrapped__() is False
     assert topk.resolve_encoder_dtype(None) is None
     with pytest.raises(ValueError, match="float16"):
         topk.resolve_encoder_dtype("float16")

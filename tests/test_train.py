@@ -184,3 +184,38 @@ def test_sigterm_saves_and_exits_then_resumes(tiny_store, tmp_path):
     (_, a), (_, b) = _final_params(ref), _final_params(run)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_auto_encoder_dtype_is_recorded_when_a_run_begins_and_kept_on_resume(tmp_path, monkeypatch):
+    """`encoder_dtype: auto` on a CPU is a timing, which another process may see otherwise: the
+    run's config.json records the first choice, a resume on the same platform keeps it whatever
+    its own timing says, the identity is untouched, and a process other than 0 reads the record."""
+    from sae_jax.kernels import topk
+    from sae_jax.train import loop
+    from sae_jax.train.settings import TrainSettings
+
+    s = TrainSettings.defaults()
+    assert s.encoder_dtype == "auto"
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"train_identity": s.identity(), "config": {}}))
+    with pytest.raises(loop.TrainError, match="encoder_dtype_auto"):
+        loop._auto_encoder_dtype(cfg, s, write=False)
+    logged = []
+    monkeypatch.setattr(topk, "host_bf16_faster", lambda: True)
+    assert loop._auto_encoder_dtype(cfg, s, logged.append) == "bfloat16"
+    assert "measured on this CPU" in logged[-1]
+    saved = json.loads(cfg.read_text())
+    assert saved[loop.AUTO_DTYPE_KEY] == {"platform": "cpu", "dtype": "bfloat16"}
+    assert TrainSettings.canonical_identity(saved["train_identity"]) == s.identity()
+    monkeypatch.setattr(topk, "host_bf16_faster", lambda: False)
+    assert topk.resolve_encoder_dtype("auto") == "float32"  # a fresh timing would say otherwise now
+    assert loop._auto_encoder_dtype(cfg, s, logged.append) == "bfloat16"
+    assert "as this run chose when it began" in logged[-1]
+    assert loop._auto_encoder_dtype(cfg, s, write=False) == "bfloat16"
+    assert loop._auto_encoder_dtype(cfg, s.replace(encoder_dtype="float32")) is None  # a named dtype is used as named
+    # a run begun on another platform is measured again here, and the record follows
+    saved[loop.AUTO_DTYPE_KEY] = {"platform": "gpu", "dtype": "bfloat16"}
+    cfg.write_text(json.dumps(saved))
+    assert loop._auto_encoder_dtype(cfg, s, logged.append) == "float32"
+    assert json.loads(cfg.read_text())[loop.AUTO_DTYPE_KEY] == {"platform": "cpu", "dtype": "float32"}
+    assert not list(tmp_path.glob("*.tmp"))

@@ -101,12 +101,54 @@ def host_bf16_dot() -> bool:
     return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+# `auto` on a CPU that has bf16 dot instructions: the probe's matmul [rows, d] x [d, width], and how
+# much faster bfloat16 must run to be chosen (at most 0.95 of float32's time). Measured on such
+# CPUs: an AMD EPYC ran bf16 faster; an Intel Xeon with AVX512-BF16 (no AMX) ran it 1.07-1.44x
+# slower at every training shape tried (docs/design.md, "Encoder matmul dtype")
+PROBE_SHAPE = (1024, 512, 4096)
+BF16_MARGIN = 0.95
+
+
+@functools.cache
+def host_bf16_faster() -> bool:
+    """Whether XLA's bfloat16 encoder matmul (inputs cast from float32, float32 accumulation) runs
+    faster than its float32 one on this CPU: False without `host_bf16_dot`, else timed once per
+    process on `PROBE_SHAPE` (medians of 5 interleaved runs each, ~0.3 s); bfloat16 must take at
+    most `BF16_MARGIN` of float32's time."""
+    if not host_bf16_dot():
+        return False
+    import time
+
+    import numpy as np
+
+    rows, d, width = PROBE_SHAPE
+    cpu = jax.devices("cpu")[0]
+    rng = np.random.default_rng(0)
+    x = jax.device_put(rng.standard_normal((rows, d), np.float32), cpu)
+    w = jax.device_put(rng.standard_normal((d, width), np.float32) / np.sqrt(d), cpu)
+    fns = {
+        dt: jax.jit(lambda a, b, dt=dt: jnp.dot(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32))
+        for dt in (jnp.float32, jnp.bfloat16)
+    }
+    times = {dt: [] for dt in fns}
+    for f in fns.values():
+        f(x, w).block_until_ready()
+    for _ in range(5):
+        for dt, f in fns.items():
+            t0 = time.perf_counter()
+            f(x, w).block_until_ready()
+            times[dt].append(time.perf_counter() - t0)
+    return float(np.median(times[jnp.bfloat16])) <= BF16_MARGIN * float(np.median(times[jnp.float32]))
+
+
 def resolve_encoder_dtype(encoder_dtype) -> str | None:
     """The TopK encoder matmul's input dtype: None (as given), 'float32' or 'bfloat16'; `auto` is
-    bfloat16 where the platform multiplies it natively (TPU, GPU, a CPU with `host_bf16_dot`) and
-    float32 elsewhere. Accumulation is float32 either way, and the sparse backward reads the float32
-    inputs, so only the selection and the selected values see the rounding (SmolLM2, 2^14
-    latents, 200 steps: held-out FVU 0.0584 against 0.0582 in float32; docs/benchmarks.md)."""
+    bfloat16 where the platform multiplies it natively and faster (TPU, GPU, a CPU where
+    `host_bf16_faster`) and float32 elsewhere. Accumulation is float32 either way, and the sparse
+    backward reads the float32 inputs, so only the selection and the selected values see the
+    rounding (SmolLM2, 2^14 latents, 200 steps: held-out FVU 0.0584 against 0.0582 in float32;
+    docs/benchmarks.md). A training run records what `auto` chose on a CPU and keeps it when
+    resumed there (`train.loop`), so that a resumed run computes what the first process did."""
     if encoder_dtype in (None, ""):
         return None
     if encoder_dtype not in ENCODER_DTYPES:
@@ -116,7 +158,7 @@ def resolve_encoder_dtype(encoder_dtype) -> str | None:
     from sae_jax.kernels.pallas import target_platform
 
     platform = target_platform()
-    return "bfloat16" if platform in ("tpu", "gpu") or (platform == "cpu" and host_bf16_dot()) else "float32"
+    return "bfloat16" if platform in ("tpu", "gpu") or (platform == "cpu" and host_bf16_faster()) else "float32"
 
 
 def row_top_k(pre, k: int, group: int = 0, bias=None):

@@ -71,7 +71,8 @@ def train(c, log=print) -> TrainResult:
     mesh = make_mesh(s)
     group, groups = parallel.data_group(mesh)
     local_batch = _local_batch(s, store, groups)
-    run = _open_run_dir(Path(s.run_dir).expanduser(), s, c)
+    run = Path(s.run_dir).expanduser()
+    s = _open_run_dir(run, s, c, log)
     scale, out_scale = input_scales(store, spec.hooks), input_scales(store, spec.targets)
     records = train_records(store, s.holdout_shards)
     read = sorted(set(spec.hooks) | set(spec.targets))
@@ -223,17 +224,53 @@ def _stack(batch, hooks) -> np.ndarray:
 
 
 # ---- the run directory -----------------------------------------------------------------------
-def _open_run_dir(run: Path, s: TrainSettings, c) -> Path:
+def _open_run_dir(run: Path, s: TrainSettings, c, log=print) -> TrainSettings:
     """Process 0 creates `run` and writes config.json (or checks the run already there has the
-    same settings); the others check after it. Returns `run`."""
+    same settings); the others check after it. Returns the settings with `encoder_dtype: auto`
+    resolved as the run records it (`_auto_encoder_dtype`)."""
     cfg_json = json.dumps({"train_identity": s.identity(), "config": json.loads(c.to_json_best_effort())}, indent=1)
     if jax.process_index() == 0:
         _prepare_run_dir(run, cfg_json)
+        chosen = _auto_encoder_dtype(run / "config.json", s, log)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("sae_jax.train: run directory ready")
         if jax.process_index() != 0:
             _prepare_run_dir(run, cfg_json, write=False)
-    return run
+            chosen = _auto_encoder_dtype(run / "config.json", s, log, write=False)
+    return s if chosen is None else s.replace(encoder_dtype=chosen)
+
+
+AUTO_DTYPE_KEY = "encoder_dtype_auto"  # config.json: {"platform", "dtype"}: what `auto` chose when the run began
+
+
+def _auto_encoder_dtype(cfg_file: Path, s: TrainSettings, log=print, write: bool = True) -> str | None:
+    """What `train.encoder_dtype: auto` runs as (None: the setting names a dtype). On a CPU `auto`
+    is measured (`kernels.topk.host_bf16_faster`), and a measurement may come out otherwise in
+    another process: the run records its choice in config.json when it begins, and a resume on
+    the same platform keeps it, so a resumed run computes what an unbroken one does. `write`
+    False (processes other than 0): read the choice process 0 recorded."""
+    from sae_jax.kernels.pallas import target_platform
+    from sae_jax.kernels.topk import resolve_encoder_dtype
+
+    if s.encoder_dtype != "auto":
+        return None
+    cfg = json.loads(cfg_file.read_text())
+    platform = target_platform()
+    rec = cfg.get(AUTO_DTYPE_KEY) or {}
+    if rec.get("platform") == platform and rec.get("dtype") in ("float32", "bfloat16"):
+        if platform == "cpu" and write:
+            log(f"encoder matmul in {rec['dtype']} (train.encoder_dtype=auto, as this run chose when it began: {cfg_file.name})")
+        return rec["dtype"]
+    if not write:
+        raise TrainError(f"{cfg_file} records no {AUTO_DTYPE_KEY} for {platform} after process 0 opened the run")
+    dtype = resolve_encoder_dtype("auto")
+    cfg[AUTO_DTYPE_KEY] = {"platform": platform, "dtype": dtype}
+    tmp = cfg_file.with_name(cfg_file.name + ".tmp")
+    tmp.write_text(json.dumps(cfg, indent=1))
+    tmp.replace(cfg_file)
+    if platform == "cpu":
+        log(f"encoder matmul in {dtype} (train.encoder_dtype=auto, measured on this CPU; recorded in {cfg_file.name})")
+    return dtype
 
 
 def write_bank_json(
