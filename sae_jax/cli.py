@@ -404,6 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sae-jax: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
         return 2
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if cmd in ("train", "demo"):  # before jax starts its threads
+        from sae_jax.hostmem import keep_freed_memory
+
+        keep_freed_memory()
     from absl import flags
 
     from sae_jax.errors import SaeJaxError

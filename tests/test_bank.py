@@ -1,5 +1,7 @@
 """TopK bank: forward contract, agreement across meshes, recovery of known features."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -218,3 +220,48 @@ def test_bias_lr_units_raw_scales_each_bias_by_its_hooks_scale():
     f = bias_lr_factors(raw.replace(bias_lr_units="scaled"), np.array([0.5, 0.25]), np.array([0.1, 0.2]))
     np.testing.assert_allclose(f["b_enc"], [2.0, 2.0])
     np.testing.assert_allclose(f["b_dec"], [2.0, 2.0])
+
+
+@pytest.mark.parametrize("shape,arch", [((1, 1), "topk"), ((4, 2), "topk"), ((2, 2), "batchtopk")])
+def test_the_step_compiles_once(shape, arch):
+    """The state a step returns has the shardings the state was made in, so the next step reuses
+    the compiled program (it was compiled twice: XLA laid W_dec out P() and b_dec P(None,
+    'model'), and the second call saw other input shardings), and donation can reuse every
+    buffer. AuxK's branch is live from the third step on (dead after 100 tokens)."""
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    settings = TrainSettings.defaults(steps=100, warmup_steps=5, dead_tokens=100, architecture=arch)
+    step = TrainStep(SPEC, mesh, settings)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 64, 32)).astype(np.float32))
+    st = step.init_state(jax.random.key(0), x[:, :32])
+    made = jax.tree.map(lambda a: a.sharding, st)
+    for _ in range(4):
+        st, _ = step(st, x)
+    jax.block_until_ready(st)
+    assert step.jitted._cache_size() == 1
+    jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim) or pytest.fail(f"{a.sharding} != {s}"), st, made)
+
+
+def test_the_step_compiles_once_in_a_fresh_interpreter():
+    """The same where nothing has imported Pallas before the first step is traced: importing it
+    adds jax config options, and a tracing context that grew between two calls traced and
+    compiled the step again (`kernels.topk` now imports it with itself)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, numpy as np\n"
+        "from sae_jax import parallel\n"
+        "from sae_jax.sae.bank import BankSpec\n"
+        "from sae_jax.train.settings import TrainSettings\n"
+        "from sae_jax.train.step import TrainStep\n"
+        "spec = BankSpec(('a',), (128,), (4,), 16, 128, 8)\n"
+        "step = TrainStep(spec, parallel.make_mesh(1, 1), TrainSettings.defaults(steps=10, warmup_steps=1))\n"
+        "st = step.init_state(jax.random.key(0), None)\n"
+        "x = np.random.default_rng(0).normal(size=(1, 32, 16)).astype(np.float32)\n"
+        "for _ in range(3):\n"
+        "    st, _ = step(st, x)\n"
+        "print('compiled', step.jitted._cache_size())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env={**os.environ, "XLA_FLAGS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled 1" in r.stdout, r.stdout + r.stderr[-2000:]

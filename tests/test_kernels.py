@@ -298,6 +298,9 @@ def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it_faster(
         mp.setattr(topk, "host_bf16_dot", lambda: False)
         mp.setattr(topk.jax, "devices", None)
         assert topk.host_bf16_faster.__wrapped__() is False
+    # first asked while a step is traced (as a TrainStep built outside `sae-jax train` is), the
+    # probe still runs its timing eagerly
+    assert float(jax.jit(lambda x: x + topk.host_bf16_faster.__wrapped__())(1.0)) in (1.0, 2.0)
     assert topk.resolve_encoder_dtype(None) is None
     with pytest.raises(ValueError, match="float16"):
         topk.resolve_encoder_dtype("float16")

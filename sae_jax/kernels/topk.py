@@ -41,6 +41,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+# imported with this module, not when a step is first traced: importing Pallas defines jax config
+# options, and a jitted step traced before that has another tracing context than its next call,
+# which then traces and compiles the whole step again
+from sae_jax.kernels import pallas
+from sae_jax.kernels.pallas import target_platform
+
 ENCODERS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")
 DEFAULT_ENCODER_BLOCK = 4096
@@ -78,8 +84,6 @@ def resolve_encoder(encoder: str, rows: int = 0, width: int = 0) -> str:
         raise ValueError(f"unknown TopK encoder implementation {encoder!r} (choose from {', '.join(ENCODERS)})")
     if encoder != "auto":
         return encoder
-    from sae_jax.kernels.pallas import target_platform
-
     backend = target_platform()
     if backend == "tpu":
         return "pallas_tpu"
@@ -121,23 +125,24 @@ def host_bf16_faster() -> bool:
 
     import numpy as np
 
-    rows, d, width = PROBE_SHAPE
-    cpu = jax.devices("cpu")[0]
-    rng = np.random.default_rng(0)
-    x = jax.device_put(rng.standard_normal((rows, d), np.float32), cpu)
-    w = jax.device_put(rng.standard_normal((d, width), np.float32) / np.sqrt(d), cpu)
-    fns = {
-        dt: jax.jit(lambda a, b, dt=dt: jnp.dot(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32))
-        for dt in (jnp.float32, jnp.bfloat16)
-    }
-    times = {dt: [] for dt in fns}
-    for f in fns.values():
-        f(x, w).block_until_ready()
-    for _ in range(5):
-        for dt, f in fns.items():
-            t0 = time.perf_counter()
+    with jax.ensure_compile_time_eval():  # run now, also when first asked while a step is traced
+        rows, d, width = PROBE_SHAPE
+        cpu = jax.devices("cpu")[0]
+        rng = np.random.default_rng(0)
+        x = jax.device_put(rng.standard_normal((rows, d), np.float32), cpu)
+        w = jax.device_put(rng.standard_normal((d, width), np.float32) / np.sqrt(d), cpu)
+        fns = {
+            dt: jax.jit(lambda a, b, dt=dt: jnp.dot(a.astype(dt), b.astype(dt), preferred_element_type=jnp.float32))
+            for dt in (jnp.float32, jnp.bfloat16)
+        }
+        times = {dt: [] for dt in fns}
+        for f in fns.values():
             f(x, w).block_until_ready()
-            times[dt].append(time.perf_counter() - t0)
+        for _ in range(5):
+            for dt, f in fns.items():
+                t0 = time.perf_counter()
+                f(x, w).block_until_ready()
+                times[dt].append(time.perf_counter() - t0)
     return float(np.median(times[jnp.bfloat16])) <= BF16_MARGIN * float(np.median(times[jnp.float32]))
 
 
@@ -155,8 +160,6 @@ def resolve_encoder_dtype(encoder_dtype) -> str | None:
         raise ValueError(f"unknown encoder dtype {encoder_dtype!r} (choose from {', '.join(ENCODER_DTYPES)})")
     if encoder_dtype != "auto":
         return encoder_dtype
-    from sae_jax.kernels.pallas import target_platform
-
     platform = target_platform()
     return "bfloat16" if platform in ("tpu", "gpu") or (platform == "cpu" and host_bf16_faster()) else "float32"
 
@@ -234,8 +237,6 @@ def _stream(x, w, biases, ks, encoder_block, encoder_dtype=None):
 def _rows(x, w, biases, ks, encoder_dtype=None):
     """A map over blocks of rows: each block's dense pre-activations and their top-k (exact, no merge)."""
     rows, d = x.shape
-    from sae_jax.kernels.pallas import target_platform
-
     gpu = target_platform() == "gpu"
     r = row_block(rows, w.shape[1], *((GPU_ROWS_BUDGET, GPU_ROWS_MAX) if gpu else (ROWS_BUDGET, ROWS_MAX)))
     out = lax.map(lambda xb: _dense(xb, w, biases, ks, encoder_dtype), x.reshape(rows // r, r, d))
@@ -256,8 +257,6 @@ def _forward(x, w, biases, ks, encoder, encoder_block, encoder_dtype=None):
     if encoder == "stream":
         return _stream(x, w, biases, ks, encoder_block, encoder_dtype)
     if encoder in ("pallas_gpu", "pallas_tpu"):
-        from sae_jax.kernels import pallas
-
         w = w if encoder_dtype is None else w.astype(encoder_dtype)
         if encoder == "pallas_gpu" and len(ks) > 1 and ks[1] > TRITON_MAX_SLOTS:
             head = pallas.topk_candidates(x, w, biases[:1], ks[:1], encoder_block, backend="gpu")
