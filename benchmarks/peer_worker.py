@@ -67,10 +67,9 @@ class Trainer:
 
     def train(self, steps: int) -> float:
         """Train `steps` batches; seconds, the last step finished (device sync included). The
-        batches are read from train.npy before the clock starts: the first trainer to read a
-        batch would otherwise pay for the page cache's misses that the next one is spared (a 9.4
-        MB batch of the 4.8 GB SmolLM2 export), and `sae-jax train`'s loader reads ahead in its
-        own threads (its rate is measured apart: peers.py's `loader_rate`)."""
+        batches are read from train.npy before the clock starts, for every library: reading is
+        the loader's work, which `sae-jax train` does ahead in its own threads and peers.py
+        measures apart (`loader_rate`); the clock holds the steps."""
         xs = [self.batch(self.t + i) for i in range(steps)]
         t0 = time.perf_counter()
         for x in xs:

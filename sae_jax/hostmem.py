@@ -6,7 +6,7 @@ batch 4096), above glibc's largest mmap threshold (32 MiB), so by default every 
 pages and the kernel zero-fills each one on first touch: 39k page faults and ~90 ms of system
 time a step there, beside a 0.64 s step. `keep_freed_memory()` tells glibc to serve every
 allocation from one heap that is not handed back to the kernel: the next step reuses the same
-pages (13k faults, ~30 ms; docs/design.md, "Host memory"). The process's resident memory then
+pages (0-13k faults, 10-30 ms; docs/design.md, "Host memory"). The process's resident memory then
 stays at its peak, which a training process reaches in its first step anyway.
 
 Called by `sae-jax train` and `sae-jax demo` before jax starts its threads (an arena limit set
