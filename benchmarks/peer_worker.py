@@ -105,6 +105,11 @@ class SaeJax(Trainer):
             encoder=cfg.get("encoder", "auto"),
         )
         settings = TrainSettings.defaults(**{**fields, **cfg.get("sae_jax_set", {})})  # peers.py --sae-jax-set
+        # `auto` resolved once, before the step is built, as `sae-jax train` does (and reported)
+        from sae_jax.kernels.topk import resolve_encoder_dtype
+
+        settings = settings.replace(encoder_dtype=resolve_encoder_dtype(settings.encoder_dtype) or "float32")
+        self.encoder_dtype = settings.encoder_dtype
         self.step = TrainStep(self.spec, self.mesh, settings, np.array([float(cfg["input_scale"])]))
         # the input scale sae-jax train takes from the store's statistics: unit mean squared norm
         self.scale = float(cfg["input_scale"])
@@ -337,7 +342,8 @@ def main() -> None:
             if msg["cmd"] == "init":
                 t0 = time.perf_counter()
                 trainer = TRAINERS[name](msg)
-                reply({"ok": True, "init_s": time.perf_counter() - t0, "threads": compute_threads(name)})
+                extra = {"encoder_dtype": trainer.encoder_dtype} if hasattr(trainer, "encoder_dtype") else {}
+                reply({"ok": True, "init_s": time.perf_counter() - t0, "threads": compute_threads(name), **extra})
             elif msg["cmd"] == "train":
                 reply({"ok": True, "seconds": trainer.train(msg["steps"]), "step": trainer.t, "peak_rss_mib": peak_rss_mib()})
             elif msg["cmd"] == "matmul":

@@ -200,6 +200,8 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
             res[n]["lr"] = lr
             init = w.ask(cmd="init", **{**cfg, "lr": lr})
             res[n]["init_s"], res[n]["threads"] = init["init_s"], init["threads"]
+            if "encoder_dtype" in init:
+                res[n]["encoder_dtype"] = init["encoder_dtype"]
             res[n]["first_step_s"] = w.ask(cmd="train", steps=1)["seconds"]
         left, order = steps - 1, list(workers)
         for r in range(rounds):
@@ -316,7 +318,7 @@ def main() -> None:
     sj = [r for r in rows if r["trainer"] == "sae_jax"]
     for r in sj:
         print(
-            f"  sae_jax d_sae {r['width']} seed {r['seed']}: step {r['seconds'] / (r['steps'] - 1):.3f} s, encoder matmul alone {r['matmul_s']:.3f} s: step / matmul {r['step_over_matmul']:.2f}"
+            f"  sae_jax d_sae {r['width']} seed {r['seed']}: step {r['seconds'] / (r['steps'] - 1):.3f} s, encoder matmul alone ({r.get('encoder_dtype', '?')}) {r['matmul_s']:.3f} s: step / matmul {r['step_over_matmul']:.2f}"
         )
     if sj:
         consume = max(r["tok_s"] for r in sj)
