@@ -8,18 +8,21 @@ from conftest import REPO
 
 # a jitted function whose scratch (the 64 MiB [4096, 4096] product) is well above glibc's mmap threshold
 PROBE = """
-import resource, sys
+import resource, statistics, sys
 if sys.argv[1] == "keep":
     from sae_jax.hostmem import keep_freed_memory
     assert keep_freed_memory()
 import jax, jax.numpy as jnp
 x = jnp.ones((4096, 256))
 f = jax.jit(lambda x: jax.lax.top_k(x @ x.T, 4)[0].sum())
-f(x).block_until_ready(); f(x).block_until_ready()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     f(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 5)
+faults = []
+for _ in range(15):
+    r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0)
+print(statistics.median(faults))
 """
 
 
@@ -31,11 +34,14 @@ def _faults(mode: str) -> float:
 
 
 def test_freed_scratch_is_reused_not_faulted_in_again():
-    """By default each call maps its 64 MiB scratch afresh (16k page faults a call measured);
-    with `keep_freed_memory` the next call reuses the pages (3k measured)."""
+    """Page faults of the median call, after 5 warm-up calls: by default every call maps its 64
+    MiB scratch afresh (16,416 faults, every call); with `keep_freed_memory` the typical call
+    reuses the pages (0). Now and then a call's scratch is taken before the last one's is freed
+    and the heap grows by one scratch (measured: 0-2 of 20 calls, faulting 16k), hence the
+    median and not the mean."""
     plain, kept = _faults("plain"), _faults("keep")
     assert plain > 8000, plain  # 64 MiB is 16,384 pages: the default really faults them in
-    assert kept < plain / 3, (kept, plain)
+    assert kept < 1000, (kept, plain)
 
 
 def test_train_and_demo_keep_freed_memory(monkeypatch):
