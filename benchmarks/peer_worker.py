@@ -135,9 +135,7 @@ class SaeJax(Trainer):
         """The step's floor: the encoder matmul [batch, d_in] x [d_in, d_sae] alone (jitted, the
         same shapes, inputs in the step's encoder dtype, float32 accumulation), median of `reps`
         after a warm-up."""
-        from sae_jax.kernels.topk import resolve_encoder_dtype
-
-        dt = resolve_encoder_dtype(self.step.settings.encoder_dtype) or "float32"
+        dt = self.encoder_dtype  # resolved at init, as the step's
         x = self.jnp.asarray(self.batch())
         w = self.state["params"]["W_enc"][0]
         mm = self.jax.jit(lambda a, b: self.jnp.dot(a.astype(dt), b.astype(dt), preferred_element_type=self.jnp.float32))

@@ -444,8 +444,7 @@ def _jit_step(spec: BankSpec, mesh, settings: TrainSettings, tx, sched, input_sc
     # its own for the outputs (on a 1x1 mesh W_dec came back P() and b_dec P(None, 'model')), the
     # second step sees other input shardings and compiles the step again (4.4 s at 2^14 latents
     # on CPU), and a donated buffer cannot be reused for an output laid out otherwise
-    abstract = jax.eval_shape(_state_fn(spec, tx, JUMPRELU_INIT_THRESHOLD, ENCODER_INIT_SCALE), jax.random.key(0), None)
-    out = (_state_shardings(spec, mesh, tx, abstract), parallel.NamedSharding(mesh, parallel.P()))
+    out = (jax.tree.map(lambda a: a.sharding, abstract_state(spec, mesh, tx)), parallel.NamedSharding(mesh, parallel.P()))
     if spec.transcoder:
         return jax.jit(step, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
     return jax.jit(lambda state, x: step(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out)
