@@ -44,7 +44,7 @@ from jax import lax
 # imported with this module, not when a step is first traced: importing Pallas defines jax config
 # options, and a jitted step traced before that has another tracing context than its next call,
 # which then traces and compiles the whole step again
-from sae_jax.kernels import pallas
+from sae_jax.kernels import native, pallas
 from sae_jax.kernels.pallas import target_platform
 
 ENCODERS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
@@ -192,6 +192,16 @@ def row_top_k(pre, k: int, group: int = 0, bias=None):
     return v, jnp.take_along_axis(gi, p // group, axis=1) * group + p % group
 
 
+def select_top_k(pre, k: int, bias=None):
+    """The k largest `pre + bias` per row of [B, S], descending, and their indices: on a CPU the
+    native kernel (`kernels.native`: both cores, two vectorised passes a row; 4-6x faster than
+    `row_top_k` at 2^14 latents, where XLA's TopK runs on one thread) where it could be built,
+    else `row_top_k`. The same values either way; among tied values the indices may differ."""
+    if target_platform() == "cpu" and native.available():
+        return native.top_k(pre, k, bias)
+    return row_top_k(pre, k, bias=bias)
+
+
 def _merge(v, i, bv, bi, k):
     """Top k of the union of (v, i) and a block's candidates (bv, bi)."""
     allv = jnp.concatenate([v, bv], axis=-1)
@@ -204,7 +214,7 @@ def _dense(x, w, biases, ks, encoder_dtype=None):
     pre = jnp.dot(x, w if encoder_dtype is None else w.astype(encoder_dtype), preferred_element_type=jnp.float32)
     out = []
     for b, k in zip(biases, ks, strict=True):
-        v, i = row_top_k(pre, k, bias=b.astype(jnp.float32))
+        v, i = select_top_k(pre, k, bias=b.astype(jnp.float32))
         out.append((v, i.astype(jnp.int32)))
     return out
 
@@ -222,8 +232,7 @@ def _stream(x, w, biases, ks, encoder_block, encoder_dtype=None):
         pre = jnp.dot(x, wb if encoder_dtype is None else wb.astype(encoder_dtype), preferred_element_type=jnp.float32)
         out = []
         for (v, i), b, k in zip(carry, biases, ks, strict=True):
-            pb = pre + lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32)
-            bv, bi = row_top_k(pb, min(k, width))
+            bv, bi = select_top_k(pre, min(k, width), lax.dynamic_slice_in_dim(b, start, width).astype(jnp.float32))
             out.append(_merge(v, i, bv, bi.astype(jnp.int32) + start, k))
         return out
 

@@ -1,0 +1,168 @@
+"""The native CPU top-k (`sae_jax.kernels.native`): lax.top_k's values and indices exactly, on
+every shape and value the training step can hand it; built once per machine; and a missing or
+failing compiler leaves training on XLA's top-k with the same results."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from sae_jax.kernels import native, topk
+
+pytestmark = pytest.mark.skipif(native.compiler() is None, reason="no C++ compiler on this machine: XLA's top-k is used")
+
+
+def test_it_builds_where_there_is_a_compiler():
+    assert native.available(), "a C++ compiler is here but the native top-k did not build (see the warning)"
+
+
+def lax_top_k(pre, k, bias=None):
+    return lax.top_k(pre if bias is None else pre + bias, k)
+
+
+def check(pre, k, bias=None):
+    pre = jnp.asarray(pre, jnp.float32)
+    bias = None if bias is None else jnp.asarray(bias, jnp.float32)
+    got = jax.jit(lambda p, b: native.top_k(p, k, b))(pre, bias)
+    want = jax.jit(lambda p, b: lax_top_k(p, k, b))(pre, bias)
+    # bitwise: values (NaN and the sign of zero included) and indices, ties to the lower index
+    np.testing.assert_array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32))
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+    assert got[1].dtype == jnp.int32
+
+
+@pytest.mark.parametrize(
+    "rows,s,k",
+    [
+        (64, 16384, 32),  # the training shape: ~2k segments of 128
+        (33, 4096, 8),
+        (17, 1000, 7),  # s not a multiple of 16
+        (8, 300, 64),  # fewer segments than k: no bar, compactions only
+        (5, 40, 40),  # k = s
+        (9, 3, 1),  # a row shorter than one vector
+        (128, 16384, 512),  # AuxK's k
+    ],
+)
+def test_values_and_indices_equal_lax_top_k(rows, s, k):
+    rng = np.random.default_rng(rows * 7 + s + k)
+    pre = rng.standard_normal((rows, s)).astype(np.float32)
+    check(pre, k)
+    check(pre, k, rng.standard_normal(s) * 0.5)
+
+
+def test_ties_special_values_and_orderings():
+    rng = np.random.default_rng(0)
+    s = 2048
+    ties = rng.integers(-3, 4, (16, s)).astype(np.float32)  # thousands of equal values a row
+    check(ties, 50)
+    check(ties, 50, rng.integers(0, 2, s))
+    zeros = np.where(rng.random((4, s)) < 0.5, -0.0, 0.0).astype(np.float32)
+    check(zeros, 20)  # +0.0 ranks above -0.0 (XLA's total order), without a bias to add
+    special = rng.standard_normal((6, s)).astype(np.float32)
+    special[0, ::7] = np.inf
+    special[1, ::5] = -np.inf
+    special[2, 100] = np.nan
+    special[3, :] = -np.inf
+    special[4, 3::9] = -np.nan
+    check(special, 40)
+    # AuxK's bias: -inf for live latents, so most of a row is -inf and the selection runs into it
+    aux = np.where(rng.random(s) < 0.01, 0.0, -np.inf).astype(np.float32)
+    check(rng.standard_normal((8, s)).astype(np.float32), 64, aux)
+    # ascending and descending rows: the bar is as weak as it gets / is met by the first entries
+    ramp = np.tile(np.arange(s, dtype=np.float32), (3, 1))
+    check(ramp, 33)
+    check(-ramp, 33)
+    check(np.zeros((2, s), np.float32), 16)
+
+
+def test_batches_vmap_and_empty():
+    rng = np.random.default_rng(1)
+    pre = jnp.asarray(rng.standard_normal((3, 2, 40, 512)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((3, 512)), jnp.float32)
+    v, i = jax.jit(lambda p: native.top_k(p, 9))(pre)  # leading axes are rows
+    rv, ri = lax.top_k(pre, 9)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+    # a bias per vmapped member (a bank of dictionaries), an unbatched input broadcast to it
+    f = jax.jit(jax.vmap(lambda p, b: native.top_k(p, 9, b), in_axes=(0, 0)))
+    v, i = f(pre[:, 0], bias)
+    rv, ri = jax.vmap(lambda p, b: lax.top_k(p + b, 9))(pre[:, 0], bias)
+    np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+    v, i = jax.jit(jax.vmap(lambda b: native.top_k(pre[0, 0], 9, b)))(bias)
+    rv, ri = jax.vmap(lambda b: lax.top_k(pre[0, 0] + b, 9))(bias)
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+    v, i = native.top_k(jnp.zeros((0, 64), jnp.float32), 4)
+    assert v.shape == i.shape == (0, 4)
+    with pytest.raises(ValueError, match="k=65 must be in 1..64"):
+        native.top_k(jnp.zeros((2, 64), jnp.float32), 65)
+    with pytest.raises(ValueError, match=r"bias \(32,\) must be \[64\]"):
+        native.top_k(jnp.zeros((2, 64), jnp.float32), 4, jnp.zeros((32,)))
+
+
+def test_the_encoders_pick_it_on_cpu_and_match_xla(monkeypatch):
+    """topk_pre with the native selection equals the XLA selection (SAE_JAX_NATIVE=0), forward
+    and backward, for the row-block and the streaming encoders, with AuxK's second selection."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((64, 2048)) / 8, jnp.float32)
+    b = jnp.asarray(rng.standard_normal(2048) / 10, jnp.float32)
+    aux = jnp.where(jnp.arange(2048) % 13 == 0, b, -jnp.inf)
+
+    def run(encoder):
+        def loss(x, w, b):
+            v, i, av, ai = topk.topk_pre(x, w, b, 16, aux_b=aux, k_aux=96, encoder=encoder, encoder_block=512)
+            return jnp.sum(v**2) + jnp.sum(av**2), (v, i, av, ai)
+
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
+
+    calls = []
+    real = native.top_k
+    monkeypatch.setattr(native, "top_k", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for encoder in ("rows", "stream", "dense"):
+        calls.clear()
+        got = run(encoder)
+        assert calls, f"{encoder}: the native top-k was not used on a CPU"
+        with monkeypatch.context() as mp:
+            mp.setenv("SAE_JAX_NATIVE", "0")
+            calls.clear()
+            want = run(encoder)
+            assert not calls
+        for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SAE_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    path = native.library_path()
+    assert path.parent == tmp_path / "cache" and path.stat().st_size > 0
+    stamp = path.stat().st_mtime_ns
+    assert native.library_path() == path and path.stat().st_mtime_ns == stamp  # reused, not rebuilt
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left beside it
+
+    # a compiler that fails: no library, no temporary, a warning, and XLA's top-k in its place
+    monkeypatch.setenv("SAE_JAX_CACHE_DIR", str(tmp_path / "broken"))
+    monkeypatch.setenv("CXX", "false")
+    with pytest.raises(native.NativeBuildError, match="failed"):
+        native.library_path()
+    assert list((tmp_path / "broken").iterdir()) == []
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(native.NativeBuildError, match="does not run"):
+        native.library_path()
+    native._load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="sae_jax.kernels.native"):
+            assert not native.available()
+        assert "XLA's top-k is used instead" in caplog.text and "no-such-compiler" in caplog.text
+        x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 32)), jnp.float32)
+        w = jnp.asarray(np.random.default_rng(4).standard_normal((32, 1024)), jnp.float32)
+        v, i = topk.topk_encode(x, w, jnp.zeros(1024), 8, encoder="rows")
+        rv, ri = lax.top_k(jax.nn.relu(x @ w), 8)
+        np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-6)
+    finally:
+        native._load.cache_clear()
+        monkeypatch.undo()
+    assert native.available()  # registered again under the same name
