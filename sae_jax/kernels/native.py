@@ -78,7 +78,14 @@ def library_path() -> Path:
     import jaxlib
 
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cxx.encode(), version.encode(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(), _cpu_identity().encode()):
+    for part in (
+        SOURCE.read_bytes(),
+        cxx.encode(),
+        version.encode(),
+        jaxlib.__version__.encode(),
+        " ".join(FLAGS).encode(),
+        _cpu_identity().encode(),
+    ):
         digest.update(part)
         digest.update(b"\0")
     name = f"topk_cpu-{digest.hexdigest()[:20]}.so"
