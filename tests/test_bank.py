@@ -72,8 +72,15 @@ def test_meshes_agree():
     for shape in [(8, 1), (4, 2), (2, 4), (1, 8)]:
         p, m = _run(shape, x)
         for k in base:
-            # same math, different summation order across devices: float32 rounding only
-            np.testing.assert_allclose(p[k], base[k], rtol=0, atol=1e-6, err_msg=f"{shape} {k}")
+            # same math, different summation order across devices: float32 rounding only. Within
+            # 1e-6 everywhere but at most two entries a tensor: an entry whose gradient is almost
+            # all cancellation takes an Adam step of lr x m / sqrt(v) all the same, so the
+            # rounding of its sum moves it by a part of lr. Measured: W_enc[0, 20, 233] has
+            # gradients 2.1e-7 and 1.6e-7 in steps 1 and 2 (others ~1e-3) and lands 1.6e-6 apart
+            # between the native and the XLA sparse backward on one device, 3.0e-6 between the
+            # 1x1 and 2x4 meshes (native); every other entry of W_enc is within 3.7e-7.
+            diff = np.abs(p[k] - base[k])
+            assert (diff > 1e-6).sum() <= 2 and diff.max() <= 1e-5, f"{shape} {k}: {np.sort(diff.ravel())[-4:]}"
         np.testing.assert_allclose(m["fvu"], mb["fvu"], rtol=1e-5)
         np.testing.assert_array_equal(m["l0"], mb["l0"])
         np.testing.assert_allclose(m["auxk_loss"], mb["auxk_loss"], rtol=1e-5)

@@ -104,8 +104,9 @@ def test_batches_vmap_and_empty():
 
 
 def test_the_encoders_pick_it_on_cpu_and_match_xla(monkeypatch):
-    """topk_pre with the native selection equals the XLA selection (SAE_JAX_NATIVE=0), forward
-    and backward, for the row-block and the streaming encoders, with AuxK's second selection."""
+    """topk_pre with the native kernels equals the XLA path (SAE_JAX_NATIVE=0): the selections
+    bitwise, the sparse backward to float32 rounding, for the row-block, streaming and dense
+    encoders, with AuxK's second selection."""
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.standard_normal((256, 64)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((64, 2048)) / 8, jnp.float32)
@@ -131,8 +132,12 @@ def test_the_encoders_pick_it_on_cpu_and_match_xla(monkeypatch):
             calls.clear()
             want = run(encoder)
             assert not calls
-        for a, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        (grads, fwd), (want_grads, want_fwd) = got, want
+        for a, c in zip(fwd, want_fwd, strict=True):  # the selection: bitwise
             np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+        for a, c in zip(grads, want_grads, strict=True):  # the sparse backward: float32 sums in another order
+            c = np.asarray(c)
+            np.testing.assert_allclose(np.asarray(a), c, rtol=1e-5, atol=1e-6 * np.abs(c).max())
 
 
 def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
@@ -156,13 +161,91 @@ def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, c
     try:
         with caplog.at_level(logging.WARNING, logger="sae_jax.kernels.native"):
             assert not native.available()
-        assert "XLA's top-k is used instead" in caplog.text and "no-such-compiler" in caplog.text
+        assert "XLA's top-k and gathers are used instead" in caplog.text and "no-such-compiler" in caplog.text
         x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 32)), jnp.float32)
         w = jnp.asarray(np.random.default_rng(4).standard_normal((32, 1024)), jnp.float32)
         v, i = topk.topk_encode(x, w, jnp.zeros(1024), 8, encoder="rows")
         rv, ri = lax.top_k(jax.nn.relu(x @ w), 8)
         np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(topk.sparse_decode(v, i, w.T)), np.asarray(jnp.einsum("rk,rkd->rd", v, w.T[i])), rtol=1e-5, atol=1e-5)
     finally:
         native._load.cache_clear()
         monkeypatch.undo()
     assert native.available()  # registered again under the same name
+
+
+def _sparse_case(seed, rows=96, k=12, width=300, d=40):
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, width, (rows, k)).astype(np.int32)
+    idx[:, 1] = idx[:, 0]  # a latent twice in one row
+    idx[:8] = 7  # and in many rows
+    return (
+        jnp.asarray(idx),
+        jnp.asarray(rng.standard_normal((rows, k)), jnp.float32),
+        jnp.asarray(rng.standard_normal((width, d)), jnp.float32),
+        jnp.asarray(rng.standard_normal((rows, d)), jnp.float32),
+    )
+
+
+@pytest.mark.parametrize("d", [40, 576, 3])
+def test_sparse_kernels_equal_their_dense_definitions(d):
+    idx, coef, table, src = _sparse_case(d, d=d)
+    width = table.shape[0]
+    c, t, x = (np.asarray(a, np.float64) for a in (coef, table, src))
+    onehot = np.eye(width)[idx]  # [R, K, W], float64: the exact sums to compare with
+    want_sum, mag_sum = (np.einsum("rk,rkw,wd->rd", f(c), onehot, f(t)) for f in (np.asarray, np.abs))
+    want_dots, mag_dots = (np.einsum("rkw,wd,rd->rk", onehot, f(t), f(x)) for f in (np.asarray, np.abs))
+    want_scatter, mag_scatter = (np.einsum("rk,rkw,rd->wd", f(c), onehot, f(x)) for f in (np.asarray, np.abs))
+    got_sum = jax.jit(native.gather_sum)(coef, idx, table)
+    got_dots = jax.jit(native.gather_dots)(table, src, idx)
+    got_scatter = jax.jit(native.scatter_rows, static_argnums=(3, 4))(src, coef, idx, width)
+    got_t = jax.jit(native.scatter_rows, static_argnums=(3, 4))(src, coef, idx, width, True)
+    # float32 sums against exact ones: within a few float32 ulps of the sum of the terms' sizes
+    for got, want, mag in ((got_sum, want_sum, mag_sum), (got_dots, want_dots, mag_dots), (got_scatter, want_scatter, mag_scatter)):
+        err = np.abs(np.asarray(got, np.float64) - want)
+        assert (err <= 4 * np.finfo(np.float32).eps * mag).all(), float((err / mag).max())
+    np.testing.assert_array_equal(np.asarray(got_t), np.asarray(got_scatter).T)
+    untouched = np.setdiff1d(np.arange(width), np.asarray(idx))
+    assert untouched.size and not np.asarray(got_scatter)[untouched].any()  # latents without slots: zeros
+
+
+def test_sparse_kernels_sum_in_slot_order_and_batch_under_vmap():
+    idx, coef, table, src = _sparse_case(5)
+    width = table.shape[0]
+    # the order is fixed: each latent's terms in slot order, as the sorted XLA scatter sums them
+    want = topk.scatter_rows(src, coef, idx, width, topk.sort_slots(idx))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SAE_JAX_NATIVE", "0")
+        want = jax.jit(lambda s, c, i: topk.scatter_rows(s, c, i, width, topk.sort_slots(i)))(src, coef, idx)
+    got = jax.jit(lambda s, c, i: native.scatter_rows(s, c, i, width))(src, coef, idx)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))  # bitwise: products, then sums in slot order
+    # a vmapped bank of two members, and an unbatched table broadcast to a batched index
+    idx2, coef2, table2, src2 = _sparse_case(6)
+    stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
+    I, C, T, S = stack(idx, idx2), stack(coef, coef2), stack(table, table2), stack(src, src2)
+    for f, args in (
+        (native.gather_sum, (C, I, T)),
+        (native.gather_dots, (T, S, I)),
+        (lambda s, c, i: native.scatter_rows(s, c, i, width), (S, C, I)),
+        (lambda s, c, i: native.scatter_rows(s, c, i, width, True), (S, C, I)),
+    ):
+        batched = jax.jit(jax.vmap(f))(*args)
+        for m in range(2):
+            np.testing.assert_array_equal(np.asarray(batched[m]), np.asarray(jax.jit(f)(*(a[m] for a in args))))
+    both = jax.jit(jax.vmap(native.gather_sum, in_axes=(0, 0, None)))(C, I, table)
+    np.testing.assert_array_equal(np.asarray(both[1]), np.asarray(native.gather_sum(coef2, idx2, table)))
+
+
+def test_sparse_kernels_out_of_range_indices_like_xla():
+    """As jnp's `table[idx]` and `.at[idx].add`: a negative index counts from the end; one still
+    outside [0, W) is clamped by a gather and dropped by a scatter."""
+    idx, coef, table, src = _sparse_case(7)
+    width = table.shape[0]
+    bad = idx.at[0, 0].set(width + 5).at[1, 2].set(-3).at[2, 3].set(-width - 4)
+    np.testing.assert_allclose(
+        np.asarray(native.gather_sum(coef, bad, table)), np.asarray(jnp.einsum("rk,rkd->rd", coef, table[bad])), rtol=1e-5, atol=1e-5
+    )
+    want = jnp.zeros((width, src.shape[1])).at[bad.reshape(-1)].add((coef[..., None] * src[:, None, :]).reshape(-1, src.shape[1]), mode="drop")
+    np.testing.assert_allclose(np.asarray(native.scatter_rows(src, coef, bad, width)), np.asarray(want), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"idx \(96,\) must be \[R, K\]"):
+        native.gather_sum(coef[:, 0], idx[:, 0], table)

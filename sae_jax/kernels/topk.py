@@ -12,6 +12,11 @@ their latent indices. Implementations (`encoder=`):
 | `pallas_tpu`| Pallas (Mosaic) kernel, the same on TPU                                      |
 | `auto`      | `pallas_tpu` on TPU; `rows` on GPU (blocks of up to 2^29 pre-activations: cuBLAS + XLA top_k, W streamed a few times per step); elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
 
+On a CPU the XLA paths (`dense`, `stream`, `rows`) hand the row selection, the sparse decode
+and the sparse backward's gathers and scatters to native kernels (`kernels.native`: C++ through
+the XLA FFI, built on first use, both cores, summed in cache) where they could be built, and
+use the XLA forms below where not: the same selections, sums equal to float32 rounding.
+
 Every implementation shares one custom VJP: only the k selected pre-activations of a row get
 gradient. With g [B, k] the cotangent of the values:
 
@@ -197,9 +202,14 @@ def select_top_k(pre, k: int, bias=None):
     native kernel (`kernels.native`: both cores, two vectorised passes a row; 4-6x faster than
     `row_top_k` at 2^14 latents, where XLA's TopK runs on one thread) where it could be built,
     else `row_top_k`. The same values either way; among tied values the indices may differ."""
-    if target_platform() == "cpu" and native.available():
+    if _native():
         return native.top_k(pre, k, bias)
     return row_top_k(pre, k, bias=bias)
+
+
+def _native() -> bool:
+    """Whether this trace targets a CPU on which the native kernels (`kernels.native`) are built."""
+    return target_platform() == "cpu" and native.available()
 
 
 def _merge(v, i, bv, bi, k):
@@ -360,6 +370,10 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
     unless `x_grad` (it costs a gather of k rows of w per row: a scan over blocks of rows, R from
     SLOTS_BUDGET). dw is `scatter_rows` into w^T."""
     s = w.shape[1]
+    if _native():  # each row / latent summed in cache, dw^T written transposed, no sort
+        dx = native.gather_sum(g, idx, w.T).astype(x.dtype) if x_grad else None
+        dw = native.scatter_rows(x, g, idx, s, transposed=True).astype(w.dtype)
+        return dx, dw, jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     dx = None
     if x_grad:
         rows, kk = idx.shape
@@ -459,6 +473,8 @@ def sparse_decode(values, indices, w_dec):
 
 
 def _decode_fwd_only(values, indices, w_dec):
+    if _native():
+        return native.gather_sum(values, indices, w_dec).astype(w_dec.dtype)
     rows, k = indices.shape
     r = row_block(rows, k * w_dec.shape[1], SLOTS_BUDGET)
 
@@ -476,6 +492,10 @@ def _decode_fwd(values, indices, w_dec):
 
 def _decode_bwd(res, g):
     values, indices, w_dec = res
+    if _native():
+        dv = native.gather_dots(w_dec, g, indices)
+        dw = native.scatter_rows(g, values, indices, w_dec.shape[0])
+        return dv.astype(values.dtype), None, dw.astype(w_dec.dtype)
     # one sort for the gather and the scatter
     slots = sort_slots(indices) if latent_order(*w_dec.shape) else None
     dv = gather_dots(w_dec, g, indices, slots)

@@ -16,20 +16,17 @@
 // for lax.top_k (docs/benchmarks.md).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <functional>
 #include <limits>
-#include <memory>
-#include <mutex>
 #include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -145,16 +142,6 @@ void RowTopK(const float* __restrict pre, const float* __restrict bias, int64_t 
   }
 }
 
-// Rows are handed out in chunks from an atomic counter to the caller and to tasks on XLA's
-// intra-op pool. The caller waits only for chunks that were claimed, so a pool task that starts
-// late finds no work; the shared state outlives the call through the tasks' shared_ptr.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
 ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer<ffi::F32> bias,
                     ffi::ResultBuffer<ffi::F32> values, ffi::ResultBuffer<ffi::S32> indices, int64_t k,
                     bool has_bias) {
@@ -182,37 +169,18 @@ ffi::Error TopKImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre, ffi::Buffer
   float* ov = values->typed_data();
   int32_t* oi = indices->typed_data();
 
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  // chunks of rows: a few per thread, each at least ~64k elements of work
-  const int64_t min_rows = std::max<int64_t>(1, (int64_t{1} << 16) / s);
-  const int64_t chunk = std::max<int64_t>(min_rows, (rows + 4 * threads - 1) / (4 * threads));
-  const int64_t chunks = (rows + chunk - 1) / chunk;
-
-  auto work = std::make_shared<Work>();
-  auto run = [=](Work& w) {
+  // chunks of rows of at least ~64k entries
+  sae_jax::ParallelFor(pool, rows, (int64_t{1} << 16) / s, [&](int64_t r0, int64_t r1) {
     std::vector<Entry> buf;
     std::vector<int32_t> seg;
-    int64_t c;
-    while ((c = w.next.fetch_add(1)) < chunks) {
-      const int64_t r1 = std::min(rows, (c + 1) * chunk);
-      for (int64_t r = c * chunk; r < r1; ++r) {
-        const float* brow = bb + (r / per_group) * s;
-        if (has_bias)
-          RowTopK<true>(x + r * s, brow, s, k, buf, seg, ov + r * k, oi + r * k);
-        else
-          RowTopK<false>(x + r * s, brow, s, k, buf, seg, ov + r * k, oi + r * k);
-      }
-      if (w.done.fetch_add(1) + 1 == chunks) {
-        std::lock_guard<std::mutex> lock(w.mu);
-        w.cv.notify_all();
-      }
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* brow = bb + (r / per_group) * s;
+      if (has_bias)
+        RowTopK<true>(x + r * s, brow, s, k, buf, seg, ov + r * k, oi + r * k);
+      else
+        RowTopK<false>(x + r * s, brow, s, k, buf, seg, ov + r * k, oi + r * k);
     }
-  };
-  const int64_t helpers = std::min(threads, chunks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work, run]() { run(*work); });
-  run(*work);
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->cv.wait(lock, [&] { return work->done.load() == chunks; });
+  });
   return ffi::Error::Success();
 }
 
