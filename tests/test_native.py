@@ -167,7 +167,9 @@ def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, c
         v, i = topk.topk_encode(x, w, jnp.zeros(1024), 8, encoder="rows")
         rv, ri = lax.top_k(jax.nn.relu(x @ w), 8)
         np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-6)
-        np.testing.assert_allclose(np.asarray(topk.sparse_decode(v, i, w.T)), np.asarray(jnp.einsum("rk,rkd->rd", v, w.T[i])), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            np.asarray(topk.sparse_decode(v, i, w.T)), np.asarray(jnp.einsum("rk,rkd->rd", v, w.T[i])), rtol=1e-5, atol=1e-5
+        )
     finally:
         native._load.cache_clear()
         monkeypatch.undo()
@@ -222,17 +224,17 @@ def test_sparse_kernels_sum_in_slot_order_and_batch_under_vmap():
     # a vmapped bank of two members, and an unbatched table broadcast to a batched index
     idx2, coef2, table2, src2 = _sparse_case(6)
     stack = lambda a, b: jnp.stack([a, b])  # noqa: E731
-    I, C, T, S = stack(idx, idx2), stack(coef, coef2), stack(table, table2), stack(src, src2)
+    Ix, C, T, S = stack(idx, idx2), stack(coef, coef2), stack(table, table2), stack(src, src2)
     for f, args in (
-        (native.gather_sum, (C, I, T)),
-        (native.gather_dots, (T, S, I)),
-        (lambda s, c, i: native.scatter_rows(s, c, i, width), (S, C, I)),
-        (lambda s, c, i: native.scatter_rows(s, c, i, width, True), (S, C, I)),
+        (native.gather_sum, (C, Ix, T)),
+        (native.gather_dots, (T, S, Ix)),
+        (lambda s, c, i: native.scatter_rows(s, c, i, width), (S, C, Ix)),
+        (lambda s, c, i: native.scatter_rows(s, c, i, width, True), (S, C, Ix)),
     ):
         batched = jax.jit(jax.vmap(f))(*args)
         for m in range(2):
             np.testing.assert_array_equal(np.asarray(batched[m]), np.asarray(jax.jit(f)(*(a[m] for a in args))))
-    both = jax.jit(jax.vmap(native.gather_sum, in_axes=(0, 0, None)))(C, I, table)
+    both = jax.jit(jax.vmap(native.gather_sum, in_axes=(0, 0, None)))(C, Ix, table)
     np.testing.assert_array_equal(np.asarray(both[1]), np.asarray(native.gather_sum(coef2, idx2, table)))
 
 
@@ -245,7 +247,9 @@ def test_sparse_kernels_out_of_range_indices_like_xla():
     np.testing.assert_allclose(
         np.asarray(native.gather_sum(coef, bad, table)), np.asarray(jnp.einsum("rk,rkd->rd", coef, table[bad])), rtol=1e-5, atol=1e-5
     )
-    want = jnp.zeros((width, src.shape[1])).at[bad.reshape(-1)].add((coef[..., None] * src[:, None, :]).reshape(-1, src.shape[1]), mode="drop")
+    want = (
+        jnp.zeros((width, src.shape[1])).at[bad.reshape(-1)].add((coef[..., None] * src[:, None, :]).reshape(-1, src.shape[1]), mode="drop")
+    )
     np.testing.assert_allclose(np.asarray(native.scatter_rows(src, coef, bad, width)), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"idx \(96,\) must be \[R, K\]"):
         native.gather_sum(coef[:, 0], idx[:, 0], table)
