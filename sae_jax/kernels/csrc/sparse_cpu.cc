@@ -26,6 +26,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;
+constexpr int64_t kBlock = 64;  // latents per ScatterRows work unit
 
 inline int64_t Batch(int64_t count, int64_t inner) { return inner == 0 ? 0 : count / inner; }
 
@@ -144,19 +145,27 @@ ffi::Error ScatterRowsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> src, ffi:
         if (j >= 0 && j < w) order[fill[j]++] = static_cast<int32_t>(p);
       }
     }
-    // latents in blocks of 16: a transposed block writes whole cache lines of each of the d rows
-    sae_jax::ParallelFor(pool, (w + kLanes - 1) / kLanes, 4, [&](int64_t b0, int64_t b1) {
-      std::vector<float> acc(d);
-      for (int64_t j = b0 * kLanes; j < std::min(w, b1 * kLanes); ++j) {
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t e = start[j]; e < start[j + 1]; ++e) {
-          const int64_t p = order[e];
-          Axpy(cf[p], sr + (p / k) * d, acc.data(), d);
+    // latents in blocks of kBlock, summed into a block buffer [kBlock, d] (in L2); transposed,
+    // the block is written as d runs of kBlock contiguous floats, so each of the d output rows
+    // (a page apart at large W) is visited once per block, not once per latent
+    sae_jax::ParallelFor(pool, (w + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+      std::vector<float> blk(kBlock * d);
+      for (int64_t j0 = b0 * kBlock; j0 < std::min(w, b1 * kBlock); j0 += kBlock) {
+        const int64_t nb = std::min(kBlock, w - j0);
+        for (int64_t l = 0; l < nb; ++l) {
+          float* acc = blk.data() + l * d;
+          std::fill(acc, acc + d, 0.f);
+          for (int64_t e = start[j0 + l]; e < start[j0 + l + 1]; ++e) {
+            const int64_t p = order[e];
+            Axpy(cf[p], sr + (p / k) * d, acc, d);
+          }
         }
-        if (transposed)
-          for (int64_t i = 0; i < d; ++i) o[i * w + j] = acc[i];
-        else
-          std::copy(acc.begin(), acc.end(), o + j * d);
+        if (transposed) {
+          for (int64_t i = 0; i < d; ++i)
+            for (int64_t l = 0; l < nb; ++l) o[i * w + j0 + l] = blk[l * d + i];
+        } else {
+          std::copy(blk.begin(), blk.begin() + nb * d, o + j0 * d);
+        }
       }
     });
   }
