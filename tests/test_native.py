@@ -253,3 +253,47 @@ def test_sparse_kernels_out_of_range_indices_like_xla():
     np.testing.assert_allclose(np.asarray(native.scatter_rows(src, coef, bad, width)), np.asarray(want), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"idx \(96,\) must be \[R, K\]"):
         native.gather_sum(coef[:, 0], idx[:, 0], table)
+
+
+PORTABLE_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from sae_jax.kernels import native, topk
+assert native.available()
+rng = np.random.default_rng(0)
+cases = [rng.standard_normal((40, 16384)), rng.integers(-3, 4, (8, 1000)), np.tile(np.arange(2048.0), (2, 1))]
+special = rng.standard_normal((3, 999))
+special[0, ::7], special[1, 5] = np.inf, np.nan
+for pre in cases + [special]:
+    pre = jnp.asarray(pre, jnp.float32)
+    for k in (1, 7, 32):
+        b = jnp.asarray(rng.standard_normal(pre.shape[1]), jnp.float32)
+        for got, want in ((native.top_k(pre, k), lax.top_k(pre, k)), (native.top_k(pre, k, b), lax.top_k(pre + b, k))):
+            assert np.array_equal(np.asarray(got[0]).view(np.int32), np.asarray(want[0]).view(np.int32)), k
+            assert np.array_equal(np.asarray(got[1]), np.asarray(want[1])), k
+idx = jnp.asarray(rng.integers(0, 300, (96, 12)), jnp.int32)
+coef, table, src = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((96, 12), (300, 40), (96, 40)))
+got = native.scatter_rows(src, coef, idx, 300)
+assert np.array_equal(np.asarray(got), np.asarray(topk.scatter_rows(src, coef, idx, 300, topk.sort_slots(idx))))
+assert np.array_equal(np.asarray(native.scatter_rows(src, coef, idx, 300, True)), np.asarray(got).T)
+np.testing.assert_allclose(np.asarray(native.gather_sum(coef, idx, table)), np.asarray(jnp.einsum("rk,rkd->rd", coef, table[idx])), rtol=1e-5, atol=1e-5)
+np.testing.assert_allclose(np.asarray(native.gather_dots(table, src, idx)), np.asarray(jnp.einsum("rkd,rd->rk", table[idx], src)), rtol=1e-5, atol=1e-5)
+print("portable ok")
+"""
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 -march levels")
+def test_the_portable_build_without_avx512(tmp_path):
+    """Built for x86-64-v3 (AVX2, no AVX-512: the kernels' plain loops, as on many AMD and older
+    Intel CPUs), the kernels give the same results."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "SAE_JAX_NATIVE_MARCH": "x86-64-v3", "SAE_JAX_CACHE_DIR": str(tmp_path), "XLA_FLAGS": ""}
+    r = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "portable ok" in r.stdout, r.stderr[-3000:]
+    (lib,) = tmp_path.glob("sae_jax_cpu-*.so")
+    nm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True)
+    if nm.returncode == 0:  # no AVX-512 instruction in the portable build (zmm registers)
+        assert "%zmm" not in nm.stdout

@@ -13,11 +13,12 @@ memory and sorts the slots first; these sum each row or latent in L1 and write i
 counting sort by latent for the scatter). Their sums run in a fixed order (documented in the
 source), so results do not depend on the thread count, but they differ from XLA's by rounding.
 
-The library is compiled once per machine (`-O3 -march=native`) into `cache_dir()`, named by a
-hash of the source, the compiler, jaxlib's version and the CPU, and renamed into place only
+The library is compiled once per machine (`-O3 -march=native`, or `$SAE_JAX_NATIVE_MARCH`) into
+`cache_dir()`, named by a hash of the source, the compiler, the flags, jaxlib's version and the CPU, and renamed into place only
 when whole, so processes that build at once never load half a file. Where there is no compiler
-or the build fails, `available()` is False (with a warning saying why) and callers use XLA's
-top-k: the same values, so a run is unchanged but slower. `SAE_JAX_NATIVE=0` turns it off.
+or the build fails, `available()` is False (with a warning saying why) and callers use the XLA
+forms (`kernels.topk`): the same selections, sums equal to float32 rounding, slower.
+`SAE_JAX_NATIVE=0` turns the native kernels off. TPU and GPU steps never use them.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ TARGETS = {
     "sae_jax_gather_dots_f32": "SaeJaxGatherDots",
     "sae_jax_scatter_rows_f32": "SaeJaxScatterRows",
 }
-FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
+# -ffp-contract=off: no fused multiply-adds, so `scatter_rows` rounds as XLA's scatter does
+FLAGS = ("-O3", "-ffp-contract=off", "-std=c++17", "-shared", "-fPIC", "-w")
 BUILD_TIMEOUT_S = 600
 
 
@@ -63,6 +65,12 @@ def cache_dir() -> Path:
         return Path(os.environ["SAE_JAX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "sae_jax"
+
+
+def march() -> str:
+    """The -march the library is built for: $SAE_JAX_NATIVE_MARCH (e.g. x86-64-v3 for a cluster
+    of mixed CPUs sharing one cache folder), else native."""
+    return os.environ.get("SAE_JAX_NATIVE_MARCH") or "native"
 
 
 def compiler() -> str | None:
@@ -97,7 +105,7 @@ def library_path() -> Path:
         cxx.encode(),
         version.encode(),
         jaxlib.__version__.encode(),
-        " ".join(FLAGS).encode(),
+        " ".join((*FLAGS, march())).encode(),
         _cpu_identity().encode(),
     ):
         digest.update(part)
@@ -112,7 +120,7 @@ def library_path() -> Path:
         except OSError:
             continue
         tmp = folder / f".{name}.{os.getpid()}.tmp"
-        cmd = [cxx, *FLAGS, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
+        cmd = [cxx, *FLAGS, f"-march={march()}", "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(tmp)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired as e:
