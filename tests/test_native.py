@@ -297,3 +297,19 @@ def test_the_portable_build_without_avx512(tmp_path):
     nm = subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True)
     if nm.returncode == 0:  # no AVX-512 instruction in the portable build (zmm registers)
         assert "%zmm" not in nm.stdout
+
+
+def test_an_installed_package_carries_every_source():
+    """The wheel's package data (pyproject) must cover each file the build reads, or an installed
+    (non-editable) sae_jax could not build its kernels (a wheel once left parallel.h out)."""
+    import fnmatch
+    import tomllib
+
+    from conftest import REPO
+
+    globs = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["sae_jax"]
+    pkg = REPO / "sae_jax"
+    for f in native.SOURCES + native.HEADERS:
+        rel = f.relative_to(pkg).as_posix()
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{rel} is not in pyproject's package-data {globs}"
+    assert {p.name for p in native.CSRC.iterdir()} == {f.name for f in native.SOURCES + native.HEADERS}
