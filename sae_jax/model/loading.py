@@ -1,10 +1,13 @@
 """Load a model from a GGUF file (the Llama family) or a Hugging Face-format directory (Llama, Qwen2,
 Qwen3, Gemma 2, Gemma 3, GPT-2: `FAMILIES`).
 
-Both sources are first turned into one canonical form, a Hugging Face state dict (PyTorch
-`[out, in]` layout, numpy arrays) plus a HF `config.json` dict; `build_model` makes the Flax
-model from that. `save_hf_dir` writes the canonical form back out, so a GGUF model can be
-converted to a HF directory (used by the tests to check the HF path against the GGUF path).
+Both sources speak one canonical form, a Hugging Face state dict (PyTorch `[out, in]` layout)
+plus a HF `config.json` dict. `weight_refs` says where each of our weights lies in it;
+`load_model` streams each tensor from its file (a `SafetensorsSource` or `GGUFSource`) straight
+into its shards on a device mesh (`place_weights`), one block at a time. `read_model` /
+`build_model` hold the whole state dict in memory instead, and `save_hf_dir` writes it back out,
+so a GGUF model can be converted to a HF directory (the tests check the HF path against the
+GGUF path).
 """
 
 from __future__ import annotations
@@ -221,89 +224,192 @@ def _gpt2_config(hf: dict, where: str) -> ModelConfig:
     )
 
 
-def _expect(sd: dict, name: str, shape: tuple, where: str) -> np.ndarray:
-    if name not in sd:
-        raise ModelLoadError(f"{where}: tensor {name!r} is missing")
-    w = sd[name]
-    if tuple(w.shape) != tuple(shape):
-        raise ModelLoadError(f"{where}: tensor {name!r} has shape {tuple(w.shape)}, expected {tuple(shape)}")
-    return np.asarray(w, dtype=np.float32)
+@dataclass(frozen=True)
+class Ref:
+    """Where one of our weights lies in the canonical (HF) state dict: tensor `name` of HF shape
+    `shape`, transposed (`[out, in]` -> our `[in, out]`), or columns `[offset, offset + width)` of
+    its last axis (GPT-2's fused `c_attn`)."""
+
+    name: str
+    shape: tuple[int, ...]
+    transpose: bool = False
+    offset: int = 0
+    width: int = 0
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        shape = (*self.shape[:-1], self.width) if self.width else self.shape
+        return tuple(reversed(shape)) if self.transpose else tuple(shape)
+
+    def read(self, source, index: tuple = ()) -> np.ndarray:
+        """The block `index` (slices of our shape; () is all of it) of this weight, read from `source`."""
+        ix = _slices(index, self.out_shape)
+        if self.transpose:
+            ix = ix[::-1]
+        if self.width:
+            last = ix[-1]
+            ix = (*ix[:-1], slice(self.offset + last.start, self.offset + last.stop))
+        w = source.read(self.name, ix)
+        return np.ascontiguousarray(w.T if self.transpose else w)
 
 
-def weights_from_hf_state(cfg: ModelConfig, sd: dict, where: str) -> dict:
-    """HF state dict (`[out, in]`; GPT-2's Conv1D `[in, out]`) -> the `[in, out]` weight tree `Transformer` takes."""
+def _slices(index: tuple, shape: tuple[int, ...]) -> tuple[slice, ...]:
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape, strict=True))
+
+
+def weight_refs(cfg: ModelConfig) -> dict:
+    """Our weight tree (`Transformer`'s short names, `layers.i` -> the block's dict) as `Ref`s
+    into the HF state dict (`[out, in]`; GPT-2's Conv1D `[in, out]`)."""
     if cfg.family == "gpt2":
-        return _gpt2_weights(cfg, sd, where)
+        return _gpt2_refs(cfg)
     d, hd = cfg.d_model, cfg.head_dim
     qd, kvd = cfg.n_heads * hd, cfg.n_kv_heads * hd
-    w = {
-        "embed_tokens": _expect(sd, "model.embed_tokens.weight", (cfg.vocab_size, d), where),
-        "norm": _expect(sd, "model.norm.weight", (d,), where),
-    }
+    w: dict = {"embed_tokens": Ref("model.embed_tokens.weight", (cfg.vocab_size, d)), "norm": Ref("model.norm.weight", (d,))}
     if not cfg.tie_embeddings:
-        w["lm_head"] = _expect(sd, "lm_head.weight", (cfg.vocab_size, d), where).T
+        w["lm_head"] = Ref("lm_head.weight", (cfg.vocab_size, d), transpose=True)
     gemma = cfg.post_norms
     for i in range(cfg.n_layers):
         p = f"model.layers.{i}."
-        e = lambda name, shape, p=p: _expect(sd, p + name, shape, where)  # noqa: E731
+        r = lambda name, shape, t=False, p=p: Ref(p + name, shape, t)  # noqa: E731
         lw = {
-            "norm1": e("input_layernorm.weight", (d,)),
-            "norm2": e("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight", (d,)),
-            "q_proj": e("self_attn.q_proj.weight", (qd, d)).T,
-            "k_proj": e("self_attn.k_proj.weight", (kvd, d)).T,
-            "v_proj": e("self_attn.v_proj.weight", (kvd, d)).T,
-            "o_proj": e("self_attn.o_proj.weight", (d, qd)).T,
-            "gate_proj": e("mlp.gate_proj.weight", (cfg.d_mlp, d)).T,
-            "up_proj": e("mlp.up_proj.weight", (cfg.d_mlp, d)).T,
-            "down_proj": e("mlp.down_proj.weight", (d, cfg.d_mlp)).T,
+            "norm1": r("input_layernorm.weight", (d,)),
+            "norm2": r("pre_feedforward_layernorm.weight" if gemma else "post_attention_layernorm.weight", (d,)),
+            "q_proj": r("self_attn.q_proj.weight", (qd, d), True),
+            "k_proj": r("self_attn.k_proj.weight", (kvd, d), True),
+            "v_proj": r("self_attn.v_proj.weight", (kvd, d), True),
+            "o_proj": r("self_attn.o_proj.weight", (d, qd), True),
+            "gate_proj": r("mlp.gate_proj.weight", (cfg.d_mlp, d), True),
+            "up_proj": r("mlp.up_proj.weight", (cfg.d_mlp, d), True),
+            "down_proj": r("mlp.down_proj.weight", (d, cfg.d_mlp), True),
         }
         if gemma:
-            lw["post_attn_norm"] = e("post_attention_layernorm.weight", (d,))
-            lw["post_mlp_norm"] = e("post_feedforward_layernorm.weight", (d,))
+            lw["post_attn_norm"] = r("post_attention_layernorm.weight", (d,))
+            lw["post_mlp_norm"] = r("post_feedforward_layernorm.weight", (d,))
         if cfg.qk_norm:
-            lw["q_norm"] = e("self_attn.q_norm.weight", (hd,))
-            lw["k_norm"] = e("self_attn.k_norm.weight", (hd,))
+            lw["q_norm"] = r("self_attn.q_norm.weight", (hd,))
+            lw["k_norm"] = r("self_attn.k_norm.weight", (hd,))
         if cfg.qkv_bias:
-            lw["q_bias"] = e("self_attn.q_proj.bias", (qd,))
-            lw["k_bias"] = e("self_attn.k_proj.bias", (kvd,))
-            lw["v_bias"] = e("self_attn.v_proj.bias", (kvd,))
+            lw["q_bias"] = r("self_attn.q_proj.bias", (qd,))
+            lw["k_bias"] = r("self_attn.k_proj.bias", (kvd,))
+            lw["v_bias"] = r("self_attn.v_proj.bias", (kvd,))
         if cfg.o_bias:
-            lw["o_bias"] = e("self_attn.o_proj.bias", (d,))
+            lw["o_bias"] = r("self_attn.o_proj.bias", (d,))
         w[f"layers.{i}"] = lw
     return w
 
 
-def _gpt2_weights(cfg: ModelConfig, sd: dict, where: str) -> dict:
-    sd = {k.removeprefix("transformer."): v for k, v in sd.items()}  # GPT2LMHeadModel's prefix; the hub's gpt2 has none
+def _gpt2_refs(cfg: ModelConfig) -> dict:
     d, f = cfg.d_model, cfg.d_mlp
-    w = {
-        "embed_tokens": _expect(sd, "wte.weight", (cfg.vocab_size, d), where),
-        "pos_embed": _expect(sd, "wpe.weight", (cfg.max_position, d), where),
-        "norm": _expect(sd, "ln_f.weight", (d,), where),
-        "norm_bias": _expect(sd, "ln_f.bias", (d,), where),
+    w: dict = {
+        "embed_tokens": Ref("wte.weight", (cfg.vocab_size, d)),
+        "pos_embed": Ref("wpe.weight", (cfg.max_position, d)),
+        "norm": Ref("ln_f.weight", (d,)),
+        "norm_bias": Ref("ln_f.bias", (d,)),
     }
     for i in range(cfg.n_layers):
-        e = lambda name, shape, i=i: _expect(sd, f"h.{i}.{name}", shape, where)  # noqa: E731
-        qkv, qkv_b = e("attn.c_attn.weight", (d, 3 * d)), e("attn.c_attn.bias", (3 * d,))  # Conv1D: [in, out]
+        r = lambda name, shape, i=i, **kw: Ref(f"h.{i}.{name}", shape, **kw)  # noqa: E731
+        qkv, qkv_b = ("attn.c_attn.weight", (d, 3 * d)), ("attn.c_attn.bias", (3 * d,))  # Conv1D: [in, out]
         w[f"layers.{i}"] = {
-            "norm1": e("ln_1.weight", (d,)),
-            "norm1_bias": e("ln_1.bias", (d,)),
-            "norm2": e("ln_2.weight", (d,)),
-            "norm2_bias": e("ln_2.bias", (d,)),
-            "q_proj": qkv[:, :d],
-            "k_proj": qkv[:, d : 2 * d],
-            "v_proj": qkv[:, 2 * d :],
-            "q_bias": qkv_b[:d],
-            "k_bias": qkv_b[d : 2 * d],
-            "v_bias": qkv_b[2 * d :],
-            "o_proj": e("attn.c_proj.weight", (d, d)),
-            "o_bias": e("attn.c_proj.bias", (d,)),
-            "fc": e("mlp.c_fc.weight", (d, f)),
-            "fc_bias": e("mlp.c_fc.bias", (f,)),
-            "proj": e("mlp.c_proj.weight", (f, d)),
-            "proj_bias": e("mlp.c_proj.bias", (d,)),
+            "norm1": r("ln_1.weight", (d,)),
+            "norm1_bias": r("ln_1.bias", (d,)),
+            "norm2": r("ln_2.weight", (d,)),
+            "norm2_bias": r("ln_2.bias", (d,)),
+            "q_proj": r(*qkv, offset=0, width=d),
+            "k_proj": r(*qkv, offset=d, width=d),
+            "v_proj": r(*qkv, offset=2 * d, width=d),
+            "q_bias": r(*qkv_b, offset=0, width=d),
+            "k_bias": r(*qkv_b, offset=d, width=d),
+            "v_bias": r(*qkv_b, offset=2 * d, width=d),
+            "o_proj": r("attn.c_proj.weight", (d, d)),
+            "o_bias": r("attn.c_proj.bias", (d,)),
+            "fc": r("mlp.c_fc.weight", (d, f)),
+            "fc_bias": r("mlp.c_fc.bias", (f,)),
+            "proj": r("mlp.c_proj.weight", (f, d)),
+            "proj_bias": r("mlp.c_proj.bias", (d,)),
         }
     return w
+
+
+def check_refs(refs: dict, source, where: str) -> None:
+    """Every tensor the model needs is in `source` with the shape the config implies (checked
+    before any weight is read, so a bad checkpoint fails at once and loads nothing)."""
+    for ref in _leaves(refs):
+        shape = source.shape(ref.name)
+        if shape is None:
+            raise ModelLoadError(f"{where}: tensor {ref.name!r} is missing")
+        if tuple(shape) != tuple(ref.shape):
+            raise ModelLoadError(f"{where}: tensor {ref.name!r} has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+
+
+def _leaves(tree: dict):
+    for v in tree.values():
+        yield from (_leaves(v) if isinstance(v, dict) else (v,))
+
+
+class DictSource:
+    """A HF state dict in memory (numpy arrays) as a tensor source."""
+
+    def __init__(self, sd: dict):
+        self.sd = sd
+
+    def shape(self, name: str):
+        return None if name not in self.sd else tuple(self.sd[name].shape)
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        return np.asarray(self.sd[name][index])
+
+    def release(self) -> None:
+        pass
+
+
+def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dict:
+    """Our weight tree as device arrays in `dtype`, each read from `source` block by block and
+    placed directly as its shards (`model/sharding.py`; no mesh: whole on the default device).
+
+    Host memory: one shard of one tensor at a time, cast on the host, plus the source's cache of
+    the tensor being placed (a GGUF tensor is dequantized once, a safetensors slice is read once
+    and shared by the devices that hold the same block)."""
+    import jax
+
+    from sae_jax.model.sharding import weight_sharding
+
+    refs = weight_refs(cfg)
+    check_refs(refs, source, where)
+    np_dtype = np.dtype(jnp.dtype(dtype))
+
+    def put(name: str, ref: Ref):
+        shape = ref.out_shape
+        cache: dict = {}
+
+        def block(index):
+            key = tuple((s.start, s.stop) for s in _slices(index, shape))
+            if key not in cache:
+                cache.clear()
+                cache[key] = ref.read(source, index).astype(np_dtype, copy=False)
+            return cache[key]
+
+        arr = jax.make_array_from_callback(shape, weight_sharding(mesh, name, shape), block)
+        cache.clear()
+        source.release()
+        return arr
+
+    def walk(tree: dict, prefix: str = "") -> dict:
+        return {k: walk(v, f"{prefix}{k}.") if isinstance(v, dict) else put(prefix + k, v) for k, v in tree.items()}
+
+    return walk(refs)
+
+
+def weights_from_hf_state(cfg: ModelConfig, sd: dict, where: str) -> dict:
+    """HF state dict -> the `[in, out]` numpy weight tree `Transformer` takes (float32)."""
+    refs = weight_refs(cfg)
+    src = DictSource(sd)
+    check_refs(refs, src, where)
+
+    def walk(tree):
+        return {k: walk(v) if isinstance(v, dict) else v.read(src).astype(np.float32) for k, v in tree.items()}
+
+    return walk(refs)
 
 
 def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=jnp.float32) -> Transformer:
@@ -324,8 +430,68 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-def read_gguf(path: Path) -> tuple[dict, dict, object, dict]:
-    """GGUF file -> (HF config dict, HF state dict, tokenizer, token info)."""
+_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GGUF_LAYER = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+class GGUFSource:
+    """The tensors of a GGUF file under their HF names, dequantized one tensor at a time (the
+    last one kept while its blocks are placed)."""
+
+    def __init__(self, reader, path: Path, n_heads: int, n_kv: int):
+        self.path, self.n_heads, self.n_kv = path, n_heads, n_kv
+        self.tensors = {}
+        for name, t in ((t.name, t) for t in reader.tensors):
+            if name in _GGUF_NAMES:
+                self.tensors[_GGUF_NAMES[name]] = t
+                continue
+            parts = name.split(".")
+            if len(parts) == 4 and parts[0] == "blk" and parts[2] in _GGUF_LAYER:
+                self.tensors[f"model.layers.{parts[1]}.{_GGUF_LAYER[parts[2]]}.{parts[3]}"] = t
+            # others (e.g. rope_freqs) are derived from the metadata here
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def shape(self, name: str):
+        t = self.tensors.get(name)
+        return None if t is None else tuple(int(s) for s in reversed(t.shape))
+
+    def full(self, name: str) -> np.ndarray:
+        import gguf
+
+        if self._last is not None and self._last[0] == name:
+            return self._last[1]
+        t = self.tensors[name]
+        try:
+            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        except Exception as e:
+            raise ModelLoadError(f"{self.path}: tensor {t.name!r} cannot be dequantized ({e})") from None
+        w = w.reshape(self.shape(name))
+        if t.name.endswith("attn_q.weight"):
+            w = _unpermute_rope(w, self.n_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = _unpermute_rope(w, self.n_kv)
+        self._last = (name, w)
+        return w
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        return self.full(name)[index]
+
+    def release(self) -> None:
+        self._last = None
+
+
+def open_gguf(path: Path) -> tuple[dict, GGUFSource, object, dict]:
+    """GGUF file -> (HF config dict, its tensors as a source, tokenizer, token info); no tensor is read yet."""
     import gguf
 
     from sae_jax.model.tokenizer import tokenizer_from_gguf
@@ -368,59 +534,69 @@ def read_gguf(path: Path) -> tuple[dict, dict, object, dict]:
         "max_position_embeddings": int(meta("context_length", 8192)),
         "torch_dtype": "float32",
     }
-    names = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
-    per_layer = {
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-        "attn_q": "self_attn.q_proj",
-        "attn_k": "self_attn.k_proj",
-        "attn_v": "self_attn.v_proj",
-        "attn_output": "self_attn.o_proj",
-        "ffn_gate": "mlp.gate_proj",
-        "ffn_up": "mlp.up_proj",
-        "ffn_down": "mlp.down_proj",
-    }
-    sd = {}
-    for name, t in tensors.items():
-        if name in names:
-            hf_name = names[name]
-        else:
-            parts = name.split(".")
-            if len(parts) != 4 or parts[0] != "blk" or parts[2] not in per_layer:
-                continue  # e.g. rope_freqs: derived from metadata here
-            hf_name = f"model.layers.{parts[1]}.{per_layer[parts[2]]}.{parts[3]}"
-        try:
-            w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        except Exception as e:
-            raise ModelLoadError(f"{path}: tensor {name!r} cannot be dequantized ({e})") from None
-        w = w.reshape(tuple(int(s) for s in reversed(t.shape)))
-        if name.endswith("attn_q.weight"):
-            w = _unpermute_rope(w, n_heads)
-        elif name.endswith("attn_k.weight"):
-            w = _unpermute_rope(w, n_kv)
-        sd[hf_name] = w
     tok, info = tokenizer_from_gguf(reader, path)
     hf["bos_token_id"], hf["eos_token_id"] = info["bos_id"], info["eos_id"]
+    return hf, GGUFSource(reader, path, n_heads, n_kv), tok, info
+
+
+def read_gguf(path: Path) -> tuple[dict, dict, object, dict]:
+    """GGUF file -> (HF config dict, HF state dict in float32, tokenizer, token info)."""
+    hf, src, tok, info = open_gguf(path)
+    sd = {}
+    for name in src.tensors:
+        sd[name] = src.full(name)
+        src.release()
     return hf, sd, tok, info
 
 
 # ---------------------------------------------------------------- HF directory
 
 
-def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
-    from safetensors.numpy import load_file
+class SafetensorsSource:
+    """The tensors of a HF directory's `*.safetensors` files, read block by block: each read opens
+    the file (memory-mapped by safetensors), copies the block and unmaps it, so the pages of the
+    checkpoint never accumulate in this process's memory."""
 
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        files = sorted(Path(path).glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path}: no *.safetensors weight files")
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="np") as h:
+                    for k in h.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                        self.where[k] = f
+                        self.shapes[k] = tuple(h.get_slice(k).get_shape())
+            except Exception as e:
+                raise ModelLoadError(f"{f}: unreadable safetensors file ({e})") from None
+
+    def shape(self, name: str):
+        return self.shapes.get(name)
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        from safetensors import safe_open
+
+        f = self.where[name]
+        try:
+            with safe_open(str(f), framework="np") as h:
+                return np.array(h.get_slice(name)[index] if index else h.get_tensor(name))
+        except Exception as e:
+            raise ModelLoadError(f"{f}: tensor {name!r} cannot be read ({e})") from None
+
+    def release(self) -> None:
+        pass
+
+
+def read_hf_dir(path: Path) -> tuple[dict, dict, object, dict]:
+    """HF directory -> (config dict, HF state dict (every tensor in memory), tokenizer, token info)."""
     path = Path(path)
     hf = read_hf_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{path}: no *.safetensors weight files")
-    sd = {}
-    for f in files:
-        try:
-            sd.update(load_file(str(f)))
-        except Exception as e:
-            raise ModelLoadError(f"{f}: unreadable safetensors file ({e})") from None
+    src = SafetensorsSource(path)
+    sd = {name: src.read(name, ()) for name in src.shapes}
     tok, info = read_hf_tokenizer(path, hf)
     return hf, sd, tok, info
 
@@ -470,22 +646,60 @@ def resolve_model_path(spec: str) -> Path:
 
 
 def read_model(spec: str) -> tuple[dict, dict, object, dict, Path]:
-    """`spec` is 'embedded', a .gguf file or a HF directory."""
-    path = resolve_model_path(spec)
+    """`spec` is 'embedded', a .gguf file or a HF directory: every tensor read into memory (for
+    conversions and tests; `load_model` streams instead)."""
+    path = _existing(spec)
     if path.is_dir():
         return (*read_hf_dir(path), path)
-    if not path.exists():
-        raise ModelLoadError(f"model {spec!r}: {path} does not exist (give 'embedded', a .gguf file or a Hugging Face directory)")
     return (*read_gguf(path), path)
 
 
-def load_model(spec: str = "embedded", dtype: str = "float32") -> LoadedModel:
-    """Load 'embedded', a .gguf file or a HF directory, computing in `dtype`."""
+def _existing(spec: str) -> Path:
+    path = resolve_model_path(spec)
+    if not path.exists():
+        raise ModelLoadError(f"model {spec!r}: {path} does not exist (give 'embedded', a .gguf file or a Hugging Face directory)")
+    return path
+
+
+def open_model(spec: str) -> tuple[dict, ModelConfig, object, object, dict, Path]:
+    """(HF config dict, ModelConfig, tensor source, tokenizer, token info, path) of 'embedded', a
+    .gguf file or a HF directory, with no weight read yet: what a caller needs to check hooks and
+    plan a mesh before the weights move."""
+    path = _existing(spec)
+    if path.is_dir():
+        hf = read_hf_config(path)
+        src = SafetensorsSource(path)
+        cfg = config_from_hf(hf, str(path))
+        tok, info = read_hf_tokenizer(path, hf)
+    else:
+        hf, src, tok, info = open_gguf(path)
+        cfg = config_from_hf(hf, str(path))
+    return hf, cfg, src, tok, info, path
+
+
+def model_config(spec: str) -> ModelConfig:
+    """The ModelConfig of a model, from its config.json or GGUF metadata (no weights read)."""
+    path = _existing(spec)
+    if path.is_dir():
+        return config_from_hf(read_hf_config(path), str(path))
+    return config_from_hf(open_gguf(path)[0], str(path))
+
+
+def load_model(spec: str = "embedded", dtype: str = "float32", mesh=None) -> LoadedModel:
+    """Load 'embedded', a .gguf file or a HF directory, computing in `dtype`.
+
+    The weights are streamed tensor by tensor from the file into their places: whole on the
+    default device, or with `mesh` (axes `data`, `model`) as their shards by the rule table of
+    `model/sharding.py`. Host memory holds one tensor block at a time, never the model in float32."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ModelLoadError(f"model dtype {dtype!r} is not supported (float32, bfloat16, float16)")
-    hf, sd, tok, info, path = read_model(spec)
-    cfg = config_from_hf(hf, str(path))
-    model = build_model(cfg, sd, str(path), dtype=jnp.dtype(dtype))
+    hf, cfg, src, tok, info, path = open_model(spec)
+    if mesh is not None:
+        from sae_jax.model.sharding import check_model_axis
+
+        check_model_axis(cfg, mesh.shape["model"])
+    weights = place_weights(cfg, src, str(path), jnp.dtype(dtype), mesh)
+    model = Transformer(cfg, weights, dtype=jnp.dtype(dtype))
     digest = file_digest(path) if path.is_file() else hf_dir_digest(path)
     identity = {
         "name": path.stem if path.is_file() else (hf.get("_name_or_path") or path.name),

@@ -99,6 +99,12 @@ class ModelConfig:
 
 
 def _param(w, dtype) -> nnx.Param:
+    """A weight as a parameter in `dtype`: a device array keeps its placement (its shards), a host
+    array goes to the default device, an abstract one (`jax.ShapeDtypeStruct`) stays abstract."""
+    if isinstance(w, jax.ShapeDtypeStruct):
+        return nnx.Param(w if w.dtype == dtype else jax.ShapeDtypeStruct(w.shape, dtype, sharding=w.sharding))
+    if isinstance(w, jax.Array):
+        return nnx.Param(w if w.dtype == dtype else w.astype(dtype))
     return nnx.Param(jnp.asarray(np.asarray(w), dtype=dtype))
 
 

@@ -1,0 +1,145 @@
+"""The language model's weights on a device mesh: logical axes per weight, one rule table.
+
+Tensor parallelism in the Megatron pattern over the mesh's `model` axis: the query, key and value
+projections split by heads (their output columns), the attention output projection by heads (its
+input rows), the MLP's gate / up (or fc) by its hidden units and down (or proj) by the same rows,
+the embedding table by vocabulary. Each block then ends in two all-reduces over `model` (after
+the attention output and the MLP output); everything else is local to a device. Contexts are split
+over the `data` axis. Norms, biases of the residual stream and RoPE tables are small and
+replicated.
+
+Why tensor parallel rather than FSDP: a harvest is a forward only, run for many batches with the
+same weights. FSDP would all-gather every layer's weights on every batch (the whole model's bytes
+per forward on every device); tensor parallelism moves only activations (2 x batch x ctx x d_model
+per layer), which for the batch a harvest runs is far less, and keeps each device's weight shard
+resident.
+"""
+
+from __future__ import annotations
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sae_jax.errors import SaeJaxError
+
+# logical axis -> mesh axis (None: replicated)
+RULES = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "embed": None, "head_dim": None, "position": None}
+
+# the weights' logical axes, by the short names `Transformer` takes ([in, out] orientation)
+WEIGHT_AXES = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "pos_embed": ("position", "embed"),
+    "norm": ("embed",),
+    "norm_bias": ("embed",),
+    "norm1": ("embed",),
+    "norm1_bias": ("embed",),
+    "norm2": ("embed",),
+    "norm2_bias": ("embed",),
+    "post_attn_norm": ("embed",),
+    "post_mlp_norm": ("embed",),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "q_proj": ("embed", "heads"),
+    "k_proj": ("embed", "kv_heads"),
+    "v_proj": ("embed", "kv_heads"),
+    "o_proj": ("heads", "embed"),
+    "q_bias": ("heads",),
+    "k_bias": ("kv_heads",),
+    "v_bias": ("kv_heads",),
+    "o_bias": ("embed",),
+    "gate_proj": ("embed", "mlp"),
+    "up_proj": ("embed", "mlp"),
+    "down_proj": ("mlp", "embed"),
+    "fc": ("embed", "mlp"),
+    "fc_bias": ("mlp",),
+    "proj": ("mlp", "embed"),
+    "proj_bias": ("embed",),
+}
+
+TOKENS = P("data", None)  # [batch, ctx]
+ACTIVATIONS = P("data", None, None)  # [batch, ctx, width]: every hook output, whole on each model column
+
+
+class ModelShardingError(SaeJaxError, ValueError):
+    pass
+
+
+def check_model_axis(cfg, model: int) -> None:
+    """A model axis must split the heads, the kv heads and the MLP evenly (names what does not)."""
+    if model <= 1:
+        return
+    bad = [
+        f"{name} {n}"
+        for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("d_mlp", cfg.d_mlp))
+        if n % model
+    ]
+    if bad:
+        fits = [m for m in range(1, model * 8 + 1) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+        raise ModelShardingError(
+            f"harvest.mesh_model={model} does not divide the model's {' and '.join(bad)} "
+            f"(the model axis splits heads, kv heads and MLP units; model axes that do: {', '.join(map(str, fits))})"
+        )
+
+
+def weight_spec(name: str, shape: tuple[int, ...], model: int) -> P:
+    """The PartitionSpec of weight `name` (a short name; `layers.i.` prefixes are ignored).
+    A vocabulary that the model axis does not divide stays whole (replicated)."""
+    axes = WEIGHT_AXES[name.rsplit(".", 1)[-1]]
+    out = []
+    for ax, n in zip(axes, shape, strict=True):
+        mesh_ax = RULES[ax]
+        out.append(mesh_ax if mesh_ax and model > 1 and n % model == 0 else None)
+    return P(*out)
+
+
+def weight_sharding(mesh: Mesh | None, name: str, shape: tuple[int, ...]):
+    """Where weight `name` lives: its shards on `mesh`, or whole on the default device (no mesh)."""
+    if mesh is None:
+        return jax.sharding.make_single_device_sharding(jax.devices()[0])
+    return NamedSharding(mesh, weight_spec(name, shape, mesh.shape["model"]))
+
+
+def param_count(cfg) -> int:
+    """Parameters of the model (every layer, the embedding, the head when untied)."""
+    total = cfg.n_layers * layer_params(cfg) + cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    if cfg.learned_positions:
+        total += cfg.max_position * d
+    return int(total)
+
+
+def layer_params(cfg) -> int:
+    """Matmul parameters of one decoder layer (attention projections and MLP)."""
+    d, hd, f = cfg.d_model, cfg.head_dim, cfg.d_mlp
+    return d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2 + (3 if cfg.gated_mlp else 2) * d * f
+
+
+def forward_flops_per_token(cfg, last_layer: int, ctx_len: int) -> float:
+    """Matmul FLOPs per token of a forward that stops after `last_layer` (no unembedding):
+    2 x the parameters it multiplies by, plus attention's scores and weighted sum (causal: half
+    the context on average)."""
+    layers = last_layer + 1
+    attn = 2 * 2 * cfg.n_heads * cfg.head_dim * (ctx_len / 2)
+    return float(layers * (2 * layer_params(cfg) + attn))
+
+
+def model_axes(cfg, devices: int) -> list[int]:
+    """Model axes that split this model and divide the device count, smallest first."""
+    return [m for m in range(1, devices + 1) if devices % m == 0 and not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+
+
+def weight_bytes_per_device(cfg, model: int, itemsize: int) -> int:
+    """Bytes of weights one device holds on a model axis of `model` (sharded weights / model,
+    replicated ones whole; the embedding split only when the axis divides the vocabulary)."""
+    emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    emb_dev = emb // model if cfg.vocab_size % model == 0 else emb
+    rest = param_count(cfg) - emb
+    return int((rest / model + emb_dev) * itemsize)
+
+
+def smallest_model_axis(cfg, devices: int | None, itemsize: int, budget: float) -> int | None:
+    """The smallest model axis (dividing `devices`; None: any up to 1024) whose per-device
+    weights take at most `budget` bytes."""
+    axes = model_axes(cfg, devices) if devices else [m for m in range(1, 1025) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+    return next((m for m in axes if weight_bytes_per_device(cfg, m, itemsize) <= budget), None)
