@@ -44,6 +44,12 @@ def default_config() -> ml_collections.ConfigDict:
     # (attention sinks; see harvest.outlier_rows); 0 keeps every row
     c.harvest.outlier_ratio = 100.0
     c.harvest.seed = 0  # row shuffle within shards
+    # the forward's device mesh (docs/harvest.md): contexts over `data`, weights split over `model`
+    # (tensor parallel: heads, kv heads, MLP units, vocabulary). 0: automatic (model: the smallest
+    # axis whose weight shards fit a device; data: every other device). A CPU uses one device per
+    # process unless one of these is set. Neither changes the store.
+    c.harvest.mesh_data = 0
+    c.harvest.mesh_model = 0
     c.harvest.progress = True
 
     # Train: a bank of dictionaries of one architecture, one member per (hook, width, sparsity

@@ -92,36 +92,57 @@ def _diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
-def make_forward(model, hooks, dtype):
-    """jit(state, tokens [B, T]) -> {hook: activations [B, T, width] in the store dtype}."""
+def make_forward(model, hooks, dtype, mesh=None):
+    """(jit(state, tokens [B, T]) -> {hook: activations [B, T, width] in `dtype`}, state).
+
+    With `mesh`, the state is placed by the rule table of `model/sharding.py` (weights split over
+    `model`), tokens and activations are split over `data`, and every hook output is whole on each
+    `model` column (the process that holds a row of contexts holds its activations)."""
     graphdef, state = nnx.split(model)
     hooks = tuple(hooks)
 
-    @jax.jit
     def fwd(state, tokens):
         _, acts = nnx.merge(graphdef, state)(tokens, hooks, logits=False)
         return {k: v.astype(dtype) for k, v in acts.items()}
 
-    return fwd, state
+    if mesh is None:
+        return jax.jit(fwd), state
+    from jax.sharding import NamedSharding
+
+    from sae_jax.model import sharding as msh
+
+    shardings = msh.state_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    jitted = jax.jit(fwd, in_shardings=(shardings, NamedSharding(mesh, msh.TOKENS)), out_shardings=NamedSharding(mesh, msh.ACTIVATIONS))
+    return jitted, state
 
 
-def harvest(c, log=print, lm: LoadedModel | None = None) -> st.Store:
+def harvest(c, log=print, lm: LoadedModel | None = None, devices=None) -> st.Store:
     """Run the harvest `c` describes (see the module docstring). `lm`: the model of
-    `c.model`, already loaded (saves reloading it; the caller vouches that it is that model)."""
+    `c.model`, already loaded (saves reloading it; the caller vouches that it is that model);
+    `devices`: the devices of the harvest mesh (default: see `model.sharding.harvest_mesh`)."""
     _check_settings(c)
     if c.model.backend not in ("flax", "torch"):
         raise HarvestError(f"model.backend={c.model.backend!r}: flax or torch")
     torch_backend = c.model.backend == "torch"
     own_model = lm is None
+    mesh = None
     if lm is None and torch_backend:
         from sae_jax.model.torch_backend import TorchModel
 
         names = [parse_hook(x).name for x in str(c.harvest.hooks).split(",") if x.strip()]
         m = c.model
         lm = TorchModel(m.path, names, python=m.torch_python, device=m.torch_device, dtype=m.dtype, torch_hooks=m.torch_hooks)
-    lm = lm or load_model(c.model.path, c.model.dtype)
+    if not torch_backend:
+        from sae_jax.model.loading import model_config
+        from sae_jax.model.sharding import harvest_mesh
+
+        cfg = lm.cfg if lm is not None else model_config(c.model.path)
+        parse_hooks(c.harvest.hooks, cfg.n_layers)  # a hook the model lacks fails before any weight is read
+        mesh = harvest_mesh(cfg, c.harvest, jnp.dtype(c.model.dtype).itemsize, devices, log)
+        lm = lm or load_model(c.model.path, c.model.dtype, mesh=mesh)
     try:
-        return _harvest(c, lm, log, torch_backend)
+        return _harvest(c, lm, log, torch_backend, mesh)
     finally:
         if own_model and torch_backend:
             lm.close()
@@ -155,7 +176,7 @@ def _identity(c, lm, hooks, src: str, bos, n_target: int, torch_backend: bool) -
     return fingerprint, header
 
 
-def _compiled_forward(lm, hooks, h, ctx_len: int, store_dtype, torch_backend: bool):
+def _compiled_forward(lm, hooks, h, ctx_len: int, store_dtype, torch_backend: bool, mesh):
     """(forward(state, tokens [batch, ctx]) -> {hook: activations}, state)."""
     if torch_backend:
 
@@ -163,13 +184,41 @@ def _compiled_forward(lm, hooks, h, ctx_len: int, store_dtype, torch_backend: bo
             return {k: v.astype(store_dtype) for k, v in lm.forward(np.asarray(tokens)).items()}
 
         return fwd, None
-    fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype))
+    from jax.sharding import NamedSharding
+
+    from sae_jax.model.sharding import TOKENS
+
+    fwd, state = make_forward(lm.model, hooks, jnp.dtype(store_dtype), mesh)
     # Compiled once, ahead of time, for the one fixed shape; the loop calls only this executable
     # (a batch of another shape would be an error, never a silent recompilation).
-    return fwd.lower(state, jax.ShapeDtypeStruct((h.batch_size, ctx_len), jnp.int32)).compile(), state
+    tokens = jax.ShapeDtypeStruct((h.batch_size, ctx_len), jnp.int32, sharding=NamedSharding(mesh, TOKENS))
+    return fwd.lower(state, tokens).compile(), state
 
 
-def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
+def _groups(mesh, torch_backend: bool) -> tuple[int, int, bool]:
+    """(group, groups, writes): this process's data-parallel group of the harvest mesh, how many
+    there are, and whether this process writes its group's shards (the group's first process:
+    processes that split one row of contexts over `model` all hold its activations)."""
+    me, n = jax.process_index(), jax.process_count()
+    if torch_backend or n == 1:
+        return me, n, True
+    from sae_jax import parallel
+
+    group, groups = parallel.data_group(mesh)
+    rows = [row for row in mesh.devices if any(d.process_index == me for d in row)]
+    return group, groups, me == min(d.process_index for row in rows for d in row)
+
+
+def _shard_stream(ctx_iter, seqs_per_shard: int):
+    """(index, first context, contexts) of every shard in order; empty once the text runs out."""
+    first = 0
+    for index in itertools.count():
+        ctxs = list(itertools.islice(ctx_iter, seqs_per_shard))
+        yield index, first, ctxs
+        first += len(ctxs)
+
+
+def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
     h, d = c.harvest, c.data
     out = Path(h.out).expanduser()
     hooks = parse_hooks(h.hooks, lm.cfg.n_layers)
@@ -189,19 +238,29 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
         log(f"{out}: store already complete ({len(m['shards'])} shards); nothing to do")
         return st.open_store(out)
 
+    group, groups, writes = _groups(mesh, torch_backend)
     have = {s["index"] for s in m["shards"]}
     n_shards = math.ceil(n_target / h.seqs_per_shard)
-    mine = [i for i in range(n_shards) if i % n_proc == me and i not in have]
+    pending = {g: [i for i in range(n_shards) if i % groups == g and i not in have] for g in range(groups)}
+    mine = pending[group]
+    # every process runs the same number of forward calls (collectives over the mesh): a group
+    # with fewer shards left runs padding rounds
+    rounds = max(map(len, pending.values()))
+    local_batch = h.batch_size // groups if not torch_backend else h.batch_size
+    collective = n_proc > 1 and not torch_backend
+    calls = math.ceil(h.seqs_per_shard / local_batch) if collective else None
     if have:
         log(
             f"{out}: resuming: {len(have)} of {n_shards} shards done"
-            + (f"; process {me} of {n_proc} writes {len(mine)}" if n_proc > 1 else "")
+            + (f"; process {me} of {n_proc} writes {len(mine) if writes else 0}" if n_proc > 1 else "")
         )
-    ctx_iter = itertools.islice(ctx_iter, n_target)
+    if mesh is not None and mesh.devices.size > 1:
+        log(f"harvest mesh: data={mesh.shape['data']} x model={mesh.shape['model']} ({mesh.devices.size} devices)")
+    shards = _shard_stream(itertools.islice(ctx_iter, n_target), h.seqs_per_shard)
 
     store_dtype = st.DTYPES[h.dtype]
     t0 = time.perf_counter()
-    fwd, state = _compiled_forward(lm, hooks, h, d.ctx_len, store_dtype, torch_backend)
+    fwd, state = _compiled_forward(lm, hooks, h, d.ctx_len, store_dtype, torch_backend, mesh)
     compile_s = time.perf_counter() - t0
     special = np.zeros(lm.cfg.vocab_size + 1, dtype=bool)
     if h.exclude_special:
@@ -226,27 +285,25 @@ def _harvest(c, lm, log, torch_backend: bool) -> st.Store:
             st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
 
     # The writer thread shuffles, checksums and writes shard i while the model runs on shard i+1.
-    todo = set(mine)
     with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
-        pending, first = None, 0
+        pending_write = None
         try:
-            for index in range(n_shards):
-                if not mine or index > mine[-1]:
-                    break
-                ctxs = list(itertools.islice(ctx_iter, h.seqs_per_shard))
-                if not ctxs:
-                    break
-                start, first = first, first + len(ctxs)
-                if index not in todo:
+            for r in range(rounds):
+                index, start, ctxs = -1, 0, []
+                if r < len(mine):
+                    index, start, ctxs = next(itertools.dropwhile(lambda s, i=mine[r]: s[0] < i, shards))
+                if not ctxs and not collective:
+                    break  # the text ran out: nothing left for this process
+                toks = np.stack(ctxs) if ctxs else np.zeros((0, d.ctx_len), np.int32)
+                acts = _run_forward(fwd, state, toks, local_batch, calls, bar, mesh)
+                if not ctxs or not writes:
                     continue
-                toks = np.stack(ctxs)
-                acts = _run_forward(fwd, state, toks, h.batch_size, bar)
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(finish, index, toks, acts, start)
+                if pending_write is not None:
+                    pending_write.result()
+                pending_write = writer.submit(finish, index, toks, acts, start)
                 tokens_run += toks.size
-            if pending is not None:
-                pending.result()
+            if pending_write is not None:
+                pending_write.result()
         finally:
             bar.close()
     _barrier("sae_jax.harvest: every process wrote its shards")
@@ -338,28 +395,60 @@ def _progress(enabled: bool, total: int, initial: int):
     )
 
 
-def _run_forward(fwd, state, toks: np.ndarray, batch: int, bar) -> dict[str, np.ndarray]:
-    """Forward all contexts of a shard in fixed-shape batches, one batch in flight ahead."""
+def _run_forward(fwd, state, toks: np.ndarray, batch: int, calls: int | None, bar, mesh) -> dict[str, np.ndarray]:
+    """Forward a shard's contexts in fixed-shape batches of `batch` (this process's rows of the
+    global batch), one batch in flight ahead; `calls` fixes the number of batches (processes that
+    run the forward together must all call it alike: padding rows, or a whole padding round)."""
     n = len(toks)
-    pad = (-n) % batch
-    padded = np.concatenate([toks, np.repeat(toks[:1], pad, axis=0)]) if pad else toks
+    calls = calls if calls is not None else math.ceil(n / batch)
+    fill = calls * batch - n
+    padded = np.concatenate([toks, np.repeat(toks[:1] if n else np.zeros((1, toks.shape[1]), np.int32), fill, axis=0)]) if fill else toks
     outs: dict[str, list] = {}
-    pending = None
-    for i in range(0, len(padded), batch):
-        nxt = fwd(state, jnp.asarray(padded[i : i + batch]))  # dispatch before collecting the last
+    pending, real = None, n
+    for i in range(0, calls * batch, batch):
+        nxt = fwd(state, _global_tokens(padded[i : i + batch], mesh))  # dispatch before collecting the last
         if pending is not None:
-            _collect(pending, outs, bar)
+            _collect(pending, outs, bar, real)
+            real -= batch
         pending = nxt
-    _collect(pending, outs, bar)
+    if pending is not None:
+        _collect(pending, outs, bar, real)
     return {k: np.concatenate(v)[:n] for k, v in outs.items()}
 
 
-def _collect(acts, outs, bar):
-    host = jax.device_get(acts)
+def _global_tokens(local: np.ndarray, mesh):
+    """This process's rows of a forward batch -> the global token array over the harvest mesh."""
+    if mesh is None:
+        return local
+    from jax.sharding import NamedSharding
+
+    from sae_jax.model.sharding import TOKENS
+
+    sharding = NamedSharding(mesh, TOKENS)
+    if jax.process_count() == 1:
+        return jax.device_put(local, sharding)
+    from sae_jax import parallel
+
+    _, n_groups = parallel.data_group(mesh)
+    return jax.make_array_from_process_local_data(sharding, local, (len(local) * n_groups, local.shape[1]))
+
+
+def _local_rows(a) -> np.ndarray:
+    """The rows of a `data`-split array that this process's devices hold, in order."""
+    if not isinstance(a, jax.Array) or a.is_fully_addressable:
+        return np.asarray(a)
+    by_start = {}
+    for s in a.addressable_shards:
+        by_start.setdefault(s.index[0].start or 0, s)
+    return np.concatenate([np.asarray(by_start[k].data) for k in sorted(by_start)])
+
+
+def _collect(acts, outs, bar, real: int):
+    host = {k: _local_rows(v) for k, v in acts.items()}
     for k, v in host.items():
         outs.setdefault(k, []).append(v)
     b, t = next(iter(host.values())).shape[:2]
-    bar.update(b * t)
+    bar.update(max(min(b, real), 0) * t)
 
 
 def outlier_rows(acts: dict[str, np.ndarray], ci, pi, ratio: float) -> np.ndarray:

@@ -58,6 +58,29 @@ WEIGHT_AXES = {
     "proj_bias": ("embed",),
 }
 
+# the attribute names of `Transformer` / `Block` parameters -> the short names above (norm weights
+# and biases, whose paths end in `weight` / `bias`, are replicated)
+ATTRS = {
+    "embed": "embed_tokens",
+    "lm_head": "lm_head",
+    "pos_embed": "pos_embed",
+    "wq": "q_proj",
+    "wk": "k_proj",
+    "wv": "v_proj",
+    "wo": "o_proj",
+    "bq": "q_bias",
+    "bk": "k_bias",
+    "bv": "v_bias",
+    "bo": "o_bias",
+    "w_gate": "gate_proj",
+    "w_up": "up_proj",
+    "w_down": "down_proj",
+    "w_fc": "fc",
+    "b_fc": "fc_bias",
+    "w_proj": "proj",
+    "b_proj": "proj_bias",
+}
+
 TOKENS = P("data", None)  # [batch, ctx]
 ACTIVATIONS = P("data", None, None)  # [batch, ctx, width]: every hook output, whole on each model column
 
@@ -101,11 +124,80 @@ def weight_sharding(mesh: Mesh | None, name: str, shape: tuple[int, ...]):
     return NamedSharding(mesh, weight_spec(name, shape, mesh.shape["model"]))
 
 
+def state_shardings(state, mesh: Mesh):
+    """NamedShardings for a `Transformer`'s nnx state (its parameters by attribute name)."""
+
+    def one(path, leaf):
+        names = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        attr = next((n for n in reversed(names) if isinstance(n, str) and n in ATTRS), None)
+        if attr is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, weight_spec(ATTRS[attr], tuple(leaf.shape), mesh.shape["model"]))
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print) -> Mesh:
+    """The harvest's mesh (`data` x `model`) over `devices` (default: every device of every
+    process; on CPUs the first device of each process, since XLA's simulated CPU devices share one
+    host's cores and memory and would only copy the weights).
+
+    `harvest.mesh_model` 0 picks the smallest model axis whose weight shards fit 60% of a
+    device's memory (the rest for activations); devices that report no memory (CPUs) take the
+    model whole. `harvest.mesh_data` 0 puts every other device on `data`."""
+    from sae_jax import parallel
+
+    if devices is None:
+        devices = jax.devices()
+        if devices[0].platform == "cpu" and not (h.mesh_data or h.mesh_model):
+            devices = [next(d for d in devices if d.process_index == p) for p in range(jax.process_count())]
+    devices = list(devices)
+    n = len(devices)
+    model = int(h.mesh_model)
+    if model < 0 or h.mesh_data < 0:
+        raise ModelShardingError(f"harvest.mesh_data={h.mesh_data}, harvest.mesh_model={h.mesh_model}: 0 (automatic) or a device count")
+    if not model:
+        limit = _memory_limit(devices[0])
+        need = weight_bytes_per_device(cfg, 1, itemsize)
+        if limit is None or need <= 0.6 * limit:
+            model = 1
+        else:
+            fit = next((m for m in model_axes(cfg, n) if weight_bytes_per_device(cfg, m, itemsize) <= 0.6 * limit), None)
+            if fit is None:
+                best = model_axes(cfg, n)[-1]
+                raise ModelShardingError(
+                    f"the model's weights need {weight_bytes_per_device(cfg, best, itemsize) / 2**30:.2f} GiB per device even split "
+                    f"{best} ways, over 60% of the {limit / 2**30:.2f} GiB a device has: use more devices (harvest.mesh_model) "
+                    "or a smaller model.dtype"
+                )
+            model = fit
+            log(f"harvest mesh: the weights ({need / 2**30:.2f} GiB) do not fit one device; split {model} ways over `model`")
+    check_model_axis(cfg, model)
+    if n % model:
+        raise ModelShardingError(f"harvest.mesh_model={model} does not divide the {n} devices")
+    data = int(h.mesh_data) or n // model
+    if data * model != n:
+        raise ModelShardingError(f"harvest mesh data={data} x model={model} needs {data * model} devices, there are {n}")
+    if h.batch_size % data:
+        raise ModelShardingError(
+            f"harvest.batch_size={h.batch_size} does not split over the mesh's data axis ({data} devices): "
+            f"give a multiple of {data} (or set harvest.mesh_data)"
+        )
+    return parallel.make_mesh(data, model, devices)
+
+
+def _memory_limit(dev) -> int | None:
+    try:
+        return (dev.memory_stats() or {}).get("bytes_limit")
+    except Exception:  # noqa: BLE001  (CPU devices have no memory stats)
+        return None
+
+
 def param_count(cfg) -> int:
     """Parameters of the model (every layer, the embedding, the head when untied)."""
-    total = cfg.n_layers * layer_params(cfg) + cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    total = cfg.n_layers * layer_params(cfg) + cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     if cfg.learned_positions:
-        total += cfg.max_position * d
+        total += cfg.max_position * cfg.d_model
     return int(total)
 
 
