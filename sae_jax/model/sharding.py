@@ -137,7 +137,7 @@ def state_shardings(state, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, state)
 
 
-def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print) -> Mesh:
+def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print, memory_limit: int | None = None) -> Mesh:
     """The harvest's mesh (`data` x `model`) over `devices` (default: every device of every
     process; on CPUs the first device of each process, since XLA's simulated CPU devices share one
     host's cores and memory and would only copy the weights).
@@ -157,7 +157,7 @@ def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print) -> Mesh:
     if model < 0 or h.mesh_data < 0:
         raise ModelShardingError(f"harvest.mesh_data={h.mesh_data}, harvest.mesh_model={h.mesh_model}: 0 (automatic) or a device count")
     if not model:
-        limit = _memory_limit(devices[0])
+        limit = memory_limit or _memory_limit(devices[0])
         need = weight_bytes_per_device(cfg, 1, itemsize)
         if limit is None or need <= 0.6 * limit:
             model = 1
