@@ -4,6 +4,7 @@
     sae-jax train   [--config=configs/default.py] [--config.train.store=DIR --config.train.run_dir=DIR ...]
     sae-jax demo    [--config=configs/demo.py] [--config.x=y ...]   # harvest, train, eval
     sae-jax compile-check [--devices N] [--memory-gib G] [--peak-tflops T] [--mfu F] [--d-in D] [--json PATH] [--config.x=y ...]
+    sae-jax compile-check --job harvest --model-config configs/models/NAME.json [--topology T | --gpu G:N | --devices N] [--config.x=y ...]
     sae-jax eval    RUN [--member NAME] [--store DIR] [--tokens N] [--contexts N] [--out DIR]
     sae-jax export  RUN --format saelens|sparsify|npz --out DIR [--dtype float32|bfloat16|float16] [--overwrite]
     sae-jax atlas   RUN [--member NAME] [--contexts N] [--top N] [--out DIR]
@@ -33,7 +34,7 @@ SECTIONS = {
     "harvest": ("model", "data", "harvest", "distributed"),
     "train": ("train", "distributed"),
     "demo": ("model", "data", "harvest", "train"),
-    "compile-check": ("train",),
+    "compile-check": ("train", "model", "data", "harvest"),
 }
 
 
@@ -160,6 +161,10 @@ def cmd_compile_check(argv) -> int:
         "--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)"
     )
     p.add_argument("--gpu", default="", help="compile for GPUs with XLA's CUDA compiler: h100, h200, h100:8 (needs the cuda-aot extra)")
+    p.add_argument("--job", default="train", choices=("train", "harvest"), help="the step to compile: train (default) or the harvest's forward")
+    p.add_argument(
+        "--model-config", default="", help="--job harvest: the model, as a HF config.json (configs/models/), a HF directory or a .gguf"
+    )
     if _wants_help(argv):
         p.print_help()
         print("\n" + _config_help(argv, "default.py"))
@@ -175,9 +180,11 @@ def cmd_compile_check(argv) -> int:
         flags_env = re.sub(r"--xla_force_host_platform_device_count=\S+", "", os.environ.get("XLA_FLAGS", ""))
         os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={a.devices}".strip()
         os.environ["JAX_PLATFORMS"] = "cpu"
+    cfg = _load_config([argv[0], *rest], "default.py")
+    if a.job == "harvest":
+        return _compile_check_harvest(a, cfg)
     from sae_jax.train.compile_check import compile_check, refusal, report
 
-    cfg = _load_config([argv[0], *rest], "default.py")
     rep = compile_check(
         cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu
     )
@@ -188,6 +195,25 @@ def cmd_compile_check(argv) -> int:
         Path(a.json).write_text(json.dumps(rep, indent=1))
     if rep["fits"] is False:
         print(f"sae-jax compile-check: refused: {refusal(rep)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _compile_check_harvest(a, cfg) -> int:
+    from sae_jax.harvest_check import harvest_compile_check, report
+
+    if a.d_in:
+        raise SystemExit("sae-jax compile-check: --d-in is for --job train (the model's config gives the harvest's widths)")
+    rep = harvest_compile_check(
+        cfg, a.model_config or cfg.model.path, topology=a.topology, gpu=a.gpu, mfu=a.mfu, peak_tflops=a.peak_tflops, memory_gib=a.memory_gib
+    )
+    print(report(rep))
+    if a.json:
+        import json
+
+        Path(a.json).write_text(json.dumps(rep, indent=1))
+    if rep["fits"] is False:
+        print(f"sae-jax compile-check: refused: {rep['refusal']}", file=sys.stderr)
         return 1
     return 0
 

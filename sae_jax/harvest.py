@@ -112,7 +112,8 @@ def make_forward(model, hooks, dtype, mesh=None):
     from sae_jax.model import sharding as msh
 
     shardings = msh.state_shardings(state, mesh)
-    state = jax.device_put(state, shardings)
+    if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):  # abstract: compile-check
+        state = jax.device_put(state, shardings)
     jitted = jax.jit(fwd, in_shardings=(shardings, NamedSharding(mesh, msh.TOKENS)), out_shardings=NamedSharding(mesh, msh.ACTIVATIONS))
     return jitted, state
 
@@ -484,3 +485,21 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     entry["contexts"] = [first_ctx, first_ctx + len(toks)]
     entry["rows_outliers"] = int(outlier.sum())
     return entry, stats
+
+
+def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, seed: int = 0) -> float:
+    """GB of activations per second that `_write_shard` (special-token and outlier filter, shuffle,
+    statistics, checksums, ArrayRecord, fsync) writes on this CPU, from random activations."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(3, 1000, size=(contexts, ctx_len), dtype=np.int32)
+    toks[:, 0] = 1
+    acts = {k: rng.standard_normal((contexts, ctx_len, w), dtype=np.float32).astype(store_dtype) for k, w in widths.items()}
+    special = np.zeros(1001, dtype=bool)
+    special[1] = True
+    h = SimpleNamespace(outlier_ratio=100.0, seed=0, rows_per_record=1024)
+    t0 = time.perf_counter()
+    entry, _ = _write_shard(out, 0, toks, acts, 0, special, widths, h, store_dtype)
+    dt = time.perf_counter() - t0
+    return entry["rows"] * sum(widths.values()) * np.dtype(store_dtype).itemsize / dt / 1e9
