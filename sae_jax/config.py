@@ -50,6 +50,9 @@ def default_config() -> ml_collections.ConfigDict:
     # process unless one of these is set. Neither changes the store.
     c.harvest.mesh_data = 0
     c.harvest.mesh_model = 0
+    # threads writing shards beside the forward (shuffle, filter, statistics, checksums); 0: one
+    # per 8 CPU cores, 1 to 8. Each holds one shard of activations in host memory
+    c.harvest.writers = 0
     c.harvest.progress = True
 
     # Train: a bank of dictionaries of one architecture, one member per (hook, width, sparsity

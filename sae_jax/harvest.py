@@ -20,7 +20,9 @@ import datetime
 import itertools
 import json
 import math
+import os
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -274,20 +276,27 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
     part = out / f"manifest.process-{me}-of-{n_proc}.json"
     t0, tokens_run = time.perf_counter(), 0
 
-    def finish(index, toks, acts, first):  # on the writer thread: shards land in order
-        entry, stats = _write_shard(out, index, toks, acts, first, special, widths, h, store_dtype)
-        if n_proc == 1:
-            totals.add(stats)
-            m["shards"].append(entry)
-            m["shards"].sort(key=lambda s: s["index"])
-            update_manifest(out, m, totals)
-        else:
-            written.append(entry)
-            st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
+    lock = threading.Lock()
 
-    # The writer thread shuffles, checksums and writes shard i while the model runs on shard i+1.
-    with ThreadPoolExecutor(1, thread_name_prefix="shard-writer") as writer:
-        pending_write = None
+    def finish(index, toks, acts, first):  # on a writer thread
+        entry, stats = _write_shard(out, index, toks, acts, first, special, widths, h, store_dtype)
+        with lock:  # the manifest (or this process's part of it) lists the shard once its files are complete
+            if n_proc == 1:
+                totals.add(stats)
+                m["shards"].append(entry)
+                m["shards"].sort(key=lambda s: s["index"])
+                update_manifest(out, m, totals)
+            else:
+                written.append(entry)
+                written.sort(key=lambda s: s["index"])
+                st.atomic_write_text(part, json_dumps({"fingerprint": fingerprint, "shards": written}))
+
+    # Writer threads shuffle, filter, checksum and write shards while the model runs on the next
+    # ones; at most `writers` shards wait in host memory. The manifest's statistics are summed
+    # again in index order at the end, so the order shards land in does not change the store.
+    n_writers = writer_threads(h.writers)
+    with ThreadPoolExecutor(n_writers, thread_name_prefix="shard-writer") as writer:
+        in_flight: list = []
         try:
             for r in range(rounds):
                 index, start, ctxs = -1, 0, []
@@ -299,12 +308,12 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
                 acts = _run_forward(fwd, state, toks, local_batch, calls, bar, mesh)
                 if not ctxs or not writes:
                     continue
-                if pending_write is not None:
-                    pending_write.result()
-                pending_write = writer.submit(finish, index, toks, acts, start)
+                while len(in_flight) >= n_writers:
+                    in_flight.pop(0).result()
+                in_flight.append(writer.submit(finish, index, toks, acts, start))
                 tokens_run += toks.size
-            if pending_write is not None:
-                pending_write.result()
+            for f in in_flight:
+                f.result()
         finally:
             bar.close()
     _barrier("sae_jax.harvest: every process wrote its shards")
@@ -336,6 +345,14 @@ def _open_output(out: Path, fingerprint: dict, header: dict, me: int) -> dict:
                 f"{out}: process {me} runs other harvest settings than process 0 ({', '.join(sorted(_diff_keys(m['fingerprint'], fingerprint)))})"
             )
     return m
+
+
+def writer_threads(setting: int) -> int:
+    """`harvest.writers`, or (0) one writer per 8 CPU cores, 1 to 8: a 2-core machine keeps one
+    thread beside the forward, a TPU or GPU host with ~200 cores writes 8 shards at once."""
+    if setting < 0:
+        raise HarvestError(f"harvest.writers={setting}: 0 (automatic) or a number of threads")
+    return setting or min(8, max(1, (os.cpu_count() or 1) // 8))
 
 
 def _barrier(name: str) -> None:
@@ -487,9 +504,12 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     return entry, stats
 
 
-def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, seed: int = 0) -> float:
-    """GB of activations per second that `_write_shard` (special-token and outlier filter, shuffle,
-    statistics, checksums, ArrayRecord, fsync) writes on this CPU, from random activations."""
+def write_shard_rate(
+    out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, threads: int = 1, seed: int = 0
+) -> float:
+    """GB of activations per second that `threads` writers running `_write_shard` at once
+    (special-token and outlier filter, shuffle, statistics, checksums, ArrayRecord, fsync) write on
+    this CPU, from random activations: one shard of `contexts` contexts per thread."""
     from types import SimpleNamespace
 
     rng = np.random.default_rng(seed)
@@ -500,6 +520,7 @@ def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: in
     special[1] = True
     h = SimpleNamespace(outlier_ratio=100.0, seed=0, rows_per_record=1024)
     t0 = time.perf_counter()
-    entry, _ = _write_shard(out, 0, toks, acts, 0, special, widths, h, store_dtype)
+    with ThreadPoolExecutor(threads) as pool:
+        entries = list(pool.map(lambda i: _write_shard(out, i, toks, acts, 0, special, widths, h, store_dtype)[0], range(threads)))
     dt = time.perf_counter() - t0
-    return entry["rows"] * sum(widths.values()) * np.dtype(store_dtype).itemsize / dt / 1e9
+    return sum(e["rows"] for e in entries) * sum(widths.values()) * np.dtype(store_dtype).itemsize / dt / 1e9

@@ -181,15 +181,16 @@ def harvest_compile_check(
     return rep
 
 
-def measured_writer_gbps(cfg, hooks, store_dtype, ctx_len: int, contexts: int = 256) -> float:
-    """The shard writer's rate on this CPU (shuffle, outlier filter, statistics, checksums,
-    ArrayRecord), in GB of activations per second, on `contexts` random contexts of these hooks."""
+def measured_writer_gbps(cfg, hooks, store_dtype, ctx_len: int) -> float:
+    """One shard writer's rate on this CPU (shuffle, outlier filter, statistics, checksums,
+    ArrayRecord), in GB of activations per second, on a shard of ~128 MB of these hooks."""
     import tempfile
     from pathlib import Path
 
     from sae_jax.harvest import write_shard_rate
 
     widths = {x.name: cfg.hook_width(x.point) for x in hooks}
+    contexts = max(1, (64 << 20) // (ctx_len * sum(widths.values())))
     with tempfile.TemporaryDirectory() as tmp:
         return write_shard_rate(Path(tmp), widths, store_dtype, ctx_len, contexts)
 

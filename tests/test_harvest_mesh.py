@@ -11,6 +11,7 @@ from conftest import run_cli, tiny_config
 from jax.sharding import PartitionSpec as P
 from random_models import write_random_llama
 
+from sae_jax.data.store import open_store
 from sae_jax.parallel import make_mesh
 from sae_jax.harvest import harvest
 from sae_jax.model import sharding as msh
@@ -165,3 +166,26 @@ def test_the_mesh_picks_the_smallest_model_axis_that_fits(llama_dir):
     with pytest.raises(msh.ModelShardingError, match=r"GiB per device even split 8 ways"):
         msh.harvest_mesh(cfg, c.harvest, 4, devs, logs.append, memory_limit=need / 100)
     assert json.dumps(mesh.shape)  # a plain mapping, printable in the log
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data,model", [(2, 4), (1, 8)])
+def test_two_processes_of_four_devices_write_the_one_device_store(llama_dir, one_device, tmp_path, data, model):
+    """launch/local.py: 2 processes x 4 CPU devices (gloo collectives). 2x4: each process holds one
+    row of contexts, its 4 devices split the heads; 1x8: the model axis spans both processes, the
+    two hold the same rows and process 0 writes them."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    c = _config(tmp_path / "s", llama_dir, data, model)
+    args = [f"--config.{sec}.{k}={v}" for sec in ("harvest", "data") for k, v in c[sec].items()]
+    args += [f"--config.model.path={llama_dir}", "--config.model.dtype=float32"]
+    cmd = [sys.executable, str(REPO / "launch" / "local.py"), "-n", "2", "-d", "4", "--", "harvest", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not list((tmp_path / "s").glob("manifest.process-*"))
+    got = open_store(tmp_path / "s")
+    assert got.manifest["last_run"]["processes"] == 2
+    _same_store(one_device, got, 1e-5)
