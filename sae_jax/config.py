@@ -20,7 +20,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Text and its tokenization into contexts.
     c.data = ml_collections.ConfigDict()
-    c.data.source = "embedded"  # embedded | text | jsonl | hf | tfds
+    c.data.source = "embedded"  # embedded | text | jsonl | parquet | hf | tfds (sae_jax/data/text.py)
     c.data.path = ""
     c.data.split = "train"
     c.data.text_key = "text"

