@@ -157,3 +157,23 @@ def test_hf_dir_missing_or_misshapen_tensor(lm, tmp_path):
     loading.save_hf_dir(tmp_path / "b", hf, sd, tok)
     with pytest.raises(loading.ModelLoadError, match=r"has shape \(10, 576\), expected \(1536, 576\)"):
         loading.load_model(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (300, 0.0), (0, 50.0), (300, 50.0)])
+def test_blocked_attention_equals_the_whole_rows(window, softcap):
+    """Long contexts attend a block of queries at a time; each row is the same softmax over the
+    same keys as the unblocked form (plain causal, sliding window, Gemma 2's soft-capping), with
+    grouped queries (8 heads over 2 kv heads)."""
+    import jax
+    import jax.numpy as jnp
+
+    from sae_jax.model.transformer import _scores_attention, blocked_attention
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 1024, n, 32), dtype=np.float32)) for n in (8, 2, 2))
+    whole = jax.jit(lambda q, k, v: _scores_attention(q, k, v, 0.2, window, softcap, 0))(q, k, v)
+    blocked = jax.jit(lambda q, k, v: blocked_attention(q, k, v, 0.2, window, softcap, 256))(q, k, v)
+    np.testing.assert_allclose(np.asarray(blocked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+    if not softcap:  # and the fused op the short contexts use
+        fused = jax.nn.dot_product_attention(q, k, v, scale=0.2, is_causal=True, local_window_size=(window - 1, 0) if window else None)
+        np.testing.assert_allclose(np.asarray(blocked), np.asarray(fused), rtol=1e-5, atol=1e-5)

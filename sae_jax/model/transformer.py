@@ -140,21 +140,53 @@ def rope(x, positions, inv_freq):
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
+ATTN_BLOCK = 512  # queries per block of the blocked attention (contexts longer than this)
+
+
 def _attention(q, k, v, scale: float, window: int, softcap: float):
     """Causal attention, `q [B, T, N, H]`, `k, v [B, T, K, H]` (grouped queries); a token sees the
     `window` most recent positions including itself when window > 0; scores soft-capped when
-    softcap > 0 (then written out here: the fused op has no soft-capping)."""
+    softcap > 0.
+
+    Contexts longer than `ATTN_BLOCK` (and a multiple of it) go through `blocked_attention`: the
+    scores of one block of queries at a time, so no [B, N, T, T] float32 array is ever built
+    (the XLA form of `jax.nn.dot_product_attention` builds one). Shorter contexts use the fused op
+    (`_scores_attention` when soft-capped: the fused op has no soft-capping)."""
+    t = q.shape[1]
+    if t > ATTN_BLOCK and t % ATTN_BLOCK == 0:
+        return blocked_attention(q, k, v, scale, window, softcap, ATTN_BLOCK)
     if not softcap:
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, local_window_size=(window - 1, 0) if window else None)
-    b, t, n, h = q.shape
-    rep = n // k.shape[2]
+    return _scores_attention(q, k, v, scale, window, softcap, 0)
+
+
+def _scores_attention(q, k, v, scale: float, window: int, softcap: float, q0):
+    """Attention of queries `q [B, tq, N, H]` at positions q0.. over all keys `k, v [B, T, K, H]`,
+    written out in float32 (scores [B, N, tq, T])."""
+    tq, t = q.shape[1], k.shape[1]
+    rep = q.shape[2] // k.shape[2]
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
     s = jnp.einsum("btnh,bsnh->bnts", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    s = jnp.tanh(s / softcap) * softcap
-    i, j = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
+    if softcap:
+        s = jnp.tanh(s / softcap) * softcap
+    i, j = q0 + jnp.arange(tq)[:, None], jnp.arange(t)[None, :]
     mask = (j <= i) & ((i - j < window) if window else True)
     p = jax.nn.softmax(jnp.where(mask, s, -jnp.inf), axis=-1)
     return jnp.einsum("bnts,bsnh->btnh", p, v.astype(jnp.float32)).astype(q.dtype)
+
+
+def blocked_attention(q, k, v, scale: float, window: int, softcap: float, block: int):
+    """`_scores_attention` over blocks of `block` queries in turn (a scan): each row's softmax is
+    the same full row as the unblocked form, the live scores are [B, N, block, T]."""
+    b, t, n, h = q.shape
+    qs = q.reshape(b, t // block, block, n, h).swapaxes(0, 1)
+
+    def one(_, x):
+        i, qb = x
+        return None, _scores_attention(qb, k, v, scale, window, softcap, i * block)
+
+    _, out = jax.lax.scan(one, None, (jnp.arange(t // block), qs))
+    return out.swapaxes(0, 1).reshape(b, t, n, h)
 
 
 def _act(kind: str, x):
