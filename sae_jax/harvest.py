@@ -36,7 +36,7 @@ from sae_jax.config import harvest_fingerprint_fields
 from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
-from sae_jax.data.writer import json_dumps, new_manifest, update_manifest, write_rows
+from sae_jax.data.writer import json_dumps, new_manifest, row_sq_norms, shuffle_rows, update_manifest, write_shuffled
 from sae_jax.errors import SaeJaxError
 from sae_jax.model.hooks import parse_hook, parse_hooks
 from sae_jax.model.loading import LoadedModel, load_model
@@ -482,23 +482,26 @@ def outlier_rows(acts: dict[str, np.ndarray], ci, pi, ratio: float) -> np.ndarra
     if ratio <= 0:
         return bad
     for a in acts.values():
-        x = a[ci, pi].astype(np.float32)
-        sq = np.einsum("ij,ij->i", x, x)
+        sq = row_sq_norms(a, (ci, pi))
         bad |= sq > ratio * np.median(sq)
     return bad
 
 
 def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dtype) -> tuple[dict, dict]:
-    """The rows of one shard's contexts (special tokens and outliers left out), written through
-    the store writer's `write_rows` (seeded shuffle, whole records, statistics, atomic files)."""
+    """The rows of one shard's contexts (special tokens and outliers left out), shuffled by the
+    store writer's seeded permutation (`shuffle_rows`: whole records) and gathered once from the
+    forward's [contexts, ctx, width] output, then written with their statistics (atomic files)."""
     ci, pi = np.nonzero(~special[toks])  # [n, t] -> candidate rows
     outlier = outlier_rows(acts, ci, pi, h.outlier_ratio)
     ci, pi = ci[~outlier], pi[~outlier]
+    perm = shuffle_rows(len(ci), h.seed, index, h.rows_per_record)
+    ci, pi = ci[perm], pi[perm]
     tokens = np.stack([toks[ci, pi], (first_ctx + ci).astype(np.int32), pi.astype(np.int32)], axis=1).astype(np.int32)
-    arrays = {hook: a[ci, pi] for hook, a in acts.items()}
-    for hook, a in arrays.items():
+    rows = {hook: a[ci, pi].astype(store_dtype, copy=False) for hook, a in acts.items()}
+    for hook, a in rows.items():
         assert a.shape == (len(ci), widths[hook])
-    entry, stats = write_rows(out, index, arrays, tokens, h.seed, h.rows_per_record, store_dtype)
+    entry, stats = write_shuffled(out, index, rows, tokens, h.rows_per_record)
+    entry["rows_dropped"] = len(outlier) - int(outlier.sum()) - len(perm)
     entry["contexts"] = [first_ctx, first_ctx + len(toks)]
     entry["rows_outliers"] = int(outlier.sum())
     return entry, stats

@@ -189,3 +189,46 @@ def test_two_processes_of_four_devices_write_the_one_device_store(llama_dir, one
     got = open_store(tmp_path / "s")
     assert got.manifest["last_run"]["processes"] == 2
     _same_store(one_device, got, 1e-5)
+
+
+LOAD_RSS = """
+import json, os, resource, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import jax
+from sae_jax.model.loading import load_model
+from sae_jax.parallel import make_mesh
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+mesh = make_mesh(1, 8)
+jax.device_put(0.0).block_until_ready()
+before = rss()
+lm = load_model(sys.argv[1], "bfloat16", mesh=mesh)
+jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(lm.model)))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"before": before, "peak": peak, "after": rss()}))
+"""
+
+
+@pytest.mark.slow
+def test_loading_a_1b_model_onto_8_devices_peaks_under_1_5x_its_bf16_size(lm, tmp_path):
+    """~1B parameters written as bf16 safetensors in 4 files, loaded in bf16 with the weights
+    split 8 ways (1x8): host memory grows by at most 1.5x the weights' bytes (the weights
+    themselves, on the 8 simulated CPU devices, are 1x; one tensor's block at a time on top)."""
+    import subprocess
+    import sys
+
+    from random_models import param_bytes
+
+    d = write_random_llama(tmp_path / "m", lm.tokenizer, files=4, d_model=2048, n_layers=20, n_heads=16, n_kv_heads=8, d_mlp=5632)
+    size = param_bytes(d)
+    assert size > 2e9  # ~1.04B parameters
+    r = subprocess.run([sys.executable, "-c", LOAD_RSS, str(d)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    growth = m["peak"] - m["before"]
+    print(f"weights {size / 2**30:.2f} GiB; peak RSS growth {growth / 2**30:.2f} GiB ({growth / size:.2f}x)")
+    assert growth <= 1.5 * size, growth / size

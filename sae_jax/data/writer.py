@@ -37,6 +37,37 @@ def shuffle_rows(n: int, seed: int, index: int, rows_per_record: int) -> np.ndar
     return perm[: n - n % rows_per_record]
 
 
+def _chunk(width: int) -> int:
+    """Rows per float32 chunk: ~1 MiB, so conversions stay in cache and allocate no large arrays."""
+    return max(1, (1 << 18) // max(width, 1))
+
+
+def row_sq_norms(a: np.ndarray, rows=None) -> np.ndarray:
+    """Float32 squared norms of the rows `a[rows]` (all rows if None) of a 2-D array (or the
+    leading-axes positions `rows` = (i, j) of a 3-D one), computed a cache-sized chunk at a time."""
+    if rows is None:
+        rows = (np.arange(len(a)),)
+    n = len(rows[0])
+    out = np.empty(n, np.float32)
+    step = _chunk(a.shape[-1])
+    for i in range(0, n, step):
+        f = a[tuple(r[i : i + step] for r in rows)].astype(np.float32)
+        out[i : i + step] = np.einsum("ij,ij->i", f, f)
+    return out
+
+
+def row_stats(r: np.ndarray) -> tuple[np.ndarray, np.float64]:
+    """(sum of the rows, sum of their squared norms), both float64, of `r [N, width]`, from
+    float32 chunks."""
+    total, sq = np.zeros(r.shape[1], np.float64), np.float64(0.0)
+    step = _chunk(r.shape[1])
+    for i in range(0, len(r), step):
+        f = r[i : i + step].astype(np.float32)
+        total += f.sum(0, dtype=np.float64)
+        sq += np.einsum("ij,ij->", f, f, dtype=np.float64)
+    return total, sq
+
+
 def write_rows(
     out: Path, index: int, arrays: dict[str, np.ndarray], tokens: np.ndarray, seed: int, rows_per_record: int, dtype
 ) -> tuple[dict, dict]:
@@ -45,16 +76,20 @@ def write_rows(
     Returns (manifest entry, statistics) and records the dropped rows in the entry."""
     n = len(tokens)
     perm = shuffle_rows(n, seed, index, rows_per_record)
-    rows, stats = {}, {}
-    for hook, a in arrays.items():
-        r = np.ascontiguousarray(a[perm]).astype(dtype, copy=False)
-        f = r.astype(np.float32)
-        stats[f"{hook}/sum"] = f.sum(0, dtype=np.float64)
-        stats[f"{hook}/sum_sq_norm"] = np.float64(np.einsum("ij,ij->", f, f, dtype=np.float64))
-        stats[f"{hook}/count"] = np.int64(len(perm))
-        rows[hook] = r
-    entry = st.write_shard(out, index, rows, np.ascontiguousarray(tokens[perm], dtype=np.int32), stats, rows_per_record)
+    rows = {hook: np.ascontiguousarray(a[perm]).astype(dtype, copy=False) for hook, a in arrays.items()}
+    entry, stats = write_shuffled(out, index, rows, tokens[perm], rows_per_record)
     entry["rows_dropped"] = n - len(perm)
+    return entry, stats
+
+
+def write_shuffled(out: Path, index: int, rows: dict[str, np.ndarray], tokens: np.ndarray, rows_per_record: int) -> tuple[dict, dict]:
+    """Write rows already in their shard order (a whole number of records, the store dtype) with
+    their statistics; returns (manifest entry, statistics)."""
+    stats = {}
+    for hook, r in rows.items():
+        stats[f"{hook}/sum"], stats[f"{hook}/sum_sq_norm"] = row_stats(r)
+        stats[f"{hook}/count"] = np.int64(len(r))
+    entry = st.write_shard(out, index, rows, np.ascontiguousarray(tokens, dtype=np.int32), stats, rows_per_record)
     return entry, stats
 
 
