@@ -161,7 +161,9 @@ def cmd_compile_check(argv) -> int:
         "--topology", default="", help="compile for a TPU topology with libtpu's compiler, e.g. v5e:2x2, v5p:2x2x1 (needs libtpu)"
     )
     p.add_argument("--gpu", default="", help="compile for GPUs with XLA's CUDA compiler: h100, h200, h100:8 (needs the cuda-aot extra)")
-    p.add_argument("--job", default="train", choices=("train", "harvest"), help="the step to compile: train (default) or the harvest's forward")
+    p.add_argument(
+        "--job", default="train", choices=("train", "harvest"), help="the step to compile: train (default) or the harvest's forward"
+    )
     p.add_argument(
         "--model-config", default="", help="--job harvest: the model, as a HF config.json (configs/models/), a HF directory or a .gguf"
     )

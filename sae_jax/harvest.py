@@ -507,9 +507,7 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     return entry, stats
 
 
-def write_shard_rate(
-    out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, threads: int = 1, seed: int = 0
-) -> float:
+def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, threads: int = 1, seed: int = 0) -> float:
     """GB of activations per second that `threads` writers running `_write_shard` at once
     (special-token and outlier filter, shuffle, statistics, checksums, ArrayRecord, fsync) write on
     this CPU, from random activations: one shard of `contexts` contexts per thread."""

@@ -141,7 +141,10 @@ def test_bad_meshes_are_one_line_and_write_nothing(llama_dir, tmp_path):
         (["--config.harvest.mesh_data=3", "--config.harvest.mesh_model=1"], "harvest mesh data=3 x model=1 needs 3 devices, there are 8"),
         (["--config.harvest.mesh_model=3"], "harvest.mesh_model=3 does not divide the model's n_heads 16 and n_kv_heads 8"),
         (["--config.harvest.mesh_model=16"], "model axes that do: 1, 2, 4, 8"),
-        (["--config.harvest.mesh_data=8", "--config.harvest.batch_size=4"], "harvest.batch_size=4 does not split over the mesh's data axis"),
+        (
+            ["--config.harvest.mesh_data=8", "--config.harvest.batch_size=4"],
+            "harvest.batch_size=4 does not split over the mesh's data axis",
+        ),
     ]
     for i, (extra, msg) in enumerate(cases):
         out = tmp_path / f"o{i}"

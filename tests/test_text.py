@@ -143,7 +143,9 @@ def test_parquet_harvest_from_the_cli(tmp_path):
     pq.write_table(pa.table({"content": docs}), tmp_path / "kjv.parquet", row_group_size=16)
     out = tmp_path / "store"
     args = [a for a in cli_args(out) if not a.startswith("--config.data.source")]
-    r = run_cli("harvest", *args, "--config.data.source=parquet", f"--config.data.path={tmp_path / 'kjv.parquet'}", "--config.data.text_key=content")
+    r = run_cli(
+        "harvest", *args, "--config.data.source=parquet", f"--config.data.path={tmp_path / 'kjv.parquet'}", "--config.data.text_key=content"
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "manifest.json").read_text())
     assert m["complete"] and m["source"]["source"] == "parquet" and m["source"]["text_key"] == "content"

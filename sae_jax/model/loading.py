@@ -372,6 +372,7 @@ def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dic
     and shared by the devices that hold the same block)."""
     import jax
 
+    from sae_jax.hostmem import release_freed_memory
     from sae_jax.model.sharding import weight_sharding
 
     refs = weight_refs(cfg)
@@ -392,6 +393,7 @@ def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dic
         arr = jax.make_array_from_callback(shape, weight_sharding(mesh, name, shape), block)
         cache.clear()
         source.release()
+        release_freed_memory()
         return arr
 
     def walk(tree: dict, prefix: str = "") -> dict:
@@ -430,7 +432,11 @@ def _unpermute_rope(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, out // n_heads // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
-_GGUF_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
 _GGUF_LAYER = {
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",

@@ -93,11 +93,7 @@ def check_model_axis(cfg, model: int) -> None:
     """A model axis must split the heads, the kv heads and the MLP evenly (names what does not)."""
     if model <= 1:
         return
-    bad = [
-        f"{name} {n}"
-        for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("d_mlp", cfg.d_mlp))
-        if n % model
-    ]
+    bad = [f"{name} {n}" for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("d_mlp", cfg.d_mlp)) if n % model]
     if bad:
         fits = [m for m in range(1, model * 8 + 1) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
         raise ModelShardingError(
@@ -233,5 +229,7 @@ def weight_bytes_per_device(cfg, model: int, itemsize: int) -> int:
 def smallest_model_axis(cfg, devices: int | None, itemsize: int, budget: float) -> int | None:
     """The smallest model axis (dividing `devices`; None: any up to 1024) whose per-device
     weights take at most `budget` bytes."""
-    axes = model_axes(cfg, devices) if devices else [m for m in range(1, 1025) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+    axes = (
+        model_axes(cfg, devices) if devices else [m for m in range(1, 1025) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+    )
     return next((m for m in axes if weight_bytes_per_device(cfg, m, itemsize) <= budget), None)
