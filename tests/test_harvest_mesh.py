@@ -12,10 +12,10 @@ from jax.sharding import PartitionSpec as P
 from random_models import write_random_llama
 
 from sae_jax.data.store import open_store
-from sae_jax.parallel import make_mesh
 from sae_jax.harvest import harvest
 from sae_jax.model import sharding as msh
 from sae_jax.model.loading import load_model
+from sae_jax.parallel import make_mesh
 
 HOOKS = "blocks.1.hook_resid_post,blocks.2.attn.hook_z"
 quiet = {"log": lambda *a: None}
