@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -221,6 +222,19 @@ def _shard_stream(ctx_iter, seqs_per_shard: int):
         first += len(ctxs)
 
 
+def _shared_tokenization(c, lm, out: Path, bos, n_target: int, me: int, n_proc: int):
+    """Several processes: each tokenizes its share of the documents into the store's token
+    cache, then reads the contexts of its shards from it (data/token_cache.py)."""
+    from sae_jax.data import token_cache as tc
+
+    d = c.data
+    body = d.ctx_len - (bos is not None)
+    needed = tc.contexts_needed(n_target, d.shuffle_window) * body
+    docs = documents(d.source, d.path, d.split, d.text_key, d.tfds_name)
+    lengths = tc.tokenize_share(docs, lm.tokenizer, lm.eos_id, out / tc.CACHE, me, n_proc, needed, _barrier)
+    return tc.CachedContexts(out / tc.CACHE, lengths, d.ctx_len, bos, d.shuffle_window, d.seed, n_target)
+
+
 def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
     h, d = c.harvest, c.data
     out = Path(h.out).expanduser()
@@ -244,7 +258,11 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
     group, groups, writes = _groups(mesh, torch_backend)
     have = {s["index"] for s in m["shards"]}
     n_shards = math.ceil(n_target / h.seqs_per_shard)
-    pending = {g: [i for i in range(n_shards) if i % groups == g and i not in have] for g in range(groups)}
+    # each group takes a contiguous run of the shards left (several processes read only the token
+    # blocks of their own windows: data/token_cache.py)
+    left_shards = [i for i in range(n_shards) if i not in have]
+    per = math.ceil(len(left_shards) / groups) if left_shards else 0
+    pending = {g: left_shards[g * per : (g + 1) * per] for g in range(groups)}
     mine = pending[group]
     # every process runs the same number of forward calls (collectives over the mesh): a group
     # with fewer shards left runs padding rounds
@@ -259,7 +277,16 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
         )
     if mesh is not None and mesh.devices.size > 1:
         log(f"harvest mesh: data={mesh.shape['data']} x model={mesh.shape['model']} ({mesh.devices.size} devices)")
-    shards = _shard_stream(itertools.islice(ctx_iter, n_target), h.seqs_per_shard)
+    if n_proc == 1:
+        stream = _shard_stream(itertools.islice(ctx_iter, n_target), h.seqs_per_shard)
+
+        def shard_contexts(index):  # indices come in increasing order
+            return next(itertools.dropwhile(lambda s: s[0] < index, stream))[1:]
+    else:
+        cached = _shared_tokenization(c, lm, out, bos, n_target, me, n_proc)
+
+        def shard_contexts(index):
+            return index * h.seqs_per_shard, cached.get(index * h.seqs_per_shard, (index + 1) * h.seqs_per_shard)
 
     store_dtype = st.DTYPES[h.dtype]
     t0 = time.perf_counter()
@@ -301,7 +328,8 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
             for r in range(rounds):
                 index, start, ctxs = -1, 0, []
                 if r < len(mine):
-                    index, start, ctxs = next(itertools.dropwhile(lambda s, i=mine[r]: s[0] < i, shards))
+                    index = mine[r]
+                    start, ctxs = shard_contexts(index)
                 if not ctxs and not collective:
                     break  # the text ran out: nothing left for this process
                 toks = np.stack(ctxs) if ctxs else np.zeros((0, d.ctx_len), np.int32)
@@ -324,6 +352,7 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
         # were written (resumed, by several processes)
         update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
         _finish_manifest(out, m, n_target, compile_s, time.perf_counter() - t0, tokens_run, h, d, log)
+        shutil.rmtree(out / ".tokens", ignore_errors=True)
     _barrier("sae_jax.harvest: manifest written")
     return st.open_store(out)
 

@@ -165,6 +165,7 @@ def test_harvest_over_two_processes_writes_the_single_process_store(tiny_store, 
     r = _launch(2, 1, ["harvest", *args])
     assert r.returncode == 0, r.stdout[-3000:]
     assert not list(out.glob("manifest.process-*"))
+    assert not (out / ".tokens").exists()  # the processes' shared tokenization, removed once the store is complete
     ref = Path(tiny_store.root)
     files = sorted(p.name for p in ref.glob("shard-*"))
     assert files == sorted(p.name for p in out.glob("shard-*"))
