@@ -6,12 +6,17 @@ contexts: a shard's content depends only on its index and the settings, so a kil
 restarted with the same command regenerates the context stream, skips the shards the manifest
 lists, and ends with exactly the store an uninterrupted run writes.
 
-Several processes (`distributed.*`; the hosts of a pod, the nodes of a job): process p of P
-writes shards p, p + P, p + 2P, ... of the same context stream (each process reads the text
-and skips the others' contexts; the model runs on its own devices), records them in its own
-`manifest.process-p-of-P.json`, and process 0 merges those into the one manifest when all are
-done: the store is the one a single process writes, shard for shard. A restart with any number
-of processes first folds every finished shard into the manifest and writes only the others.
+The forward runs on a `data` x `model` device mesh over every device of every process
+(`harvest.mesh_data` / `mesh_model`; the weights tensor-parallel over `model` by the rule table
+of `model/sharding.py`, loaded straight into their shards). Several processes (`distributed.*`;
+the hosts of a pod, the nodes of a job) tokenize the text once between them
+(`data/token_cache.py`); the processes holding the same rows of contexts form a data group, the
+groups split the shards left into contiguous runs, all call the forward together, and each
+group's first process writes its shards and records them in its own
+`manifest.process-p-of-P.json`; process 0 merges those into the one manifest when all are done:
+the store is the one a single device writes. A restart with any number of processes first folds
+every finished shard into the manifest and writes only the others. docs/harvest.md has the whole
+picture.
 """
 
 from __future__ import annotations
@@ -114,7 +119,7 @@ def make_forward(model, hooks, dtype, mesh=None):
 
     from sae_jax.model import sharding as msh
 
-    shardings = msh.state_shardings(state, mesh)
+    shardings = msh.state_shardings(state, mesh, model.cfg)
     if not any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):  # abstract: compile-check
         state = jax.device_put(state, shardings)
     jitted = jax.jit(fwd, in_shardings=(shardings, NamedSharding(mesh, msh.TOKENS)), out_shardings=NamedSharding(mesh, msh.ACTIVATIONS))

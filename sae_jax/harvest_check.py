@@ -60,7 +60,7 @@ def abstract_model(cfg, dtype, mesh):
         return {
             k: walk(v, f"{prefix}{k}.")
             if isinstance(v, dict)
-            else jax.ShapeDtypeStruct(v.out_shape, dtype, sharding=weight_sharding(mesh, prefix + k, v.out_shape))
+            else jax.ShapeDtypeStruct(v.out_shape, dtype, sharding=weight_sharding(mesh, prefix + k, v.out_shape, cfg))
             for k, v in tree.items()
         }
 

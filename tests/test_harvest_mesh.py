@@ -71,6 +71,18 @@ def test_mesh_store_equals_the_one_device_store(llama_dir, one_device, tmp_path,
     _same_store(one_device, got, 1e-5)
 
 
+def test_a_model_axis_past_the_kv_heads_keeps_them_whole(lm, tmp_path):
+    """16 query heads over 2 kv heads split 4 and 8 ways (as Llama 3.3 70B's 8 kv heads on 16
+    chips): each device keeps both kv projections, the query heads and the MLP split."""
+    d = write_random_llama(tmp_path / "gqa", lm.tokenizer, seed=2, n_kv_heads=2)
+    ref = harvest(_config(tmp_path / "a", d, 1, 1), devices=jax.devices()[:1], **quiet)
+    for data, model in ((2, 4), (1, 8)):
+        got = harvest(_config(tmp_path / f"b{model}", d, data, model), **quiet)
+        _same_store(ref, got, 1e-5)
+    m = load_model(str(d), mesh=make_mesh(1, 8)).model.blocks[0]
+    assert m.wk[...].sharding.is_fully_replicated and m.wq[...].sharding.spec == P(None, "model")
+
+
 def test_bfloat16_model_on_a_split_mesh(llama_dir, tmp_path):
     """A bf16 model computes each matmul in bf16 with float32 sums: split over `model`, the
     partial sums are rounded to bf16 before the all-reduce, so a value may move by a few bf16
@@ -139,8 +151,9 @@ def test_bad_meshes_are_one_line_and_write_nothing(llama_dir, tmp_path):
     ]
     cases = [
         (["--config.harvest.mesh_data=3", "--config.harvest.mesh_model=1"], "harvest mesh data=3 x model=1 needs 3 devices, there are 8"),
-        (["--config.harvest.mesh_model=3"], "harvest.mesh_model=3 does not divide the model's n_heads 16 and n_kv_heads 8"),
-        (["--config.harvest.mesh_model=16"], "model axes that do: 1, 2, 4, 8"),
+        (["--config.harvest.mesh_model=3"], "harvest.mesh_model=3 does not divide the model's n_heads 16 and d_mlp 512"),
+        (["--config.harvest.mesh_model=6"], "model axes that do: 1, 2, 4, 8, 16"),
+        (["--config.harvest.mesh_model=16"], "harvest.mesh_model=16 does not divide the 8 devices"),
         (
             ["--config.harvest.mesh_data=8", "--config.harvest.batch_size=4"],
             "harvest.batch_size=4 does not split over the mesh's data axis",

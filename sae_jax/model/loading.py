@@ -390,7 +390,7 @@ def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dic
                 cache[key] = ref.read(source, index).astype(np_dtype, copy=False)
             return cache[key]
 
-        arr = jax.make_array_from_callback(shape, weight_sharding(mesh, name, shape), block)
+        arr = jax.make_array_from_callback(shape, weight_sharding(mesh, name, shape, cfg), block)
         cache.clear()
         source.release()
         release_freed_memory()

@@ -89,38 +89,52 @@ class ModelShardingError(SaeJaxError, ValueError):
     pass
 
 
+def splits(cfg, model: int) -> bool:
+    """Whether a model axis of `model` splits this model: whole query heads and MLP units per
+    device. Key / value heads split too when the axis divides them; past that (a model axis
+    larger than Llama 3.3 70B's 8 kv heads) each device keeps every key / value projection, a
+    small share of the weights, and computes them redundantly."""
+    return not (cfg.n_heads % model or cfg.d_mlp % model)
+
+
 def check_model_axis(cfg, model: int) -> None:
-    """A model axis must split the heads, the kv heads and the MLP evenly (names what does not)."""
-    if model <= 1:
+    """A model axis must split the heads and the MLP evenly (names what it does not divide)."""
+    if model <= 1 or splits(cfg, model):
         return
-    bad = [f"{name} {n}" for name, n in (("n_heads", cfg.n_heads), ("n_kv_heads", cfg.n_kv_heads), ("d_mlp", cfg.d_mlp)) if n % model]
-    if bad:
-        fits = [m for m in range(1, model * 8 + 1) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
-        raise ModelShardingError(
-            f"harvest.mesh_model={model} does not divide the model's {' and '.join(bad)} "
-            f"(the model axis splits heads, kv heads and MLP units; model axes that do: {', '.join(map(str, fits))})"
-        )
+    bad = [f"{name} {n}" for name, n in (("n_heads", cfg.n_heads), ("d_mlp", cfg.d_mlp)) if n % model]
+    fits = [m for m in range(1, max(cfg.n_heads, 8) + 1) if splits(cfg, m)]
+    raise ModelShardingError(
+        f"harvest.mesh_model={model} does not divide the model's {' and '.join(bad)} "
+        f"(the model axis splits query heads and MLP units; model axes that do: {', '.join(map(str, fits))})"
+    )
 
 
-def weight_spec(name: str, shape: tuple[int, ...], model: int) -> P:
+def _kv_split(cfg, model: int) -> bool:
+    return cfg is None or cfg.n_kv_heads % model == 0
+
+
+def weight_spec(name: str, shape: tuple[int, ...], model: int, cfg=None) -> P:
     """The PartitionSpec of weight `name` (a short name; `layers.i.` prefixes are ignored).
-    A vocabulary that the model axis does not divide stays whole (replicated)."""
+    A vocabulary that the model axis does not divide stays whole (replicated), and so do the
+    key / value projections when it does not divide the kv heads (`cfg` says)."""
     axes = WEIGHT_AXES[name.rsplit(".", 1)[-1]]
     out = []
     for ax, n in zip(axes, shape, strict=True):
         mesh_ax = RULES[ax]
+        if ax == "kv_heads" and not _kv_split(cfg, model):
+            mesh_ax = None
         out.append(mesh_ax if mesh_ax and model > 1 and n % model == 0 else None)
     return P(*out)
 
 
-def weight_sharding(mesh: Mesh | None, name: str, shape: tuple[int, ...]):
+def weight_sharding(mesh: Mesh | None, name: str, shape: tuple[int, ...], cfg=None):
     """Where weight `name` lives: its shards on `mesh`, or whole on the default device (no mesh)."""
     if mesh is None:
         return jax.sharding.make_single_device_sharding(jax.devices()[0])
-    return NamedSharding(mesh, weight_spec(name, shape, mesh.shape["model"]))
+    return NamedSharding(mesh, weight_spec(name, shape, mesh.shape["model"], cfg))
 
 
-def state_shardings(state, mesh: Mesh):
+def state_shardings(state, mesh: Mesh, cfg=None):
     """NamedShardings for a `Transformer`'s nnx state (its parameters by attribute name)."""
 
     def one(path, leaf):
@@ -128,7 +142,7 @@ def state_shardings(state, mesh: Mesh):
         attr = next((n for n in reversed(names) if isinstance(n, str) and n in ATTRS), None)
         if attr is None:
             return NamedSharding(mesh, P())
-        return NamedSharding(mesh, weight_spec(ATTRS[attr], tuple(leaf.shape), mesh.shape["model"]))
+        return NamedSharding(mesh, weight_spec(ATTRS[attr], tuple(leaf.shape), mesh.shape["model"], cfg))
 
     return jax.tree_util.tree_map_with_path(one, state)
 
@@ -214,7 +228,7 @@ def forward_flops_per_token(cfg, last_layer: int, ctx_len: int) -> float:
 
 def model_axes(cfg, devices: int) -> list[int]:
     """Model axes that split this model and divide the device count, smallest first."""
-    return [m for m in range(1, devices + 1) if devices % m == 0 and not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
+    return [m for m in range(1, devices + 1) if devices % m == 0 and splits(cfg, m)]
 
 
 def weight_bytes_per_device(cfg, model: int, itemsize: int) -> int:
@@ -222,8 +236,10 @@ def weight_bytes_per_device(cfg, model: int, itemsize: int) -> int:
     replicated ones whole; the embedding split only when the axis divides the vocabulary)."""
     emb = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
     emb_dev = emb // model if cfg.vocab_size % model == 0 else emb
-    rest = param_count(cfg) - emb
-    return int((rest / model + emb_dev) * itemsize)
+    kv = cfg.n_layers * 2 * cfg.d_model * cfg.n_kv_heads * cfg.head_dim
+    kv_dev = kv / model if _kv_split(cfg, model) else kv
+    rest = param_count(cfg) - emb - kv
+    return int((rest / model + emb_dev + kv_dev) * itemsize)
 
 
 def smallest_model_axis(cfg, devices: int | None, itemsize: int, budget: float) -> int | None:
