@@ -208,7 +208,7 @@ def test_two_processes_of_four_devices_write_the_one_device_store(llama_dir, one
 
 
 LOAD_RSS = """
-import json, os, resource, sys
+import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 import jax
@@ -219,13 +219,18 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
+def hwm():  # the peak resident set since the last reset (ru_maxrss would include the forked parent's)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
 mesh = make_mesh(1, 8)
 jax.device_put(0.0).block_until_ready()
 before = rss()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset the peak to the current resident set
 lm = load_model(sys.argv[1], "bfloat16", mesh=mesh)
 jax.block_until_ready(jax.tree.leaves(__import__("flax").nnx.state(lm.model)))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"before": before, "peak": peak, "after": rss()}))
+print(json.dumps({"before": before, "peak": hwm(), "after": rss()}))
 """
 
 
