@@ -8,7 +8,7 @@ export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PIP_NO_CACHE_DIR ?= 1
 # the compile-only venvs skip byte-compiling at install (~130 MB each; their few processes spend
 # seconds importing against minutes compiling). .venv and .peer-venv keep it: with
-# PYTHONDONTWRITEBYTECODE set, as on these machines, every import would compile from source
+# PYTHONDONTWRITEBYTECODE set (some CI images set it), every import would compile from source
 NO_PYC := PIP_COMPILE=0
 # The peers (SAELens, sparsify) that the export tests load exports with: torch wants Python 3.11.
 PEER_PYTHON ?= $(shell command -v /usr/bin/python3.11 || PYENV_VERSION=3.11.7 pyenv which python3.11)

@@ -13,8 +13,8 @@ Beside each, `benchmarks/roofline.py`'s predicted fused-kernel time for the chip
 terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
 alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
 Goals (issue 16): encoder MFU >= 50% at 2^18; the full step <= 1.3x the encoder matmul; 2^20
-trains on one chip (the compile check says: an H200, not an H100). Prepared for a lent GPU: one
-run, under 10 minutes on an H100/H200.
+trains on one chip (the compile check says: an H200, not an H100). Prepared to run on an H100/H200 in one
+go, under 10 minutes on an H100/H200.
 Writes runs/bench/gpu_kernels.json.
 """
 

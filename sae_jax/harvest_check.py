@@ -25,7 +25,6 @@ import numpy as np
 from sae_jax.errors import SaeJaxError
 
 GIB = 2**30
-WEIGHT_SHARE = 0.6  # of a device's memory the automatic mesh lets the weights take (the rest: activations)
 
 
 class HarvestCheckError(SaeJaxError, ValueError):
@@ -106,7 +105,7 @@ def harvest_compile_check(
     n = len(devices)
 
     def smallest_fit() -> str:
-        m = msh.smallest_model_axis(cfg, None, dtype.itemsize, WEIGHT_SHARE * limit) if limit else None
+        m = msh.smallest_model_axis(cfg, None, dtype.itemsize, msh.WEIGHT_SHARE * limit) if limit else None
         return (
             f"the smallest mesh that holds it: model={m} ({m} devices of {limit / GIB:.0f} GiB, "
             f"{msh.weight_bytes_per_device(cfg, m, dtype.itemsize) / GIB:.2f} GiB of weights each)"

@@ -24,7 +24,7 @@ MESH_MATH = {"encoder_dtype": "float32", "decoder_lr_scale": 1.0, "bias_lr_scale
 
 @pytest.fixture(scope="session")
 def lm():
-    """The embedded SmolLM2-135M, loaded once per session (about 10 s)."""
+    """The embedded SmolLM2-135M, loaded once per test run (about 10 s)."""
     from sae_jax.model.loading import load_model
 
     return load_model("embedded")

@@ -81,6 +81,10 @@ ATTRS = {
     "b_proj": "proj_bias",
 }
 
+# of a device's memory the automatic mesh lets the weights take (the rest: activations, the
+# runtime); `compile-check --job harvest` then measures the real peak
+WEIGHT_SHARE = 0.75
+
 TOKENS = P("data", None)  # [batch, ctx]
 ACTIVATIONS = P("data", None, None)  # [batch, ctx, width]: every hook output, whole on each model column
 
@@ -152,8 +156,8 @@ def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print, memory_limit: i
     process; on CPUs the first device of each process, since XLA's simulated CPU devices share one
     host's cores and memory and would only copy the weights).
 
-    `harvest.mesh_model` 0 picks the smallest model axis whose weight shards fit 60% of a
-    device's memory (the rest for activations); devices that report no memory (CPUs) take the
+    `harvest.mesh_model` 0 picks the smallest model axis whose weight shards fit `WEIGHT_SHARE`
+    of a device's memory (the rest for activations); devices that report no memory (CPUs) take the
     model whole. `harvest.mesh_data` 0 puts every other device on `data`."""
     from sae_jax import parallel
 
@@ -169,15 +173,15 @@ def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print, memory_limit: i
     if not model:
         limit = memory_limit or _memory_limit(devices[0])
         need = weight_bytes_per_device(cfg, 1, itemsize)
-        if limit is None or need <= 0.6 * limit:
+        if limit is None or need <= WEIGHT_SHARE * limit:
             model = 1
         else:
-            fit = next((m for m in model_axes(cfg, n) if weight_bytes_per_device(cfg, m, itemsize) <= 0.6 * limit), None)
+            fit = next((m for m in model_axes(cfg, n) if weight_bytes_per_device(cfg, m, itemsize) <= WEIGHT_SHARE * limit), None)
             if fit is None:
                 best = model_axes(cfg, n)[-1]
                 raise ModelShardingError(
                     f"the model's weights need {weight_bytes_per_device(cfg, best, itemsize) / 2**30:.2f} GiB per device even split "
-                    f"{best} ways, over 60% of the {limit / 2**30:.2f} GiB a device has: use more devices (harvest.mesh_model) "
+                    f"{best} ways, over {WEIGHT_SHARE:.0%} of the {limit / 2**30:.2f} GiB a device has: use more devices (harvest.mesh_model) "
                     "or a smaller model.dtype"
                 )
             model = fit
@@ -245,7 +249,5 @@ def weight_bytes_per_device(cfg, model: int, itemsize: int) -> int:
 def smallest_model_axis(cfg, devices: int | None, itemsize: int, budget: float) -> int | None:
     """The smallest model axis (dividing `devices`; None: any up to 1024) whose per-device
     weights take at most `budget` bytes."""
-    axes = (
-        model_axes(cfg, devices) if devices else [m for m in range(1, 1025) if not (cfg.n_heads % m or cfg.n_kv_heads % m or cfg.d_mlp % m)]
-    )
+    axes = model_axes(cfg, devices) if devices else [m for m in range(1, 1025) if splits(cfg, m)]
     return next((m for m in axes if weight_bytes_per_device(cfg, m, itemsize) <= budget), None)
