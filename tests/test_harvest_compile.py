@@ -57,7 +57,7 @@ def test_llama_3_3_70b_fits_a_v5p_8(tmp_path):
         TPU_PYTHON, tmp_path, "llama-3.3-70b", ["--topology", "v5p:2x2x2"], "blocks.40.hook_resid_post,blocks.60.hook_resid_post"
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert rep["fits"] is True and rep["mesh"]["model"] == 4
+    assert rep["fits"] is True and rep["mesh"]["model"] == 2  # 70.5 GB of bf16 weights: half of it is 75% of a 95 GiB chip
     assert rep["bytes_per_device"]["peak"] <= rep["memory_limit_bytes"]
 
 

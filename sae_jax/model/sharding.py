@@ -153,8 +153,8 @@ def state_shardings(state, mesh: Mesh, cfg=None):
 
 def harvest_mesh(cfg, h, itemsize: int, devices=None, log=print, memory_limit: int | None = None) -> Mesh:
     """The harvest's mesh (`data` x `model`) over `devices` (default: every device of every
-    process; on CPUs the first device of each process, since XLA's simulated CPU devices share one
-    host's cores and memory and would only copy the weights).
+    process; on CPUs the first device of each process: XLA's simulated CPU devices share one host's
+    cores and memory, and eight would hold eight copies of the weights for a small gain).
 
     `harvest.mesh_model` 0 picks the smallest model axis whose weight shards fit `WEIGHT_SHARE`
     of a device's memory (the rest for activations); devices that report no memory (CPUs) take the
