@@ -12,6 +12,7 @@ GGUF path).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -331,20 +332,26 @@ def _gpt2_refs(cfg: ModelConfig) -> dict:
     return w
 
 
-def check_refs(refs: dict, source, where: str) -> None:
+def check_refs(refs: dict, source, where: str) -> dict:
     """Every tensor the model needs is in `source` with the shape the config implies (checked
-    before any weight is read, so a bad checkpoint fails at once and loads nothing)."""
-    for ref in _leaves(refs):
-        shape = source.shape(ref.name)
+    before any weight is read, so a bad checkpoint fails at once and loads nothing). Returns the
+    refs with their names as the source spells them (GPT2LMHeadModel prefixes `transformer.`)."""
+
+    def resolve(ref: Ref) -> Ref:
+        name = ref.name
+        if source.shape(name) is None and source.shape(f"transformer.{name}") is not None:
+            name = f"transformer.{name}"
+        shape = source.shape(name)
         if shape is None:
             raise ModelLoadError(f"{where}: tensor {ref.name!r} is missing")
         if tuple(shape) != tuple(ref.shape):
-            raise ModelLoadError(f"{where}: tensor {ref.name!r} has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+            raise ModelLoadError(f"{where}: tensor {name!r} has shape {tuple(shape)}, expected {tuple(ref.shape)}")
+        return dataclasses.replace(ref, name=name)
 
+    def walk(tree: dict) -> dict:
+        return {k: walk(v) if isinstance(v, dict) else resolve(v) for k, v in tree.items()}
 
-def _leaves(tree: dict):
-    for v in tree.values():
-        yield from (_leaves(v) if isinstance(v, dict) else (v,))
+    return walk(refs)
 
 
 class DictSource:
@@ -375,8 +382,7 @@ def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dic
     from sae_jax.hostmem import release_freed_memory
     from sae_jax.model.sharding import weight_sharding
 
-    refs = weight_refs(cfg)
-    check_refs(refs, source, where)
+    refs = check_refs(weight_refs(cfg), source, where)
     np_dtype = np.dtype(jnp.dtype(dtype))
 
     def put(name: str, ref: Ref):
@@ -404,9 +410,8 @@ def place_weights(cfg: ModelConfig, source, where: str, dtype, mesh=None) -> dic
 
 def weights_from_hf_state(cfg: ModelConfig, sd: dict, where: str) -> dict:
     """HF state dict -> the `[in, out]` numpy weight tree `Transformer` takes (float32)."""
-    refs = weight_refs(cfg)
     src = DictSource(sd)
-    check_refs(refs, src, where)
+    refs = check_refs(weight_refs(cfg), src, where)
 
     def walk(tree):
         return {k: walk(v) if isinstance(v, dict) else v.read(src).astype(np.float32) for k, v in tree.items()}
