@@ -47,9 +47,9 @@ def default_config() -> ml_collections.ConfigDict:
     # the forward's device mesh (docs/harvest.md): contexts over `data`, weights split over `model`
     # (tensor parallel: heads, kv heads, MLP units, vocabulary). 0: automatic (model: the smallest
     # axis whose weight shards fit a device; data: every other device). A CPU uses one device per
-    # process unless one of these is set. Neither changes the store.
+    # process unless one of these is set. Neither changes the store's rows (values to float rounding)
     c.harvest.mesh_data = 0
-    c.harvest.mesh_model = 0
+    c.harvest.mesh_model = 0  # devices the weights are split over (0: automatic; see harvest.mesh_data)
     # threads writing shards beside the forward (shuffle, filter, statistics, checksums); 0: one
     # per 8 CPU cores, 1 to 8. Each holds one shard of activations in host memory
     c.harvest.writers = 0
