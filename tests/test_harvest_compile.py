@@ -51,6 +51,16 @@ def test_gemma_2_9b_is_refused_on_one_v5e_chip_with_the_mesh_that_fits(tmp_path)
 
 
 @pytest.mark.aot
+def test_llama_3_3_70b_on_a_v5e_8_is_refused_naming_16_chips(tmp_path):
+    """8 kv heads: a model axis of 16 keeps the key / value projections whole on each chip."""
+    r, rep = _check(TPU_PYTHON, tmp_path, "llama-3.3-70b", ["--topology", "v5e:2x4"], "blocks.40.hook_resid_post")
+    assert r.returncode == 1 and rep is None and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert "16.43 GiB per device even split 8 ways" in line
+    assert "the smallest mesh that holds it: model=16 (16 devices of 16 GiB, 10.56 GiB of weights each)" in line
+
+
+@pytest.mark.aot
 @pytest.mark.slow
 def test_llama_3_3_70b_fits_a_v5p_8(tmp_path):
     r, rep = _check(
