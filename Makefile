@@ -73,7 +73,7 @@ test: $(VENV)/.installed-dev $(PEER_VENV)/.installed $(TPU_VENV)/.installed $(GP
 
 # the edit-run loop: no peers' venv, no browser, no libtpu or CUDA plugin, nothing that takes minutes
 test-fast: $(VENV)/.installed-dev
-	$(BIN)/python -m pytest -q -m "not slow and not peers and not browser and not aot"
+	$(BIN)/python -m pytest -q -m "not slow and not peers and not browser and not aot and not heavy"
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -29,12 +29,12 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from sae_jax.chips import dev_kind, peak_tflops  # noqa: E402
 from sae_jax.config import default_config  # noqa: E402
 from sae_jax.harvest import make_forward  # noqa: E402
 from sae_jax.harvest_check import abstract_model, model_config_of  # noqa: E402
 from sae_jax.model import sharding as msh  # noqa: E402
 from sae_jax.model.hooks import parse_hooks  # noqa: E402
-from sae_jax.train.compile_check import _peak, dev_kind  # noqa: E402
 
 DEFAULTS = {
     "llama-3.1-8b": "blocks.16.hook_resid_post,blocks.24.hook_resid_post",
@@ -83,7 +83,7 @@ def bench(model_spec: str, hooks: str, ctx: int, batch: int, steps: int, mesh_mo
     sec = (time.perf_counter() - t0) / steps
     n = mesh.devices.size
     flops_tok = msh.forward_flops_per_token(cfg, max(x.layer for x in hk), ctx)
-    peak = _peak(getattr(jax.devices()[0], "device_kind", ""), None)
+    peak = peak_tflops(getattr(jax.devices()[0], "device_kind", ""))
     tok_s = batch * ctx / sec
     return {
         "model": Path(model_spec).stem,

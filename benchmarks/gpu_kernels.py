@@ -9,7 +9,10 @@ matmuls, `train.encoder_dtype=bfloat16`; sparse backward; Adam; decoder renormal
 parameters) without dead latents and with every latent dead after the first step (the AuxK
 branch on every step: `train.dead_tokens=1`), for each implementation: `dense` (the reference),
 `rows` (XLA in large row blocks: `auto` on GPU) and the platform's Pallas kernel (`auto` on TPU).
-Beside each, `benchmarks/roofline.py`'s predicted fused-kernel time for the chip. MFU as docs/design.md (section 8) defines it: (2 B d_in d_sae + the sparse
+Beside each, `benchmarks/roofline.py`'s predicted fused-kernel time for the chip. Per width
+also the row selection alone on the matmul's output, `lax.top_k` against the tournament
+`kernels.select.tree_top_k` (at k and at AuxK's k_aux), and what `sae_jax.hlo_cost` predicts for
+the selection from the step this GPU's compiler built. MFU as docs/design.md (section 8) defines it: (2 B d_in d_sae + the sparse
 terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
 alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
 Goals (issue 16): encoder MFU >= 50% at 2^18; the full step <= 1.3x the encoder matmul; 2^20
@@ -57,13 +60,13 @@ def cell(r: dict, key: str, scale: float = 1.0, fmt: str = "{:.1f}") -> str:
 
 
 def encoder_time(B, d, S, k, encoder, reps):
-    from sae_jax.kernels.topk import topk_encode
+    from sae_jax.kernels.topk import EncoderOptions, topk_encode
 
     kx, kw = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kx, (B, d), jnp.bfloat16)
     w = (jax.random.normal(kw, (d, S), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
     b = jnp.zeros((S,), jnp.bfloat16)
-    f = jax.jit(lambda x, w, b: topk_encode(x, w, b, k, encoder=encoder))
+    f = jax.jit(lambda x, w, b: topk_encode(x, w, b, k, options=EncoderOptions(encoder, dtype="bfloat16")))
     return timed(lambda: f(x, w, b), reps)
 
 
@@ -75,19 +78,61 @@ def matmul_time(B, d, S, reps):
     return timed(lambda: f(x, w), reps)
 
 
-def step_time(B, d, S, k, encoder, reps, dead: bool = False):
+def selection_times(B, d, S, k, k_aux, reps) -> dict:
+    """The row selection alone on the matmul's float32 output [B, S]: XLA's `lax.top_k` (what the
+    `rows` encoder ran before: a sort of every row on a GPU) against `kernels.select.tree_top_k`
+    (the tournament of group maxima), at k and, over a quarter of the latents (dead), at k_aux."""
+    from jax import lax
+
+    from sae_jax.kernels.select import tree_top_k
+
+    kx, kw = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kx, (B, d), jnp.bfloat16)
+    w = (jax.random.normal(kw, (d, S), jnp.float32) / np.sqrt(d)).astype(jnp.bfloat16)
+    pre = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))(x, w)
+    dead = jnp.where(jnp.arange(S) % 4 == 0, 0.0, -jnp.inf)
+    out = {}
+    for name, fn in (("lax_top_k", lambda p, b, kk: lax.top_k(p + b, kk)), ("tree_top_k", lambda p, b, kk: tree_top_k(p, kk, b))):
+        for tag, b, kk in (("k", jnp.zeros(S), k), ("k_aux", dead, k_aux)):
+            f = jax.jit(lambda p, b, fn=fn, kk=kk: fn(p, b, kk)[0].sum())
+            try:
+                out[f"{name}_{tag}_s"] = timed(lambda f=f, b=b: f(pre, b), reps)
+            except Exception as e:  # noqa: BLE001  (out of memory)
+                out[f"{name}_{tag}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return out
+
+
+def predicted_selection(B, d, S, k, encoder) -> dict | None:
+    """`sae_jax.hlo_cost`'s roofline of the step as this GPU's compiler built it (None off H100 / H200)."""
+    from sae_jax import hlo_cost
+
+    kind = jax.devices()[0].device_kind.lower()
+    gpu = next((g for g in hlo_cost.GPUS if g in kind), None)
+    if gpu is None:
+        return None
+    step, x = _step(B, d, S, k, encoder, dead=False)
+    text = step.lower(step.abstract_state(), x).compile().as_text()
+    return hlo_cost.gpu_roofline(hlo_cost.step_cost(text), gpu, B)
+
+
+def _step(B, d, S, k, encoder, dead: bool):
     from sae_jax import parallel
     from sae_jax.sae.bank import BankSpec
     from sae_jax.train.settings import TrainSettings
     from sae_jax.train.step import TrainStep
 
-    spec = BankSpec(("h",), (S,), (k,), d, S, min(d // 2, 512))
+    spec = BankSpec(("h",), (S,), (k,), d, S, min(d // 2, 512), "topk")
     mesh = parallel.make_mesh(jax.device_count(), 1)
     dead_tokens = 1 if dead else 10**9  # 1: every latent not in the last batch's top-k is dead (AuxK every step)
     settings = TrainSettings.defaults(steps=1000, warmup_steps=10, dead_tokens=dead_tokens, encoder=encoder, encoder_dtype="bfloat16")
     step = TrainStep(spec, mesh, settings)
-    state = step.init_state(jax.random.key(0), None)
     x = jax.random.normal(jax.random.key(1), (1, B, d), jnp.bfloat16)
+    return step, x
+
+
+def step_time(B, d, S, k, encoder, reps, dead: bool = False):
+    step, x = _step(B, d, S, k, encoder, dead)
+    state = step.init_state(jax.random.key(0), None)
     holder = {"s": state}
 
     def one():
@@ -142,6 +187,19 @@ def main() -> None:
             t_mm = None
             print(f"  matmul at 2^{lg} failed: {type(e).__name__}")
         predicted = _roofline_ms(dev.device_kind, S, B, d, k)
+        sel = selection_times(B, d, S, k, min(d // 2, 512), a.reps)
+        try:
+            hlo = predicted_selection(B, d, S, k, "rows")
+        except Exception as e:  # noqa: BLE001
+            hlo = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        rows.append({"d_sae": S, "path": "selection", "device": dev.device_kind, "matmul_s": t_mm, **sel, "hlo_roofline": hlo})
+        main = (hlo or {}).get("main", {})
+        print(
+            f"  {'2^' + str(lg):>7} selection: lax.top_k {cell(sel, 'lax_top_k_k_s', 1e3)} ms (k_aux {cell(sel, 'lax_top_k_k_aux_s', 1e3)}), "
+            f"tree_top_k {cell(sel, 'tree_top_k_k_s', 1e3)} ms (k_aux {cell(sel, 'tree_top_k_k_aux_s', 1e3)}); "
+            f"predicted from the compiled step: selection {main.get('select_ms', float('nan')):.2f} ms = "
+            f"{main.get('select_over_matmul', float('nan')):.2f} x matmul"
+        )
         for encoder in encoders:
             r = {"d_sae": S, "path": encoder, "device": dev.device_kind, "matmul_s": t_mm, "roofline_kernel_ms": predicted}
             for what, fn in (("encoder", encoder_time), ("step", step_time), ("dead", lambda *x: step_time(*x, dead=True))):

@@ -37,7 +37,7 @@ def _setup(d_in: int, d_sae: int, encoder: str):
     from sae_jax.train.settings import TrainSettings
     from sae_jax.train.step import TrainStep
 
-    spec = BankSpec(("h",), (d_sae,), (K,), d_in, d_sae, min(d_in // 2, 512))
+    spec = BankSpec(("h",), (d_sae,), (K,), d_in, d_sae, min(d_in // 2, 512), "topk")
     mesh = parallel.make_mesh(1, 1)
     step = TrainStep(spec, mesh, TrainSettings.defaults(steps=1000, warmup_steps=10, encoder=encoder))
     return jax, spec, mesh, step

@@ -49,9 +49,9 @@ def exact(x, w_enc, b_enc, k: int) -> bool:
     import numpy as np
     from jax import lax
 
-    from sae_jax.kernels.topk import topk_encode
+    from sae_jax.kernels.topk import EncoderOptions, topk_encode
 
-    v, _ = topk_encode(jnp.asarray(x), jnp.asarray(w_enc), jnp.asarray(b_enc), k, encoder="pallas_tpu", encoder_block=512)
+    v, _ = topk_encode(jnp.asarray(x), jnp.asarray(w_enc), jnp.asarray(b_enc), k, options=EncoderOptions("pallas_tpu", 512, "float32"))
     rv, _ = lax.top_k(jnp.maximum(jnp.dot(jnp.asarray(x), jnp.asarray(w_enc)) + b_enc, 0), k)
     return bool(np.allclose(np.asarray(v), np.asarray(rv), rtol=1e-5, atol=1e-5))
 

@@ -20,7 +20,7 @@ is one JSON line on stdout; the libraries' own printing goes to stderr. `sae_jax
 Rows: `train.npy` [N, d_in] float32 in order, batch t = rows [t B, (t+1) B) (wrapping); `eval.npy`
 the held-out rows. Every trainer starts from the same random unit directions (`init.npy`
 [d_sae, d_in]) in its library's own scale (sae_jax: W_dec = D, W_enc = D^T / sqrt(3), its
-ENCODER_INIT_SCALE; sparsify: encoder rows D / sqrt(3), the norm of its kaiming-uniform rows,
+`train.encoder_init_scale`; sparsify: encoder rows D / sqrt(3), the norm of its kaiming-uniform rows,
 decoder its normalised copy; SAELens: W_dec = 0.1 D, W_enc = W_dec^T, its decoder_init_norm
 heuristic), biases by each library's own rule (b_dec: sae_jax the geometric median of the first
 batch, sparsify its mean, SAELens zero).
@@ -87,13 +87,13 @@ class SaeJax(Trainer):
         import numpy as np
 
         from sae_jax import parallel
-        from sae_jax.sae.bank import ENCODER_INIT_SCALE, BankSpec, geometric_median
+        from sae_jax.sae.bank import BankSpec, geometric_median
         from sae_jax.train.settings import TrainSettings
         from sae_jax.train.step import TrainStep
 
         self.jax, self.jnp = jax, jnp
         d, w, k = cfg["d_in"], cfg["width"], cfg["k"]
-        self.spec = BankSpec(("h",), (w,), (k,), d, w, d // 2)
+        self.spec = BankSpec(("h",), (w,), (k,), d, w, d // 2, "topk")
         self.mesh = parallel.make_mesh(1, 1)
         fields = dict(
             lr=cfg["lr"],
@@ -108,7 +108,7 @@ class SaeJax(Trainer):
         # `auto` resolved once, before the step is built, as `sae-jax train` does (and reported)
         from sae_jax.kernels.topk import resolve_encoder_dtype
 
-        settings = settings.replace(encoder_dtype=resolve_encoder_dtype(settings.encoder_dtype) or "float32")
+        settings = settings.replace(encoder_dtype=resolve_encoder_dtype(settings.encoder_dtype))
         self.encoder_dtype = settings.encoder_dtype
         self.step = TrainStep(self.spec, self.mesh, settings, np.array([float(cfg["input_scale"])]))
         # the input scale sae-jax train takes from the store's statistics: unit mean squared norm
@@ -118,7 +118,7 @@ class SaeJax(Trainer):
         state = self.step.init_state(jax.random.key(cfg["seed"]), None)
         D = jnp.asarray(np.load(cfg["init"]))
         state["params"]["W_dec"] = jax.device_put(D[None], state["params"]["W_dec"].sharding)
-        state["params"]["W_enc"] = jax.device_put(D.T[None] * ENCODER_INIT_SCALE, state["params"]["W_enc"].sharding)
+        state["params"]["W_enc"] = jax.device_put(D.T[None] * settings.encoder_init_scale, state["params"]["W_enc"].sharding)
         state["params"]["b_dec"] = jax.device_put(b_dec[None], state["params"]["b_dec"].sharding)
         self.state = state
         self.x_sharding = parallel.sharding(self.mesh, "x")

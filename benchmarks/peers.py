@@ -130,7 +130,7 @@ def downstream(worker: Worker, name: str, folder: Path, meta: dict, args) -> dic
     `sae-jax eval FOLDER --store STORE` splices it into the model on held-out text."""
     import shutil
 
-    from sae_jax.export import hf_module
+    from sae_jax.model.hf_modules import hf_module
 
     shutil.rmtree(folder, ignore_errors=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +167,7 @@ def parse_sets(items: list[str], flag: str = "--sae-jax-set") -> dict:
 
 
 def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: Path, args) -> list[dict]:
-    from sae_jax.train.step import default_lr
+    from sae_jax.train.optimizer import default_lr
 
     rng = np.random.default_rng(seed)
     D = rng.standard_normal((width, meta["d_in"])).astype(np.float32)
@@ -181,7 +181,7 @@ def run_width(width: int, steps: int, rounds: int, seed: int, meta: dict, data: 
         "k": args.k,
         "batch": args.batch,
         "steps": steps,
-        "lr": default_lr(width),  # sae_jax's default; the peers' own below unless --peer-lr ours
+        "lr": default_lr(width, "topk"),  # sae_jax's default; the peers' own below unless --peer-lr ours
         "warmup": args.warmup,
         "decay_frac": 0.2,
         "aux_coef": 1 / 32,

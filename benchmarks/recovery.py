@@ -46,7 +46,7 @@ from peers import PEER_LR, ROOT, Worker, ensure_peer_venv, export_rows  # noqa: 
 
 from sae_jax.data.synthetic import FeatureWorld, WorldSpec  # noqa: E402
 from sae_jax.kernels.topk import resolve_encoder_dtype  # noqa: E402
-from sae_jax.train.settings import DEFAULT_LR, TrainSettings  # noqa: E402
+from sae_jax.train.settings import TrainSettings, base_lr  # noqa: E402
 
 HOOK = "world"
 HELDOUT = 65536  # rows: one shard
@@ -60,8 +60,8 @@ PEERS = ("sparsify", "sparsify_adam", "saelens")
 _D = TrainSettings.defaults()
 # sae_jax's defaults, in its runs' names (the encoder dtype resolved for this machine: `auto`)
 RECIPE = (
-    f"lr{DEFAULT_LR:g}.b{_D.bias_lr_scale:g}{_D.bias_lr_units}.d{_D.decoder_lr_scale:g}.adam{_D.adam_b1:g}-{_D.adam_b2:g}-{_D.adam_eps:g}"
-    f".{resolve_encoder_dtype(_D.encoder_dtype) or 'float32'}"
+    f"lr{base_lr('topk'):g}.b{_D.bias_lr_scale:g}{_D.bias_lr_units}.d{_D.decoder_lr_scale:g}.adam{_D.adam_b1:g}-{_D.adam_b2:g}-{_D.adam_eps:g}"
+    f".{resolve_encoder_dtype(_D.encoder_dtype)}"
 )
 
 

@@ -120,15 +120,20 @@ def xla_cost(width: int, encoder: str) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from sae_jax.chips import tpu_devices
     from sae_jax.kernels.pallas import compiling_for
-    from sae_jax.kernels.topk import topk_encode
-    from sae_jax.train.targets import tpu_devices
+    from sae_jax.kernels.topk import EncoderOptions, topk_encode
 
     dev = tpu_devices("v5e:1x1")[0]
     sh = jax.sharding.SingleDeviceSharding(dev)
     args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sh) for s in ((B, D_IN), (D_IN, width), (width,))]
     with compiling_for("tpu"):
-        c = jax.jit(lambda x, w, b: topk_encode(x, w, b, K, encoder=encoder)).trace(*args).lower().compile()
+        c = (
+            jax.jit(lambda x, w, b: topk_encode(x, w, b, K, options=EncoderOptions(encoder, dtype="bfloat16")))
+            .trace(*args)
+            .lower()
+            .compile()
+        )
     cost = c.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {

@@ -33,7 +33,7 @@ def measure(devices: int, data: int, model: int, d_sae: int, steps: int) -> dict
     from sae_jax.train.step import TrainStep
 
     d_in, k, B = 576, 32, 4096
-    spec = BankSpec(("h",), (d_sae,), (k,), d_in, d_sae, d_in // 2)
+    spec = BankSpec(("h",), (d_sae,), (k,), d_in, d_sae, d_in // 2, "topk")
     mesh = parallel.make_mesh(data, model)
     step = TrainStep(spec, mesh, TrainSettings.defaults(steps=1000, warmup_steps=10), np.array([0.05]))
     state = step.init_state(jax.random.key(0), None)

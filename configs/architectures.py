@@ -11,18 +11,12 @@ Members: blocks.6.hook_resid_post x width 4608 x three sparsity settings (ks 16,
 TopK / BatchTopK; the L0 or L1 coefficients given on the command line for JumpReLU / ReLU).
 """
 
-from sae_jax.config import default_config
+from sae_jax.config import default_config, small_run
 
 
 def get_config():
-    c = default_config()
+    c = small_run(default_config(), "runs/arch/topk", steps=150, checkpoint_every=50)
     c.train.store = "runs/demo/store"
-    c.train.run_dir = "runs/arch/topk"
     c.train.hooks = "blocks.6.hook_resid_post"
-    c.train.widths = "4608"
     c.train.ks = "16,32,64"
-    c.train.batch_size = 2048
-    c.train.steps = 150
-    c.train.warmup_steps = 10
-    c.train.checkpoint_every = 50
     return c

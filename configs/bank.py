@@ -7,18 +7,12 @@ Members: blocks.{6,12}.hook_resid_post x widths {4608, 9216}, k = 32. Padding to
 width costs 4 x 9216 / 27648 = 1.33x the encoder work of four separate SAEs.
 """
 
-from sae_jax.config import default_config
+from sae_jax.config import default_config, small_run
 
 
 def get_config():
-    c = default_config()
+    c = small_run(default_config(), "runs/bank")
     c.train.store = "runs/demo/store"
-    c.train.run_dir = "runs/bank"
     c.train.hooks = "blocks.6.hook_resid_post,blocks.12.hook_resid_post"
     c.train.widths = "4608,9216"
-    c.train.ks = "32"
-    c.train.batch_size = 2048
-    c.train.steps = 100
-    c.train.warmup_steps = 10
-    c.train.checkpoint_every = 25
     return c

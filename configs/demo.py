@@ -7,23 +7,16 @@ Expected on a 2-core CPU: see the README (time, FVU reached); prints the store s
 L0 and dead % per SAE, and the paths of the plots written into runs/demo/train.
 """
 
-from sae_jax.config import default_config
+from sae_jax.config import default_config, small_run
 
 
 def get_config():
-    c = default_config()
+    c = small_run(default_config(), "runs/demo/train")
     c.harvest.out = "runs/demo/store"
     c.harvest.hooks = "blocks.6.hook_resid_post,blocks.12.hook_resid_post"
     c.harvest.tokens = 200_000
     c.harvest.seqs_per_shard = 256  # small shards, so the demo shows (and resumes by) several
 
     c.train.store = c.harvest.out
-    c.train.run_dir = "runs/demo/train"
-    c.train.widths = "4608"
-    c.train.ks = "32"
-    c.train.batch_size = 2048
-    c.train.steps = 100
-    c.train.warmup_steps = 10
-    c.train.checkpoint_every = 25
     c.train.log_every = 5
     return c

@@ -7,25 +7,18 @@ TopK, 4608 latents, k = 32, with a linear skip W_skip. Export with `--format spa
 transcoders) or switch `train.architecture` to jumprelu (and set `train.l0_coefs`) for SAELens.
 """
 
-from sae_jax.config import default_config
+from sae_jax.config import default_config, small_run
 
 
 def get_config():
-    c = default_config()
+    c = small_run(default_config(), "runs/transcoder/train")
     c.harvest.out = "runs/transcoder/store"
     c.harvest.hooks = "blocks.6.hook_mlp_in,blocks.6.hook_mlp_out"
     c.harvest.tokens = 200_000
     c.harvest.seqs_per_shard = 256
 
     c.train.store = c.harvest.out
-    c.train.run_dir = "runs/transcoder/train"
     c.train.hooks = "blocks.6.hook_mlp_in"
     c.train.out_hooks = "blocks.6.hook_mlp_out"
     c.train.skip = True
-    c.train.widths = "4608"
-    c.train.ks = "32"
-    c.train.batch_size = 2048
-    c.train.steps = 100
-    c.train.warmup_steps = 10
-    c.train.checkpoint_every = 25
     return c

@@ -86,7 +86,7 @@ def _positional_store(argv: list[str], cmd: str) -> Path:
 
 
 def cmd_harvest(argv, default_file="default.py") -> int:
-    from sae_jax.data.summary import summary
+    from sae_jax.data.summary import store_summary
     from sae_jax.harvest import harvest
     from sae_jax.parallel import init_distributed
 
@@ -97,14 +97,14 @@ def cmd_harvest(argv, default_file="default.py") -> int:
     import jax
 
     if jax.process_index() == 0:
-        print(summary(store))
+        print(store_summary(store))
         print(f"time       {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def cmd_train(argv) -> int:
     from sae_jax.parallel import init_distributed
-    from sae_jax.train.loop import summary, train
+    from sae_jax.train.loop import run_summary, train
     from sae_jax.train.settings import TrainSettings
 
     cfg = _load_config(argv, "default.py")
@@ -114,7 +114,7 @@ def cmd_train(argv) -> int:
     import jax
 
     if jax.process_index() == 0:
-        print(summary(result))
+        print(run_summary(result))
     return 0
 
 
@@ -122,19 +122,18 @@ def cmd_demo(argv) -> int:
     """Harvest (configs/demo.py), train its bank on the store, evaluate it; print the results."""
     import jax
 
-    from sae_jax.data.summary import summary
+    from sae_jax.data.summary import store_summary
     from sae_jax.eval.core import evaluate, write_report
     from sae_jax.harvest import harvest
-    from sae_jax.train.loop import settings_for, train
-    from sae_jax.train.loop import summary as train_summary
+    from sae_jax.train.loop import run_summary, settings_for, train
 
     cfg = _load_config(argv, "demo.py")
     settings_for(cfg, jax.device_count())  # the train settings checked before the harvest
     t0 = time.perf_counter()
-    print(summary(harvest(cfg)))
+    print(store_summary(harvest(cfg)))
     t1 = time.perf_counter()
     print(f"harvest    {t1 - t0:.1f} s\n")
-    print(train_summary(train(cfg)))
+    print(run_summary(train(cfg)))
     t2 = time.perf_counter()
     print(f"train      {t2 - t1:.1f} s\n")
     text, paths = write_report(evaluate(cfg.train.run_dir, contexts=32, log=lambda *a: None))
@@ -190,15 +189,7 @@ def cmd_compile_check(argv) -> int:
     rep = compile_check(
         cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu
     )
-    print(report(rep))
-    if a.json:
-        import json
-
-        Path(a.json).write_text(json.dumps(rep, indent=1))
-    if rep["fits"] is False:
-        print(f"sae-jax compile-check: refused: {refusal(rep)}", file=sys.stderr)
-        return 1
-    return 0
+    return _check_verdict(rep, report(rep), refusal, a.json)
 
 
 def _compile_check_harvest(a, cfg) -> int:
@@ -209,13 +200,19 @@ def _compile_check_harvest(a, cfg) -> int:
     rep = harvest_compile_check(
         cfg, a.model_config or cfg.model.path, topology=a.topology, gpu=a.gpu, mfu=a.mfu, peak_tflops=a.peak_tflops, memory_gib=a.memory_gib
     )
-    print(report(rep))
-    if a.json:
+    return _check_verdict(rep, report(rep), lambda r: r["refusal"], a.json)
+
+
+def _check_verdict(rep: dict, text: str, refusal, json_path: str) -> int:
+    """Print a compile-check's report (and write its JSON); one that does not fit: `refusal(rep)`
+    in one line on stderr, exit 1."""
+    print(text)
+    if json_path:
         import json
 
-        Path(a.json).write_text(json.dumps(rep, indent=1))
+        Path(json_path).write_text(json.dumps(rep, indent=1))
     if rep["fits"] is False:
-        print(f"sae-jax compile-check: refused: {rep['refusal']}", file=sys.stderr)
+        print(f"sae-jax compile-check: refused: {refusal(rep)}", file=sys.stderr)
         return 1
     return 0
 
@@ -384,9 +381,9 @@ def cmd_plot(argv) -> int:
 
 def cmd_info(argv) -> int:
     from sae_jax.data.store import open_store
-    from sae_jax.data.summary import summary
+    from sae_jax.data.summary import store_summary
 
-    print(summary(open_store(_positional_store(argv, "info"), require_complete=False)))
+    print(store_summary(open_store(_positional_store(argv, "info"), require_complete=False)))
     return 0
 
 

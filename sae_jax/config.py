@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import ml_collections
+
+# The rules behind settings whose 0 means "automatic" (each used where the setting is read):
+# train.lr = 0: LR_AT_2_14 (JumpReLU: its entry in ARCH_LR_AT_2_14) at 2^14 latents, times
+# 1/sqrt(width / 2^14). JumpReLU keeps a lower base: at higher rates its thresholds, trained at
+# the full rate against a 0.001 bandwidth, leave many latents dead (docs/design.md, "The recipe")
+LR_AT_2_14 = 1.2e-3
+ARCH_LR_AT_2_14 = {"jumprelu": 2e-4}
+# train.k_aux = 0: d_in // 2, at most this (OpenAI's), at most the smallest width; wider AuxK
+# selections cost every merge round of the fused kernels (docs/benchmarks.md, the roofline)
+K_AUX_MAX = 512
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -92,7 +104,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
     c.train.aux_coef = 1 / 32  # weight of the AuxK loss (dead latents reconstruct the residual)
     c.train.k_aux = 0  # AuxK's k; 0: d_in // 2, at most 512 and at most the smallest width
-    c.train.encoder_init_scale = 3**-0.5  # initial encoder column norm (inputs at unit mean squared norm); see sae/bank.py
+    # initial encoder column norm (inputs at unit mean squared norm): 1/sqrt(3), the row norm of
+    # PyTorch's default nn.Linear init that sparsify starts from (docs/benchmarks.md)
+    c.train.encoder_init_scale = 3**-0.5
     # TopK encoder: auto (Pallas on GPU/TPU; on CPU row-blocked `rows`, or `stream` at widths where
     # fewer than 128 rows fit a 2^25-element block) | rows | stream | dense | pallas_gpu | pallas_tpu
     c.train.encoder = "auto"
@@ -119,6 +133,28 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed.process_id = 0
     c.distributed.init_timeout_s = 300  # how long to wait for the coordinator and every process to join
     c.distributed.heartbeat_timeout_s = 100  # a process silent this long is dead: every other one stops with an error
+    return c
+
+
+@functools.cache
+def _defaults() -> ml_collections.FrozenConfigDict:
+    return ml_collections.FrozenConfigDict(default_config())
+
+
+def default(key: str):
+    """The default of one setting, `"section.name"` (`"train.encoder_block"`): what a library
+    function given None for that setting uses, so that each default is written once, above."""
+    section, name = key.split(".")
+    return _defaults()[section][name]
+
+
+def small_run(c: ml_collections.ConfigDict, run_dir: str, steps: int = 100, checkpoint_every: int = 25) -> ml_collections.ConfigDict:
+    """The small training run the demo-sized configs (`configs/*.py`) share: 4608 latents (8 x
+    SmolLM2's d_model), k 32, 2048-token batches, 10 warmup steps, `steps` steps saved every
+    `checkpoint_every`, into `run_dir`. Returns `c`, changed."""
+    t = c.train
+    t.run_dir, t.steps, t.checkpoint_every = run_dir, steps, checkpoint_every
+    t.widths, t.ks, t.batch_size, t.warmup_steps = "4608", "32", 2048, 10
     return c
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from sae_jax.errors import SaeJaxError
+from sae_jax.model.hf_modules import hf_module
 from sae_jax.model.hooks import transformer_hook
 from sae_jax.runs import Run, RunError
 
@@ -47,18 +48,6 @@ SAELENS_VERSION = "6.0.0"  # the config layout written (sae_lens >= 6 reads it)
 
 class ExportError(SaeJaxError, RuntimeError):
     pass
-
-
-def hf_module(hook: str, architecture: str | None = "LlamaForCausalLM") -> str | None:
-    """The Hugging Face module (relative to the base model) whose output a hook is; None for a
-    hook name that is not a transformer hook or a store without a model the zoo knows."""
-    from sae_jax.model.hf_modules import output_module
-    from sae_jax.model.loading import FAMILIES
-
-    parsed = transformer_hook(hook)
-    if parsed is None or architecture is None:
-        return None
-    return output_module(parsed, FAMILIES.get(architecture, "llama"))
 
 
 def _arch(run: Run) -> str | None:
@@ -152,30 +141,13 @@ def write_saelens(run: Run, m: int, folder: Path, dtype: str) -> None:
     if "W_skip" in arrays:
         arrays["W_skip"] = np.ascontiguousarray(arrays["W_skip"].T)  # SAELens: [d_out, d_in], applied as x @ W_skip.T
     _save_safetensors(folder / "sae_weights.safetensors", _cast(arrays, dtype))
+    from sae_jax.eval.core import heldout_density
+
     density, where = heldout_density(run, m)
     if density is not None:  # what SAELens saves beside a trained SAE: log10 firing frequency per latent
         _save_safetensors(folder / "sparsity.safetensors", {"sparsity": np.log10(density + 1e-10).astype(np.float32)})
         cfg["metadata"]["trained_with"]["sparsity_rows"] = where
     (folder / "cfg.json").write_text(json.dumps(cfg, indent=1))
-
-
-def heldout_density(run: Run, m: int, max_rows: int = 65536) -> tuple[np.ndarray | None, str]:
-    """Member m's firing frequency per latent on the run's held-out store rows (at most
-    `max_rows`), and where they came from; (None, why) when its store or held-out rows are gone."""
-    from sae_jax.data.store import StoreError, open_store
-    from sae_jax.eval.core import reconstruction_metrics
-    from sae_jax.eval.errors import EvalError
-    from sae_jax.eval.inputs import heldout_rows
-
-    mem = run.members[m]
-    if mem.transcoder:
-        return None, "transcoder: no sparsity file"
-    try:
-        store = open_store(run.store_meta["root"])
-        x, where = heldout_rows(run, store, mem.hook, max_rows)
-    except (StoreError, EvalError) as e:
-        return None, f"no held-out rows ({e})"
-    return reconstruction_metrics(run.folded(m), x, run.eval_k(m), mem.inference)["_density"], where
 
 
 def write_sparsify(run: Run, m: int, folder: Path, dtype: str) -> None:
@@ -279,4 +251,4 @@ def export_run(run: Run, fmt: str, out, dtype: str = "float32", overwrite: bool 
     return folders
 
 
-__all__ = ["FORMATS", "ExportError", "RunError", "export_run", "hf_module"]
+__all__ = ["FORMATS", "ExportError", "RunError", "export_run"]

@@ -42,6 +42,7 @@ from sae_jax.config import harvest_fingerprint_fields
 from sae_jax.data import store as st
 from sae_jax.data.contexts import contexts
 from sae_jax.data.text import describe, documents
+from sae_jax.data.token_cache import CACHE
 from sae_jax.data.writer import json_dumps, new_manifest, row_sq_norms, shuffle_rows, update_manifest, write_shuffled
 from sae_jax.errors import SaeJaxError
 from sae_jax.model.hooks import parse_hook, parse_hooks
@@ -357,7 +358,7 @@ def _harvest(c, lm, log, torch_backend: bool, mesh) -> st.Store:
         # were written (resumed, by several processes)
         update_manifest(out, m, st.aggregate_stats(out, m["shards"], list(m["hooks"])))
         _finish_manifest(out, m, n_target, compile_s, time.perf_counter() - t0, tokens_run, h, d, log)
-        shutil.rmtree(out / ".tokens", ignore_errors=True)
+        shutil.rmtree(out / CACHE, ignore_errors=True)  # the tokens the processes shared
     _barrier("sae_jax.harvest: manifest written")
     return st.open_store(out)
 
@@ -541,19 +542,22 @@ def _write_shard(out, index, toks, acts, first_ctx, special, widths, h, store_dt
     return entry, stats
 
 
-def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, threads: int = 1, seed: int = 0) -> float:
+def write_shard_rate(out: Path, widths: dict[str, int], store_dtype, ctx_len: int, contexts: int, threads: int = 1) -> float:
     """GB of activations per second that `threads` writers running `_write_shard` at once
     (special-token and outlier filter, shuffle, statistics, checksums, ArrayRecord, fsync) write on
-    this CPU, from random activations: one shard of `contexts` contexts per thread."""
+    this CPU, from random activations: one shard of `contexts` contexts per thread, written with
+    the harvest's default settings."""
     from types import SimpleNamespace
 
-    rng = np.random.default_rng(seed)
+    from sae_jax.config import default
+
+    rng = np.random.default_rng(0)
     toks = rng.integers(3, 1000, size=(contexts, ctx_len), dtype=np.int32)
     toks[:, 0] = 1
     acts = {k: rng.standard_normal((contexts, ctx_len, w), dtype=np.float32).astype(store_dtype) for k, w in widths.items()}
     special = np.zeros(1001, dtype=bool)
     special[1] = True
-    h = SimpleNamespace(outlier_ratio=100.0, seed=0, rows_per_record=1024)
+    h = SimpleNamespace(**{k: default(f"harvest.{k}") for k in ("outlier_ratio", "seed", "rows_per_record")})
     t0 = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:
         entries = list(pool.map(lambda i: _write_shard(out, i, toks, acts, 0, special, widths, h, store_dtype)[0], range(threads)))

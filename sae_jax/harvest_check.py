@@ -22,9 +22,8 @@ import time
 
 import numpy as np
 
+from sae_jax.chips import GIB
 from sae_jax.errors import SaeJaxError
-
-GIB = 2**30
 
 
 class HarvestCheckError(SaeJaxError, ValueError):
@@ -85,12 +84,12 @@ def harvest_compile_check(
     import jax.numpy as jnp
     from jax.sharding import NamedSharding
 
+    from sae_jax import chips
+    from sae_jax.chips import compiling, dev_kind, target_devices
     from sae_jax.data.store import DTYPES
     from sae_jax.harvest import make_forward
     from sae_jax.model import sharding as msh
     from sae_jax.model.hooks import parse_hooks
-    from sae_jax.train.compile_check import _hbm, _peak, dev_kind
-    from sae_jax.train.targets import compiling, target_devices
 
     if not 0 < mfu <= 1:
         raise HarvestCheckError(f"--mfu {mfu}: a fraction in (0, 1]")
@@ -101,7 +100,7 @@ def harvest_compile_check(
     store_dtype = DTYPES[h.dtype]
     devices = target_devices(topology, gpu)
     kind = getattr(devices[0], "device_kind", "")
-    limit = int(memory_gib * GIB) if memory_gib else (_hbm(kind) if (topology or gpu) else None)
+    limit = int(memory_gib * GIB) if memory_gib else (chips.hbm_bytes(kind) if (topology or gpu) else None)
     n = len(devices)
 
     def smallest_fit() -> str:
@@ -140,7 +139,7 @@ def harvest_compile_check(
     peak_bytes = int(weights + tokens_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
     last = max(x.layer for x in hooks)
     flops_tok = msh.forward_flops_per_token(cfg, last, d.ctx_len)
-    peak = _peak(kind, peak_tflops)
+    peak = chips.peak_tflops(kind, peak_tflops)
     tok_s = n * peak * 1e12 * mfu / flops_tok if peak else None
     row_bytes = sum(cfg.hook_width(x.point) for x in hooks) * np.dtype(store_dtype).itemsize
     hosts = _hosts(devices)

@@ -48,7 +48,8 @@ class DistributedError(SaeJaxError, RuntimeError):
     pass
 
 
-def spec(name: str) -> P:
+def pspec(name: str) -> P:
+    """The PartitionSpec of the array `name` (`LOGICAL`) under the mesh `RULES`."""
     return P(*(RULES[a] for a in LOGICAL[name]))
 
 
@@ -141,7 +142,7 @@ def global_batch(mesh: Mesh, name: str, local: np.ndarray, global_shape: tuple[i
 
 
 def sharding(mesh: Mesh, name: str) -> NamedSharding:
-    return NamedSharding(mesh, spec(name))
+    return NamedSharding(mesh, pspec(name))
 
 
 def param_names(bank=None) -> tuple[str, ...]:

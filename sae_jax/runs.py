@@ -194,7 +194,9 @@ def open_run(root, step: int | None = None) -> Run:
     if "threshold" in params:
         thresholds = params.pop("threshold")
     elif "threshold_ema" in state:  # BatchTopK: the bias-corrected running batch threshold, one per member
-        thr = np.asarray(state["threshold_ema"], np.float64) / max(float(state["threshold_norm"]), 1e-12)
+        from sae_jax.sae.bank import batchtopk_threshold
+
+        thr = batchtopk_threshold(state["threshold_ema"], state["threshold_norm"])
         thresholds = np.repeat(thr[:, None], width, axis=1).astype(np.float32)
     steps = int(cfg.get("config", {}).get("train", {}).get("steps", step))
     return Run(root, meta, cfg.get("config", {}), int(step), steps, members, params, thresholds)

@@ -13,12 +13,10 @@ REPO = Path(__file__).resolve().parent.parent
 
 # The settings of the tests that compare one mesh with another to float32 rounding (test_bank,
 # test_architectures): the meshes sum in different orders, and larger steps carry that rounding
-# further, through near-ties of the selection, than the comparisons' 1e-6 bounds. A float32
+# further, through near-ties of the selection, than the comparisons' 1e-6 bounds. So: a float32
 # encoder (XLA:CPU's bf16 dot kernels differ by shard shape), the decoder at train.lr and the
-# biases at 0.1x in scaled units (the recipe before the decoder's 5x and the raw-unit bias rate;
-# on these unit-scale test inputs today's biases move 1.35x lr). Measured, test_bank's 2x2
-# bank after 5 steps: every weight within 2.1e-7 of one device's at these, 2.0e-6 apart (two
-# decoder entries, mesh 1x8) with both of today's lr (1.2e-3) and biases; either alone 1.2e-7.
+# biases at 0.1x in scaled units (docs/benchmarks.md, "Figures moved out of the code", has the
+# distances measured with and without them).
 MESH_MATH = {"encoder_dtype": "float32", "decoder_lr_scale": 1.0, "bias_lr_scale": 0.1, "bias_lr_units": "scaled"}
 
 

@@ -11,8 +11,13 @@ from conftest import MESH_MATH
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec, heaviside, jumprelu
+from sae_jax.train.optimizer import build_optimizer
 from sae_jax.train.settings import TrainSettings
-from sae_jax.train.step import TrainStep, batchtopk_threshold, init_state, make_forward, make_optimizer
+from sae_jax.train.state import batchtopk_threshold, init_state
+from sae_jax.train.step import TrainStep, make_bank_forward
+
+# the forwards these tests compare with references written densely in float32
+F32 = TrainSettings.defaults(encoder_dtype="float32")
 
 D = 32
 
@@ -58,8 +63,10 @@ def test_one_device_step_has_no_collectives(case):
 
 
 def _params(spec, mesh, seed=1):
-    tx, _ = make_optimizer(spec, np.full(spec.size, 1e-3), 10, 1, 0.2)
-    p = jax.device_get(init_state(spec, mesh, tx, jax.random.key(seed), None, 0.05)["params"])
+    tx, _ = build_optimizer(spec, F32, np.ones(spec.size), np.ones(spec.size))
+    p = jax.device_get(
+        init_state(spec, mesh, tx, jax.random.key(seed), None, init_threshold=0.05, encoder_scale=F32.encoder_init_scale)["params"]
+    )
     rng = np.random.default_rng(seed)
     p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
     p["b_dec"] = rng.normal(size=p["b_dec"].shape).astype(np.float32) * 0.1
@@ -107,7 +114,7 @@ def test_forward_matches_dense_reference(case):
     rng = np.random.default_rng(0)
     x = rng.normal(size=(spec.size, 16, D)).astype(np.float32)
     y = rng.normal(size=(spec.size, 16, spec.d_out)).astype(np.float32)
-    out = make_forward(spec, mesh)(p, jnp.asarray(x), y=jnp.asarray(y) if spec.transcoder else None)
+    out = make_bank_forward(spec, mesh, F32)(p, jnp.asarray(x), y=jnp.asarray(y) if spec.transcoder else None)
     for m in range(spec.size):
         acts, recons = _dense_reference(spec, p, x, m)
         target = y[m] if spec.transcoder else x[m]
@@ -228,14 +235,14 @@ BAD = [
 @pytest.mark.parametrize("settings,message", BAD, ids=[m[:40] for _, m in BAD])
 def test_bad_settings_are_refused(tiny_store, settings, message):
     from sae_jax.errors import SaeJaxError
-    from sae_jax.train.loop import bank_spec
+    from sae_jax.train.plan import bank_spec
 
     with pytest.raises(SaeJaxError, match=__import__("re").escape(message)):
         bank_spec(TrainSettings.from_config(_config(tiny_store, **{"widths": "64", "ks": "4", **settings}).train), tiny_store)
 
 
 def test_bank_spec_of_a_transcoder_bank(tiny_store):
-    from sae_jax.train.loop import bank_spec
+    from sae_jax.train.plan import bank_spec
 
     spec = bank_spec(
         TrainSettings.from_config(
@@ -305,7 +312,7 @@ def test_gradients_equal_a_dense_reference(case):
     y = rng.normal(size=(spec.size, 16, spec.d_out)).astype(np.float32) if spec.transcoder else x
     coefs = jnp.asarray([0.3, 0.7][: spec.size], jnp.float32)
     eps = 0.05
-    loss = make_loss(spec, mesh, jumprelu_bandwidth=eps)
+    loss = make_loss(spec, mesh, F32.replace(jumprelu_bandwidth=eps))
     dead = jnp.zeros((spec.size, spec.width), bool)
     g = jax.jit(jax.grad(lambda q: loss(q, jnp.asarray(x), jnp.asarray(y), dead, coefs)[0]))(p)
     ref = jax.grad(lambda q: _reference_loss(spec, q, jnp.asarray(x), jnp.asarray(y), coefs, eps))(

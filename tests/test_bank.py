@@ -11,18 +11,12 @@ from conftest import MESH_MATH
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
 from sae_jax.sae.bank import BankSpec
+from sae_jax.train.optimizer import bias_lr_factors, build_optimizer, make_optimizer, schedule
 from sae_jax.train.settings import TrainSettings
-from sae_jax.train.step import (
-    TrainStep,
-    bias_lr_factors,
-    build_optimizer,
-    init_state,
-    make_forward,
-    make_optimizer,
-    sharded_forward,
-)
+from sae_jax.train.state import init_state
+from sae_jax.train.step import TrainStep, make_bank_forward, sharded_forward
 
-SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16)
+SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16, architecture="topk")
 
 
 def _run(shape, x, steps=5):
@@ -42,14 +36,17 @@ def test_forward_matches_dense_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 16, 32)).astype(np.float32)
     mesh = parallel.make_mesh(2, 4, devices=jax.devices()[:8])
-    tx, _ = make_optimizer(SPEC, np.array([1e-3, 1e-3]), 10, 1, 0.2)
-    st = init_state(SPEC, mesh, tx, jax.random.key(1), None)
+    f32 = TrainSettings.defaults(encoder_dtype="float32")
+    tx, _ = build_optimizer(SPEC, f32, np.ones(2), np.ones(2))
+    st = init_state(SPEC, mesh, tx, jax.random.key(1), None, init_threshold=1.0, encoder_scale=f32.encoder_init_scale)
     p = jax.device_get(st["params"])
     p["b_enc"] = rng.normal(size=p["b_enc"].shape).astype(np.float32) * 0.1
-    out = make_forward(SPEC, mesh)(p, jnp.asarray(x))
+    out = make_bank_forward(SPEC, mesh, f32)(p, jnp.asarray(x))
     x_hat, vals, idx = out.x_hat, out.values, out.indices
     lat = jnp.asarray(SPEC.latent_mask())
-    fired = jax.jit(sharded_forward(SPEC, mesh))(p, jnp.asarray(x), lat, jnp.asarray(SPEC.ks, jnp.int32), jnp.zeros_like(lat))["fired"]
+    fired = jax.jit(sharded_forward(SPEC, mesh, True, f32.encoder_options, f32.jumprelu_bandwidth))(
+        p, jnp.asarray(x), lat, jnp.asarray(SPEC.ks, jnp.int32), jnp.zeros_like(lat)
+    )["fired"]
     for m, (w, k) in enumerate(zip(SPEC.widths, SPEC.ks)):
         pre = (x[m] - p["b_dec"][m]) @ p["W_enc"][m][:, :w] + p["b_enc"][m][:w]
         top = np.argsort(-pre, axis=1)[:, :k]
@@ -99,7 +96,7 @@ def test_recovers_known_features():
     Measured: mean max cosine 0.989 after 1500 steps (about 0.3 at init). Bound 0.9 as the issue asks.
     """
     sf = SparseFeatures.make(512, 64, mean_active=4, seed=0)
-    spec = BankSpec(hooks=("syn",), widths=(1024,), ks=(6,), d_in=64, width=1024, k_aux=32)
+    spec = BankSpec(hooks=("syn",), widths=(1024,), ks=(6,), d_in=64, width=1024, k_aux=32, architecture="topk")
     mesh = parallel.make_mesh(1, 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(1)
     steps, B = 1500, 512
@@ -136,7 +133,9 @@ def test_decoder_lr_scale_scales_only_the_decoder_update():
     params = {n: jnp.zeros(s, jnp.float32) for n, s in shapes.items()}
     ups = {}
     for scale in (1.0, 3.0, 0.0):
-        tx, _ = make_optimizer(SPEC, np.array([1e-3, 2e-3]), 10, 0, 0.2, 0.1, scale)
+        tx = make_optimizer(
+            np.array([1e-3, 2e-3]), schedule(10, 0, 0.2), bias_lr_scale=0.1, decoder_lr_scale=scale, adam=(0.9, 0.999, 1e-8)
+        )
         ups[scale], _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_array_equal(np.asarray(ups[3.0]["W_dec"]), 3.0 * np.asarray(ups[1.0]["W_dec"]))
     assert np.abs(np.asarray(ups[1.0]["W_dec"])).max() > 0 and (np.asarray(ups[0.0]["W_dec"]) == 0).all()
@@ -175,6 +174,7 @@ def test_adam_constants_come_from_the_settings():
     assert np.abs(textbook[2] - got[2]).max() > 0.1 * np.abs(got[2]).max()
 
 
+@pytest.mark.heavy
 def test_bias_lr_scale_scales_only_the_bias_updates():
     """train.bias_lr_scale: b_enc and b_dec move by that fraction of what they move at 1; the
     weights' updates are untouched (Adam's first step is lr x sign-like, so the ratio is exact)."""
@@ -261,7 +261,7 @@ def test_the_step_compiles_once_in_a_fresh_interpreter():
         "from sae_jax.sae.bank import BankSpec\n"
         "from sae_jax.train.settings import TrainSettings\n"
         "from sae_jax.train.step import TrainStep\n"
-        "spec = BankSpec(('a',), (128,), (4,), 16, 128, 8)\n"
+        "spec = BankSpec(('a',), (128,), (4,), 16, 128, 8, 'topk')\n"
         "step = TrainStep(spec, parallel.make_mesh(1, 1), TrainSettings.defaults(steps=10, warmup_steps=1))\n"
         "st = step.init_state(jax.random.key(0), None)\n"
         "x = np.random.default_rng(0).normal(size=(1, 32, 16)).astype(np.float32)\n"

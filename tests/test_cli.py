@@ -1,8 +1,10 @@
 """`sae-jax` end to end: harvest, info, verify and their errors, as a user runs them."""
 
+import pytest
 from conftest import cli_args, run_cli
 
 
+@pytest.mark.heavy
 def test_harvest_info_verify(tmp_path):
     out = tmp_path / "s"
     r = run_cli("harvest", *cli_args(out, **{"harvest.tokens": 1500}))
@@ -20,6 +22,7 @@ def test_harvest_info_verify(tmp_path):
     assert r.returncode == 1 and f"{f}: checksum mismatch" in r.stderr
 
 
+@pytest.mark.heavy
 def test_cli_errors(tmp_path):
     r = run_cli("harvest", "--config.harvest.nonsense=3")
     assert r.returncode == 2 and "nonsense" in r.stderr

@@ -3,6 +3,7 @@ FLOPs, tokens/s, and a refusal with the numbers when it does not fit."""
 
 import json
 
+import pytest
 from conftest import run_cli
 
 
@@ -36,6 +37,7 @@ def test_compile_check_refuses_what_does_not_fit(tiny_store):
     assert "refused: the step needs" in r.stderr and "GiB per device" in r.stderr and "over the 0.00 GiB limit" in r.stderr
 
 
+@pytest.mark.heavy
 def test_compile_check_without_a_store_and_bad_input(tiny_store):
     r = run_cli(
         "compile-check",

@@ -33,7 +33,8 @@ def test_folded_dictionary_equals_the_trained_bank(tiny_run, tiny_store):
     from sae_jax.parallel import make_mesh
     from sae_jax.runs import open_run
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import make_forward
+    from sae_jax.train.settings import TrainSettings
+    from sae_jax.train.step import make_bank_forward
 
     run = open_run(tiny_run)
     assert run.finished and run.step == 24 and len(run.members) == 8
@@ -45,10 +46,13 @@ def test_folded_dictionary_equals_the_trained_bank(tiny_run, tiny_store):
         meta["d_in"],
         meta["width"],
         meta["k_aux"],
+        meta["architecture"],
     )
     x = np.stack([tiny_store.read_all(m.hook)[:512].astype(np.float32) for m in run.members])
     scale = np.asarray([m.input_scale for m in run.members], np.float32)
-    out = make_forward(spec, make_mesh(4, 2))(run.params, jnp.asarray(x * scale[:, None, None]))
+    out = make_bank_forward(spec, make_mesh(4, 2), TrainSettings.defaults(encoder_dtype="float32"))(
+        run.params, jnp.asarray(x * scale[:, None, None])
+    )
     for m, mem in enumerate(run.members):
         x_hat, dense = _ours(run.folded(m), x[m], mem.k)
         ref_dense = np.zeros_like(dense)
@@ -72,7 +76,8 @@ def _peer(jobs, tmp_path):
 @pytest.mark.peers
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_saelens_and_sparsify_load_the_export_and_agree(tiny_run, tiny_store, tmp_path, dtype, lm):
-    from sae_jax.export import export_run, hf_module
+    from sae_jax.export import export_run
+    from sae_jax.model.hf_modules import hf_module
     from sae_jax.runs import open_run
 
     run = open_run(tiny_run)
@@ -162,6 +167,7 @@ def test_npz_export_gemma_scope_layout(tiny_run, tmp_path):
         np.testing.assert_array_equal(z["b_dec"], run.folded(m)["b_dec"])
 
 
+@pytest.mark.heavy
 def test_export_cli_and_bad_input(tiny_run, tmp_path):
     out = tmp_path / "exp"
     one_device = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}  # the run was saved from 8
@@ -271,7 +277,8 @@ def test_other_architectures_load_in_the_libraries_and_agree(tiny_store, tmp_pat
     to sparsify, JumpReLU to SAELens) load in the real libraries and compute what we do, and
     our capped eval encoder agrees with the dense definition; formats that cannot hold an
     architecture refuse it by name."""
-    from sae_jax.export import ExportError, export_run, hf_module
+    from sae_jax.export import ExportError, export_run
+    from sae_jax.model.hf_modules import hf_module
     from sae_jax.runs import open_run
     from sae_jax.sae import folded
 

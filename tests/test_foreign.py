@@ -52,6 +52,7 @@ def test_sparsify_hookpoint_maps_to_the_store_hook(exported, tiny_store, tmp_pat
         np.testing.assert_allclose(other.folded(j)["W_enc"], run.folded(m)["W_enc"], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.heavy
 def test_eval_cli_on_a_saelens_folder_matches_the_run(exported, tiny_run, tiny_store, tmp_path):
     from conftest import run_cli
 

@@ -38,6 +38,26 @@ def test_train_step_compiles_for_h100_with_auxk(tmp_path, encoder):
     assert rep["memory_limit_bytes"] == 80 * 2**30 and 0 < rep["bytes_per_device"]["peak"] < 20 * 2**30
 
 
+def test_the_h100_step_sorts_no_row_and_its_roofline_comes_from_the_compiled_hlo(tmp_path):
+    """d_in 2304, 2^16 latents, k 64, 8192 rows, bf16, `auto`: no sort in the compiled step is
+    wider than a candidate set of the tournament (the backward's one sort of slots by latent
+    aside: rows 1), the main path sorts a few hundred keys per row where `lax.top_k` sorted all
+    65,536, and the roofline read from the optimized HLO puts the selection under half the
+    matmuls (one read of the float32 pre-activations is most of it) and AuxK's above it."""
+    r, rep = _compile_check(tmp_path, "h100", 65536, "auto")
+    assert r.returncode == 0, r.stderr[-3000:]
+    roof = rep["hlo_roofline"]
+    assert roof["gpu"] == "h100" and "roofline   from the compiled HLO on an H100" in r.stdout
+    main, aux = roof["main"], roof["aux"]
+    row_sorts = {int(n): rows for n, rows in main["sorts"].items() if rows >= 8192}  # sorts over every row of the batch
+    slot_sorts = {int(n) for n, rows in main["sorts"].items() if rows < 8192}
+    assert row_sorts and max(row_sorts) <= 1024 and slot_sorts <= {8192 * 64}, main["sorts"]
+    assert 0 < main["select_sorted_per_row"] <= 8192
+    assert abs(main["matmul_tflop"] - 2 * 8192 * 2304 * 65536 / 1e12) < 0.01 * main["matmul_tflop"]
+    assert 0 < main["select_over_matmul"] < 0.5 and aux["select_ms"] > main["select_ms"]
+    assert main["launches"] < 2000  # no loop of thousands of trips (one per few rows) left in the step
+
+
 def test_a_million_latents_fit_one_h200_not_one_h100(tmp_path):
     """2^20 latents at d_in 2304 (float32 params and Adam: 54 GiB) with the compiler's
     temporaries: within an H200's 141 GiB, over an H100's 80 (refused, exit 1, with the numbers)."""

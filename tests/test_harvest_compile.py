@@ -82,6 +82,7 @@ def test_llama_3_3_70b_fits_8_h100s(tmp_path):
     assert 20_000 < rep["tokens_per_s"] < 60_000
 
 
+@pytest.mark.heavy
 def test_simulated_devices_and_a_memory_limit(tmp_path):
     """Without a compiler venv: the embedded model on 6 simulated CPU devices as 2x3, and a
     memory limit the forward exceeds refused with the bytes per device, exit 1."""

@@ -71,6 +71,7 @@ def test_mesh_store_equals_the_one_device_store(llama_dir, one_device, tmp_path,
     _same_store(one_device, got, 1e-5)
 
 
+@pytest.mark.heavy
 def test_a_model_axis_past_the_kv_heads_keeps_them_whole(lm, tmp_path):
     """16 query heads over 2 kv heads split 4 and 8 ways (as Llama 3.3 70B's 8 kv heads on 16
     chips): each device keeps both kv projections, the query heads and the MLP split."""
@@ -83,6 +84,7 @@ def test_a_model_axis_past_the_kv_heads_keeps_them_whole(lm, tmp_path):
     assert m.wk[...].sharding.is_fully_replicated and m.wq[...].sharding.spec == P(None, "model")
 
 
+@pytest.mark.heavy
 def test_bfloat16_model_on_a_split_mesh(llama_dir, tmp_path):
     """A bf16 model computes each matmul in bf16 with float32 sums: split over `model`, the
     partial sums are rounded to bf16 before the all-reduce, so a value may move by a few bf16
@@ -96,6 +98,7 @@ def test_bfloat16_model_on_a_split_mesh(llama_dir, tmp_path):
         assert rel <= 4 * 2**-8, (h, rel)
 
 
+@pytest.mark.heavy
 def test_embedded_model_on_six_devices(lm, tmp_path):
     """SmolLM2's 9 heads and 3 kv heads split 3 ways, not 2: a 2x3 mesh of 6 of the 8 devices."""
     c1 = tiny_config(tmp_path / "a", **{"harvest.dtype": "float32", "harvest.mesh_data": 1, "harvest.mesh_model": 1})
@@ -140,6 +143,7 @@ def test_weights_are_placed_as_their_shards(llama_dir):
         np.testing.assert_array_equal(np.asarray(got[...]), np.asarray(want[...]))
 
 
+@pytest.mark.heavy
 def test_bad_meshes_are_one_line_and_write_nothing(llama_dir, tmp_path):
     base = [
         f"--config.model.path={llama_dir}",

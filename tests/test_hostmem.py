@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 # a jitted function whose scratch (the 64 MiB [4096, 4096] product) is well above glibc's mmap threshold
@@ -33,6 +34,7 @@ def _faults(mode: str) -> float:
     return float(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.heavy
 def test_freed_scratch_is_reused_not_faulted_in_again():
     """Page faults of the median call, after 5 warm-up calls: by default every call maps its 64
     MiB scratch afresh (16,416 faults, every call); with `keep_freed_memory` the typical call

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from sae_jax.kernels.topk import topk_encode, topk_pre
+from sae_jax.kernels.topk import EncoderOptions, topk_encode, topk_pre
 
 # (batch, d_in, d_sae, k, block): d_sae not a multiple of the block, k bigger than a block, batch 1,
 # and a width where `rows` selects through group maxima (d_sae / 16 >= 4 k)
@@ -45,7 +45,7 @@ def _check_same(v, i, rv, ri, x, w, b, tol):
 def test_forward_equals_dense_reference(encoder, shape, dtype):
     x, w, b = _data(shape, dtype)
     k, block = shape[3], shape[4]
-    v, i = topk_encode(x, w, b, k, encoder=encoder, encoder_block=block)
+    v, i = topk_encode(x, w, b, k, options=EncoderOptions(encoder, block, "float32"))
     rv, ri = _ref(x, w, b, k)
     assert v.shape == (shape[0], k) and i.dtype == jnp.int32
     _check_same(v, i, rv, ri, x, w, b, 1e-5 if dtype == jnp.float32 else 1e-2)
@@ -64,7 +64,7 @@ def test_sparse_vjp_equals_dense_autodiff(encoder, shape, order, monkeypatch):
     tgt = jax.random.normal(jax.random.key(9), (shape[0], k))
 
     def loss_ours(x, w, b):
-        v, _ = topk_encode(x, w, b, k, encoder=encoder, encoder_block=block)
+        v, _ = topk_encode(x, w, b, k, options=EncoderOptions(encoder, block, "float32"))
         return jnp.sum((v - tgt) ** 2 * jnp.arange(1, k + 1))
 
     def loss_ref(x, w, b):
@@ -89,7 +89,7 @@ def test_aux_selection_shares_the_pass(encoder):
     dead = jnp.arange(90) % 3 == 0
 
     def ours(x, w, b):
-        v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, encoder=encoder, encoder_block=32)
+        v, i, av, ai = topk_pre(x, w, b, 6, aux_b=jnp.where(dead, b, -jnp.inf), k_aux=4, options=EncoderOptions(encoder, 32, "float32"))
         return jnp.sum(jax.nn.relu(v) ** 2) + jnp.sum(jax.nn.relu(av) * 3.0), (i, ai)
 
     def ref(x, w, b):
@@ -131,7 +131,10 @@ def test_x_grad_false_drops_only_the_input_cotangent():
     x, w, b = _data((16, 12, 512, 8, 64), jnp.float32, seed=5)
 
     def grads(x_grad):
-        return jax.grad(lambda x, w, b: jnp.sum(topk_pre(x, w, b, 8, encoder="rows", x_grad=x_grad)[0] ** 2), argnums=(0, 1, 2))(x, w, b)
+        return jax.grad(
+            lambda x, w, b: jnp.sum(topk_pre(x, w, b, 8, options=EncoderOptions("rows", dtype="float32"), x_grad=x_grad)[0] ** 2),
+            argnums=(0, 1, 2),
+        )(x, w, b)
 
     (dx1, dw1, db1), (dx0, dw0, db0) = grads(True), grads(False)
     np.testing.assert_array_equal(np.asarray(dw0), np.asarray(dw1))
@@ -148,7 +151,7 @@ def test_streaming_has_no_dense_buffer():
 
     def step(encoder):
         def loss(x, w, b):
-            return jnp.sum(topk_encode(x, w, b, k, encoder=encoder, encoder_block=1024)[0])
+            return jnp.sum(topk_encode(x, w, b, k, options=EncoderOptions(encoder, 1024, "float32"))[0])
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, w, b).compile().memory_analysis().temp_size_in_bytes
 
@@ -162,7 +165,11 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="k=21"):
         topk_encode(x, w, b, 21)
     with pytest.raises(ValueError, match="unknown TopK encoder"):
-        topk_encode(x, w, b, 3, encoder="cuda")
+        topk_encode(x, w, b, 3, options=EncoderOptions("cuda"))
+    with pytest.raises(ValueError, match="encoder dtype 'float16'"):
+        EncoderOptions(dtype="float16")
+    with pytest.raises(ValueError, match="encoder block 0"):
+        EncoderOptions(block=0)
     with pytest.raises(ValueError, match=r"\[B, d\]"):
         topk_encode(x, w.T, b, 3)
 
@@ -192,6 +199,7 @@ def test_sparse_decode_and_its_vjp_equal_dense(order, monkeypatch):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.heavy
 def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
     """The backward's latent-ordered scatter-add and gather-dot (`scatter_rows`, `gather_dots`)
     against dense one-hot arithmetic: slots crowded onto a few latents (long runs of one index),
@@ -240,7 +248,7 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
 
     n = jax.device_count()
     B, d, S, k, k_aux = 512 * n, 16, 1 << 14, 8, 8
-    spec = BankSpec(("h",), (S,), (k,), d, S, k_aux)
+    spec = BankSpec(("h",), (S,), (k,), d, S, k_aux, "topk")
     mesh = parallel.make_mesh(n, 1)
     B_local = B // n  # shapes in the partitioned program are per device
     x = jax.ShapeDtypeStruct((1, B, d), jnp.float32)
@@ -266,11 +274,11 @@ def test_bfloat16_encoder_dtype(encoder):
     float32 reference, and the backward still uses the float32 parameters (same sparse grads)."""
     shape = (16, 32, 300, 8, 64)
     x, w, b = _data(shape, jnp.float32, seed=4)
-    v, i = topk_encode(x, w, b, 8, encoder=encoder, encoder_block=64, encoder_dtype="bfloat16")
+    v, i = topk_encode(x, w, b, 8, options=EncoderOptions(encoder, 64, "bfloat16"))
     xr, wr = x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16).astype(jnp.float32)
     rv, _ = _ref(xr, wr, b, 8)
     np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-5, atol=1e-5)
-    g = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b, 8, encoder=encoder, encoder_block=64, encoder_dtype="bfloat16")[0]))(w)
+    g = jax.grad(lambda w: jnp.sum(topk_encode(x, w, b, 8, options=EncoderOptions(encoder, 64, "bfloat16"))[0]))(w)
     # gradient wrt W_enc column j = sum of x rows that selected j (float32 x)
     want = np.zeros(w.shape, np.float32)
     sel = np.asarray(v) > 0
@@ -301,13 +309,12 @@ def test_auto_encoder_dtype_is_bfloat16_where_the_platform_multiplies_it_faster(
     # first asked while a step is traced (as a TrainStep built outside `sae-jax train` is), the
     # probe still runs its timing eagerly
     assert float(jax.jit(lambda x: x + topk.host_bf16_faster.__wrapped__())(1.0)) in (1.0, 2.0)
-    assert topk.resolve_encoder_dtype(None) is None
     with pytest.raises(ValueError, match="float16"):
         topk.resolve_encoder_dtype("float16")
     # auto selects the same latents as that dtype named explicitly
     x, w, b = _data((16, 32, 300, 8, 64), jnp.float32, seed=4)
-    auto = topk_encode(x, w, b, 8, encoder="rows", encoder_dtype="auto")
-    named = topk_encode(x, w, b, 8, encoder="rows", encoder_dtype=cpu)
+    auto = topk_encode(x, w, b, 8, options=EncoderOptions("rows", dtype="auto"))
+    named = topk_encode(x, w, b, 8, options=EncoderOptions("rows", dtype=cpu))
     for a, n in zip(auto, named, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(n))
 
@@ -330,7 +337,7 @@ def test_kernels_on_real_activations_and_their_gated_rounds(tiny_store):
     w, b = fresh(4096)
     rv, _ = _ref(x[:128], w, b, 32)
     for encoder in ("pallas_tpu", "pallas_gpu"):
-        v, i = topk_encode(x[:128], w, b, 32, encoder=encoder, encoder_block=512)
+        v, i = topk_encode(x[:128], w, b, 32, options=EncoderOptions(encoder, 512, "float32"))
         _check_same(v, i, rv, None, x[:128], w, b, 1e-5)
     w, b = fresh(16384)
     rounds, unrolled = gated_rounds(jnp.dot(x, w) + b, 32, 256, 512)
@@ -340,3 +347,65 @@ def test_kernels_on_real_activations_and_their_gated_rounds(tiny_store):
     assert reduction >= 3.0, (
         reduction
     )  # measured 3.2x (9.9 rounds per block); 18x at 2^18 and 35x at 2^20, k 64 (benchmarks/merge_rounds.py)
+
+
+# ---- the tournament top-k (kernels.select): what the GPU path selects with --------------------
+def _same_top_k(pre, k, bias=None):
+    from sae_jax.kernels.select import tree_top_k
+
+    v, i = jax.jit(lambda p, b: tree_top_k(p, k, b))(pre, bias)
+    rv, ri = jax.lax.top_k(pre if bias is None else pre + bias, k)
+    np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+    np.testing.assert_array_equal(np.asarray(v).view(np.int32), np.asarray(rv).view(np.int32))  # bit for bit, NaN too
+
+
+def test_tree_top_k_equals_lax_top_k_on_real_activations(tiny_store):
+    """SmolLM2 activations through a random encoder: the same values and indices as lax.top_k at
+    the main k and at AuxK's (dead latents only: -inf elsewhere), over widths that pad a level."""
+    x = jnp.asarray(tiny_store.read_all(next(iter(tiny_store.hooks)))[:256].astype(np.float32))
+    rng = np.random.default_rng(0)
+    for width, k, k_aux in ((5000, 32, 96), (65536, 64, 512)):
+        w = jnp.asarray(rng.normal(size=(x.shape[1], width)).astype(np.float32) / np.sqrt(x.shape[1]))
+        pre = x @ w
+        _same_top_k(pre, k)
+        dead = jnp.asarray(np.where(rng.random(width) < 0.2, 0.0, -np.inf).astype(np.float32))
+        _same_top_k(pre, k_aux, dead)
+
+
+def test_tree_top_k_ties_infinities_nans_and_signed_zeros():
+    """Ties go to the lower index (rounded values tie by the thousand), -inf masks, NaN of both
+    signs and -0 / +0 order as XLA's TopK orders them (IEEE total order); rows sorted whole, and
+    trees of several levels, each padded or not (a ragged last group of 16)."""
+    rng = np.random.default_rng(1)
+    for s, k in ((4096, 8), (5000, 32), (3, 2), (20000, 512), (65536 + 7, 3)):
+        q = jnp.asarray(np.round(rng.normal(size=(6, s)) * 2).astype(np.float32))
+        _same_top_k(q, k)
+        _same_top_k(q, k, jnp.asarray(np.where(rng.random(s) < 0.9, -np.inf, 0.0).astype(np.float32)))
+        z = np.zeros((4, s), np.float32)
+        z[:, ::3] = -0.0
+        z[0, 5 % s], z[1, 7 % s], z[2, 1 % s] = np.nan, -np.nan, np.inf
+        _same_top_k(jnp.asarray(z), k)
+    with pytest.raises(ValueError, match="k=9"):
+        from sae_jax.kernels.select import tree_top_k
+
+        tree_top_k(jnp.zeros((2, 8)), 9)
+
+
+def test_gpu_selection_and_backward_blocks():
+    """Traced for a GPU, the encoder selects with the tournament (the same latents as on this
+    CPU) and the sparse decode / backward take blocks large enough that their loops run a few
+    iterations, not one per few rows."""
+    from sae_jax.kernels import pallas, topk
+
+    x, w, b = _data((512, 64, 4096, 32, None), jnp.float32, seed=5)
+    opts = EncoderOptions("rows", dtype="float32")
+    cpu = jax.jit(lambda x, w, b: topk_encode(x, w, b, 32, options=opts))(x, w, b)
+    with pallas.compiling_for("gpu"):
+        traced = jax.jit(lambda x, w, b: topk_encode(x, w, b, 32, options=opts)).trace(x, w, b)
+        jaxpr = str(traced.jaxpr)
+        assert " sort[" in jaxpr and "top_k" not in jaxpr  # the tournament's small sorts, no row-wide top_k
+        assert topk._slots_budget() == topk.GPU_SLOTS_BUDGET and topk._sorted_budget() == topk.GPU_SORTED_BUDGET
+    gpu = traced.lower().compile()(x, w, b)  # the GPU program's selection, run here
+    for a, c in zip(gpu, cpu, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    assert topk._slots_budget() == topk.SLOTS_BUDGET

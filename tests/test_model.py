@@ -146,6 +146,7 @@ def test_bad_model_files(tmp_path):
         loading.load_model(str(d))
 
 
+@pytest.mark.heavy
 def test_hf_dir_missing_or_misshapen_tensor(lm, tmp_path):
     hf, sd, tok, _ = loading.read_gguf(loading.embedded_model_path())
     sd = dict(sd)

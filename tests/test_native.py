@@ -115,7 +115,7 @@ def test_the_encoders_pick_it_on_cpu_and_match_xla(monkeypatch):
 
     def run(encoder):
         def loss(x, w, b):
-            v, i, av, ai = topk.topk_pre(x, w, b, 16, aux_b=aux, k_aux=96, encoder=encoder, encoder_block=512)
+            v, i, av, ai = topk.topk_pre(x, w, b, 16, aux_b=aux, k_aux=96, options=topk.EncoderOptions(encoder, 512, "float32"))
             return jnp.sum(v**2) + jnp.sum(av**2), (v, i, av, ai)
 
         return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, b)
@@ -140,6 +140,7 @@ def test_the_encoders_pick_it_on_cpu_and_match_xla(monkeypatch):
             np.testing.assert_allclose(np.asarray(a), c, rtol=1e-5, atol=1e-6 * np.abs(c).max())
 
 
+@pytest.mark.heavy
 def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SAE_JAX_CACHE_DIR", str(tmp_path / "cache"))
     path = native.library_path()
@@ -164,7 +165,7 @@ def test_built_once_whole_and_a_failed_build_falls_back(tmp_path, monkeypatch, c
         assert "XLA's top-k and gathers are used instead" in caplog.text and "no-such-compiler" in caplog.text
         x = jnp.asarray(np.random.default_rng(3).standard_normal((64, 32)), jnp.float32)
         w = jnp.asarray(np.random.default_rng(4).standard_normal((32, 1024)), jnp.float32)
-        v, i = topk.topk_encode(x, w, jnp.zeros(1024), 8, encoder="rows")
+        v, i = topk.topk_encode(x, w, jnp.zeros(1024), 8, options=topk.EncoderOptions("rows", dtype="float32"))
         rv, ri = lax.top_k(jax.nn.relu(x @ w), 8)
         np.testing.assert_allclose(np.asarray(v), np.asarray(rv), rtol=1e-6)
         np.testing.assert_allclose(
@@ -282,6 +283,7 @@ print("portable ok")
 """
 
 
+@pytest.mark.heavy
 @pytest.mark.skipif(__import__("platform").machine() != "x86_64", reason="x86-64 -march levels")
 def test_the_portable_build_without_avx512(tmp_path):
     """Built for x86-64-v3 (AVX2, no AVX-512: the kernels' plain loops, as on many AMD and older

@@ -156,7 +156,7 @@ def test_default_learning_rate_by_architecture():
     thresholds left half its latents dead); the identity records the rule the run trains with, so
     a JumpReLU run of the other rule is another run."""
     from sae_jax.sae.bank import BankSpec
-    from sae_jax.train.step import member_lrs
+    from sae_jax.train.optimizer import member_lrs
 
     for arch, base, coefs in (("topk", 1.2e-3, ()), ("relu", 1.2e-3, (0.01, 0.01)), ("jumprelu", 2e-4, (0.01, 0.01))):
         spec = BankSpec(

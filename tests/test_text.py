@@ -131,6 +131,7 @@ def test_parquet_rows_in_file_and_row_group_order(tmp_path):
         list(documents("parquet", str(tmp_path / "none")))
 
 
+@pytest.mark.heavy
 def test_parquet_harvest_from_the_cli(tmp_path):
     """`data.source=parquet` end to end: a store from a Parquet corpus."""
     import pyarrow as pa

@@ -43,7 +43,8 @@ class _RecordOrder:
     group order, are the batch a single reader (G = 1, batch `G * b` records) gets at that step:
     a run on one process and the same run on several read the same rows in the same order. Pure
     in (i, seed, g, G): an iterator restored at step i continues exactly. (Grain's own `shuffle`
-    computes each index with a Feistel network at ~1 ms per record here, half of the loader's time.)
+    computes each index with a Feistel network, which cost half of the loader's time:
+    docs/benchmarks.md, "Figures moved out of the code".)
     """
 
     def __init__(self, lo: int, n: int, seed: int, group: int, groups: int, per_batch: int):

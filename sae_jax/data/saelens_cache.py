@@ -59,10 +59,11 @@ def open_cache(path):
 
 
 def import_cache(
-    cache, out, hooks: list[str] | None = None, *, dtype: str = "bfloat16", rows_per_record: int = 1024, shard_rows: int = 65536,
-    seed: int = 0, chunk: int = 64, log=print,
+    cache, out, hooks: list[str] | None = None, *, dtype: str | None = None, rows_per_record: int | None = None,
+    shard_rows: int = 65536, seed: int | None = None, chunk: int = 64, log=print,
 ) -> st.Store:  # fmt: skip
-    """A SAELens cache directory -> a store at `out` (`hooks`: the columns to import; default all)."""
+    """A SAELens cache directory -> a store at `out` (`hooks`: the columns to import; default all;
+    `dtype`, `rows_per_record`, `seed` None: `StoreWriter`'s, the harvest's defaults)."""
     ds = open_cache(cache)
     cols = _hook_columns(ds)
     if not cols:

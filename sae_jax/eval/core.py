@@ -319,3 +319,19 @@ def write_report(report: dict, out=None) -> tuple[str, list[Path]]:
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     (out / "eval.md").write_text(text + "\n")
     return text, [out / "eval.json", out / "eval.md"]
+
+
+def heldout_density(run, m: int, max_rows: int = 65536) -> tuple[np.ndarray | None, str]:
+    """Member m's firing frequency per latent on the run's held-out store rows (at most
+    `max_rows`), and where they came from; (None, why) when its store or held-out rows are gone."""
+    from sae_jax.data.store import StoreError, open_store
+
+    mem = run.members[m]
+    if mem.transcoder:
+        return None, "transcoder: no sparsity file"
+    try:
+        store = open_store(run.store_meta["root"])
+        x, where = heldout_rows(run, store, mem.hook, max_rows)
+    except (StoreError, EvalError) as e:
+        return None, f"no held-out rows ({e})"
+    return reconstruction_metrics(run.folded(m), x, run.eval_k(m), mem.inference)["_density"], where

@@ -1,10 +1,9 @@
 """Native CPU kernels, built on first use with this machine's C++ compiler, called through the XLA FFI.
 
-XLA:CPU's TopK runs all rows of a batch on one thread (a partial sort through an index array,
-k-dependent microseconds a row): at 2^14 latents it was 15% of a training step on a 2-core CPU,
+XLA:CPU's TopK runs all rows of a batch on one thread (a partial sort through an index array),
 and XLA never runs two of them at once. `csrc/topk_cpu.cc` selects each row in two vectorised
-passes and spreads the rows over XLA's intra-op thread pool: [1024, 16384], k 32, 4.1 ms against
-24 ms for `topk.row_top_k` (docs/benchmarks.md). It computes what `lax.top_k(pre + bias, k)`
+passes and spreads the rows over XLA's intra-op thread pool (its speed against `topk.row_top_k`:
+docs/benchmarks.md, "Figures moved out of the code"). It computes what `lax.top_k(pre + bias, k)`
 computes: the same values in the same order, ties to the lower index, NaN ordered as XLA orders it.
 
 `csrc/sparse_cpu.cc` holds the sparse decode (`gather_sum`) and the sparse backward's

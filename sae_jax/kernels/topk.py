@@ -10,7 +10,7 @@ their latent indices. Implementations (`encoder=`):
 | `rows`      | XLA: a map over row blocks, each a dense [R, d_sae] block (R x d_sae <= 2^25) and its top-k; on a CPU the block stays in cache and the step runs at the matmul's speed |
 | `pallas_gpu`| Pallas (Triton) kernel: block matmul + bias + per-block top-k candidates fused (`kernels.pallas`) |
 | `pallas_tpu`| Pallas (Mosaic) kernel, the same on TPU                                      |
-| `auto`      | `pallas_tpu` on TPU; `rows` on GPU (blocks of up to 2^29 pre-activations: cuBLAS + XLA top_k, W streamed a few times per step); elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
+| `auto`      | `pallas_tpu` on TPU; `rows` on GPU (blocks of up to 2^29 pre-activations: cuBLAS + the tournament top-k of `kernels.select`, W streamed a few times per step); elsewhere `rows` where a block of at least 128 rows fits, else `stream` |
 
 On a CPU the XLA paths (`dense`, `stream`, `rows`) hand the row selection, the sparse decode
 and the sparse backward's gathers and scatters to native kernels (`kernels.native`: C++ through
@@ -27,9 +27,8 @@ gradient. With g [B, k] the cotangent of the values:
 so the backward costs O(B k d_in) instead of the dense O(B d_sae d_in). The scatter-adds (here and
 in `sparse_decode`'s backward) and the decoder's gather-dot visit the slots sorted by latent
 (`sort_slots`, stable: each latent's sum keeps slot order), so the [width, d] tables are written
-and read row after row, not at random (on a CPU, latents chosen uniformly: a scatter-add 52-58
-ms in row order, 39 ms with its sort; docs/benchmarks.md), when the table is larger than a
-CPU's caches (`latent_order`); smaller tables are walked in row order. `aux_b` adds a second
+and read row after row, not at random, when the table is larger than a CPU's caches
+(`latent_order`); smaller tables are walked in row order. `aux_b` adds a second
 selection in the same pass (AuxK over dead latents: `b` replaced by `aux_b`, typically -inf for
 live latents), sharing the matmul.
 
@@ -38,6 +37,7 @@ live latents), sharing the matmul.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from functools import partial
 from pathlib import Path
@@ -51,22 +51,79 @@ from jax import lax
 # which then traces and compiles the whole step again
 from sae_jax.kernels import native, pallas
 from sae_jax.kernels.pallas import target_platform
+from sae_jax.kernels.select import tree_top_k, tree_top_ks
 
 ENCODERS = ("auto", "dense", "stream", "rows", "pallas_gpu", "pallas_tpu")
 ENCODER_DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_ENCODER_BLOCK = 4096
+
+
+def _configured(name: str):
+    from sae_jax.config import default
+
+    return default(f"train.{name}")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderOptions:
+    """How the TopK encoder runs, as one value from the settings down to the kernels: the
+    implementation (`train.encoder`), latents per streamed block (`train.encoder_block`) and the
+    matmul's input dtype (`train.encoder_dtype`). A field left out takes its default from
+    `sae_jax/config.py`. Hashable: it is a static argument of the jitted and custom-VJP functions.
+    `resolved(rows, width)` is what `auto` means for a [rows, width] selection on this platform."""
+
+    encoder: str = dataclasses.field(default_factory=lambda: _configured("encoder"))
+    block: int = dataclasses.field(default_factory=lambda: _configured("encoder_block"))
+    dtype: str = dataclasses.field(default_factory=lambda: _configured("encoder_dtype"))
+
+    def __post_init__(self):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"unknown TopK encoder implementation {self.encoder!r} (choose from {', '.join(ENCODERS)})")
+        if self.dtype not in ENCODER_DTYPES:
+            raise ValueError(f"unknown encoder dtype {self.dtype!r} (choose from {', '.join(ENCODER_DTYPES)})")
+        if not (isinstance(self.block, int) and self.block >= 1):
+            raise ValueError(f"encoder block {self.block!r}: must be a positive number of latents")
+
+    def resolved(self, rows: int = 0, width: int = 0) -> EncoderOptions:
+        """The implementation and dtype `auto` stands for here (`resolve_encoder`, `resolve_encoder_dtype`)."""
+        return dataclasses.replace(self, encoder=resolve_encoder(self.encoder, rows, width), dtype=resolve_encoder_dtype(self.dtype))
+
+    @property
+    def cast(self) -> str | None:
+        """The dtype the matmul's inputs are cast to; None for float32 (no cast)."""
+        return None if self.dtype == "float32" else self.dtype
+
+
 ROWS_BUDGET = 2**25  # `rows`: elements of one [R, d_sae] pre-activation block (128 MiB in float32)
-ROWS_MAX = 1024  # `rows`: rows per block at most (512-1024 ran fastest at d_sae 2^14 and 2^16 on CPU)
+ROWS_MAX = 1024  # `rows`: rows per block at most (the fastest on CPU; docs/benchmarks.md)
 MIN_ROWS = 128  # `auto` streams over latents when fewer rows than this fit the budget
 
 
 SLOTS_BUDGET = 2**21  # the sparse decode / backward: elements of one [R, k, d] block of gathered rows (8 MiB)
-# `scatter_rows` / `gather_dots`: elements of one [n, d] block of the sorted slots' rows (4 MiB;
-# on CPU 2^21 ran alike, 2^22 10% and 2^23 50% slower)
+# `scatter_rows` / `gather_dots`: elements of one [n, d] block of the sorted slots' rows (4 MiB:
+# larger blocks leave a CPU's cache)
 SORTED_BUDGET = 2**20
 # `latent_order`: [width, d] tables of at least this many elements (16 MiB in float32) are
-# walked in latent order (measured: 2^20 elements slower sorted, 2^22.2 and more faster)
+# walked in latent order (where sorting the slots starts to pay; docs/benchmarks.md)
 LATENT_ORDER_MIN = 2**22
+
+
+# On a GPU every scan iteration is at least one kernel launch (microseconds), and a scan's carry
+# may be laid out for its consumer and transposed in every iteration: the CPU budgets gave loops
+# of 8,192-16,384 iterations in the H100 step at 2^16 latents (d_in 2304, batch 8192), and the
+# scatter into W_enc's gradient transposed the whole table twice per iteration. There, the
+# gathered decoder rows take blocks of up to 2^27 elements (512 MiB in float32), and the sorted
+# slots' scatter-adds and gather-dots run whole (XLA fuses the gathered rows into the scatter
+# and the reduction, so nothing slot-sized is written)
+GPU_SLOTS_BUDGET = 2**27
+GPU_SORTED_BUDGET = 2**34
+
+
+def _slots_budget() -> int:
+    return GPU_SLOTS_BUDGET if target_platform() == "gpu" else SLOTS_BUDGET
+
+
+def _sorted_budget() -> int:
+    return GPU_SORTED_BUDGET if target_platform() == "gpu" else SORTED_BUDGET
 
 
 # `rows` on a GPU: blocks of up to 2^29 pre-activations (2 GiB in float32; HBM holds them) so that
@@ -92,7 +149,7 @@ def resolve_encoder(encoder: str, rows: int = 0, width: int = 0) -> str:
     backend = target_platform()
     if backend == "tpu":
         return "pallas_tpu"
-    if backend == "gpu":  # cuBLAS + XLA's top_k in large row blocks: the roofline's pick on Hopper (benchmarks/roofline.py)
+    if backend == "gpu":  # cuBLAS + the tournament top-k in large row blocks (benchmarks/roofline.py)
         return "rows"
     if rows <= 0 or width <= 0:
         return "stream"
@@ -111,9 +168,8 @@ def host_bf16_dot() -> bool:
 
 
 # `auto` on a CPU that has bf16 dot instructions: the probe's matmul [rows, d] x [d, width], and how
-# much faster bfloat16 must run to be chosen (at most 0.95 of float32's time). Measured on such
-# CPUs: an AMD EPYC ran bf16 faster; an Intel Xeon with AVX512-BF16 (no AMX) ran it 1.07-1.44x
-# slower at every training shape tried (docs/design.md, "Encoder matmul dtype")
+# much faster bfloat16 must run to be chosen (at most 0.95 of float32's time): having the
+# instructions does not make bf16 faster on every CPU (docs/design.md, "Encoder matmul dtype")
 PROBE_SHAPE = (1024, 512, 4096)
 BF16_MARGIN = 0.95
 
@@ -153,16 +209,13 @@ def host_bf16_faster() -> bool:
     return min(times[jnp.bfloat16]) <= BF16_MARGIN * min(times[jnp.float32])
 
 
-def resolve_encoder_dtype(encoder_dtype) -> str | None:
-    """The TopK encoder matmul's input dtype: None (as given), 'float32' or 'bfloat16'; `auto` is
-    bfloat16 where the platform multiplies it natively and faster (TPU, GPU, a CPU where
-    `host_bf16_faster`) and float32 elsewhere. Accumulation is float32 either way, and the sparse
-    backward reads the float32 inputs, so only the selection and the selected values see the
-    rounding (SmolLM2, 2^14 latents, 200 steps: held-out FVU 0.0584 against 0.0582 in float32;
-    docs/benchmarks.md). A training run records what `auto` chose on a CPU and keeps it when
+def resolve_encoder_dtype(encoder_dtype: str) -> str:
+    """The TopK encoder matmul's input dtype, 'float32' or 'bfloat16'; `auto` is bfloat16 where the
+    platform multiplies it natively and faster (TPU, GPU, a CPU where `host_bf16_faster`) and
+    float32 elsewhere. Accumulation is float32 either way, and the sparse backward reads the
+    float32 inputs, so only the selection and the selected values see the rounding (its cost in
+    FVU: docs/benchmarks.md). A training run records what `auto` chose on a CPU and keeps it when
     resumed there (`train.loop`), so that a resumed run computes what the first process did."""
-    if encoder_dtype in (None, ""):
-        return None
     if encoder_dtype not in ENCODER_DTYPES:
         raise ValueError(f"unknown encoder dtype {encoder_dtype!r} (choose from {', '.join(ENCODER_DTYPES)})")
     if encoder_dtype != "auto":
@@ -199,11 +252,14 @@ def row_top_k(pre, k: int, group: int = 0, bias=None):
 
 def select_top_k(pre, k: int, bias=None):
     """The k largest `pre + bias` per row of [B, S], descending, and their indices: on a CPU the
-    native kernel (`kernels.native`: both cores, two vectorised passes a row; 4-6x faster than
-    `row_top_k` at 2^14 latents, where XLA's TopK runs on one thread) where it could be built,
-    else `row_top_k`. The same values either way; among tied values the indices may differ."""
+    native kernel (`kernels.native`: both cores, two vectorised passes a row, where XLA's TopK
+    runs on one thread) where it could be built; on a GPU `select.tree_top_k` (XLA:GPU sorts the
+    whole row for a wide `top_k`; the tournament sorts k x 16 candidates a level); else
+    `row_top_k`. The same values every way; among tied values `row_top_k`'s indices may differ."""
     if _native():
         return native.top_k(pre, k, bias)
+    if target_platform() == "gpu":
+        return tree_top_k(pre, k, bias)
     return row_top_k(pre, k, bias=bias)
 
 
@@ -222,6 +278,8 @@ def _merge(v, i, bv, bi, k):
 
 def _dense(x, w, biases, ks, encoder_dtype=None):
     pre = jnp.dot(x, w if encoder_dtype is None else w.astype(encoder_dtype), preferred_element_type=jnp.float32)
+    if target_platform() == "gpu":  # the main and AuxK selections read the block once, together
+        return tree_top_ks(pre, [b.astype(jnp.float32) for b in biases], ks)
     out = []
     for b, k in zip(biases, ks, strict=True):
         v, i = select_top_k(pre, k, bias=b.astype(jnp.float32))
@@ -264,11 +322,13 @@ def _rows(x, w, biases, ks, encoder_dtype=None):
     return [(v.reshape(rows, -1), i.reshape(rows, -1)) for v, i in out]
 
 
-def _forward(x, w, biases, ks, encoder, encoder_block, encoder_dtype=None):
+def _forward(x, w, biases, ks, opts: EncoderOptions):
     """[(values, ids) per bias, its k from `ks`] (the Pallas kernels may return more; callers slice).
-    `encoder_dtype`: the matmul's input dtype (None: as given); accumulation is always float32.
-    Each bias is selected at its own k: AuxK's few hundred would otherwise make the main
-    selection a top-k_aux too (on CPU that doubled an AuxK step's selection time)."""
+    `opts`: resolved (`EncoderOptions.resolved`); its `cast` is the matmul's input dtype (None: as
+    given); accumulation is always float32. Each bias is selected at its own k: AuxK's few hundred
+    would otherwise make the main selection a top-k_aux too (on CPU that doubled an AuxK step's
+    selection time)."""
+    encoder, encoder_block, encoder_dtype = opts.encoder, opts.block, opts.cast
     if encoder_dtype is not None:
         x = x.astype(encoder_dtype)
     if encoder == "dense":
@@ -301,7 +361,7 @@ def sort_slots(idx):
 
 
 def _slot_block(slots: int, d: int) -> int:
-    return row_block(slots, d, SORTED_BUDGET, slots)
+    return row_block(slots, d, _sorted_budget(), slots)
 
 
 def latent_order(width: int, d: int) -> bool:
@@ -330,7 +390,7 @@ def scatter_rows(src, coef, idx, width: int, slots=None):
             upd = cb.astype(jnp.float32)[..., None] * sb[:, None, :]  # [R, K, d]
             return out.at[ib.reshape(-1)].add(upd.reshape(-1, d)), None
 
-        return lax.scan(rblk, zeros, _blocks(src, coef, idx, r=row_block(rows, kk * d, SLOTS_BUDGET)))[0]
+        return lax.scan(rblk, zeros, _blocks(src, coef, idx, r=row_block(rows, kk * d, _slots_budget())))[0]
     lat, rows, order = slots
     n = _slot_block(lat.shape[0], d)
 
@@ -352,7 +412,7 @@ def gather_dots(table, src, idx, slots=None):
             ib, sb = a
             return None, jnp.einsum("rd,rkd->rk", sb.astype(jnp.float32), table[ib].astype(jnp.float32))
 
-        _, out = lax.scan(rblk, None, _blocks(idx, src, r=row_block(rows, kk * src.shape[1], SLOTS_BUDGET)))
+        _, out = lax.scan(rblk, None, _blocks(idx, src, r=row_block(rows, kk * src.shape[1], _slots_budget())))
         return out.reshape(idx.shape)
     lat, rows, order = slots
     n = _slot_block(lat.shape[0], src.shape[1])
@@ -383,17 +443,17 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
             gb, ib = a
             return None, jnp.einsum("rk,rkd->rd", gb.astype(jnp.float32), wt[ib].astype(jnp.float32))
 
-        _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], SLOTS_BUDGET)))
+        _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], _slots_budget())))
         dx = dx.reshape(x.shape).astype(x.dtype)
     dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None)
     db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     return dx, dwt.T.astype(w.dtype), db
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad):
     biases = (b,) if aux_b is None else (b, aux_b)
-    out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), encoder, encoder_block, encoder_dtype)
+    out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), opts)
     (v, i) = out[0]
     v, i = v[:, :k], i[:, :k]
     if aux_b is None:
@@ -402,12 +462,12 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x
     return v, i, av[:, :k_aux], ai[:, :k_aux]
 
 
-def _fwd(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad):
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, encoder_dtype, x_grad)
+def _fwd(x, w, b, aux_b, k, k_aux, opts, x_grad):
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad)
     return (v, i, av, ai), (x, w, i, ai, aux_b)
 
 
-def _bwd(k, k_aux, encoder, encoder_block, encoder_dtype, x_grad, res, cts):
+def _bwd(k, k_aux, opts, x_grad, res, cts):
     x, w, i, ai, aux_b = res
     gv, _, gav, _ = cts
     if aux_b is None:
@@ -425,23 +485,12 @@ def _bwd(k, k_aux, encoder, encoder_block, encoder_dtype, x_grad, res, cts):
 _topk_pre.defvjp(_fwd, _bwd)
 
 
-def topk_pre(
-    x,
-    w,
-    b,
-    k: int,
-    *,
-    aux_b=None,
-    k_aux: int = 0,
-    encoder: str = "auto",
-    encoder_block: int = DEFAULT_ENCODER_BLOCK,
-    encoder_dtype=None,
-    x_grad: bool = True,
-):
+def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, options: EncoderOptions | None = None, x_grad: bool = True):
     """(values [B, k], indices [B, k]) of the largest `x @ w + b` per row, descending; with `aux_b`
     also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP,
-    computed from the parameters as given). `encoder_dtype` ('bfloat16') casts the matmul's inputs
-    (w block by block when streaming); accumulation stays float32. `x_grad=False`: x is data, its
+    computed from the parameters as given). `options` (`EncoderOptions`; None: the config's
+    defaults) picks the implementation; a bfloat16 dtype casts the matmul's inputs (w block by
+    block when streaming) and accumulation stays float32. `x_grad=False`: x is data, its
     cotangent is zero (the backward skips its gather)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or b.shape != (w.shape[1],):
         raise ValueError(f"topk_pre: x {x.shape}, w {w.shape}, b {b.shape}: expected [B, d], [d, S], [S]")
@@ -449,24 +498,22 @@ def topk_pre(
         raise ValueError(f"topk_pre: k={k} must be in 1..{w.shape[1]} (the number of latents)")
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
-    dtype = resolve_encoder_dtype(encoder_dtype)
-    dtype = None if dtype == "float32" else dtype
-    encoder = resolve_encoder(encoder, x.shape[0], w.shape[1])
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, encoder, encoder_block, dtype, x_grad)
+    opts = (options or EncoderOptions()).resolved(x.shape[0], w.shape[1])
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad)
     return (v, i) if aux_b is None else (v, i, av, ai)
 
 
-def topk_encode(x, W_enc, b_enc, k: int, *, encoder: str = "auto", encoder_block: int = DEFAULT_ENCODER_BLOCK, encoder_dtype=None):
+def topk_encode(x, W_enc, b_enc, k: int, *, options: EncoderOptions | None = None):
     """(values, indices) of a TopK encoder on `x` (already minus b_dec): relu of the k largest
-    pre-activations, without a dense [B, d_sae] matrix (except `encoder='dense'`)."""
-    v, i = topk_pre(x, W_enc, b_enc, k, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype)
+    pre-activations, without a dense [B, d_sae] matrix (except `EncoderOptions(encoder='dense')`)."""
+    v, i = topk_pre(x, W_enc, b_enc, k, options=options)
     return jax.nn.relu(v), i
 
 
 @jax.custom_vjp
 def sparse_decode(values, indices, w_dec):
     """sum_s values[:, s] * w_dec[indices[:, s]] -> [B, d]: a scan over blocks of rows, each
-    gathering its [R, k, d] decoder rows (R from SLOTS_BUDGET, 8 MiB: in cache), so neither a
+    gathering its [R, k, d] decoder rows (R from SLOTS_BUDGET, 8 MiB: in a CPU's cache), so neither a
     dense [B, d_sae] activation nor a [B, k, d] gather exists, in the forward or (custom VJP:
     nothing saved but the inputs) the backward."""
     return _decode_fwd_only(values, indices, w_dec)
@@ -476,7 +523,7 @@ def _decode_fwd_only(values, indices, w_dec):
     if _native():
         return native.gather_sum(values, indices, w_dec).astype(w_dec.dtype)
     rows, k = indices.shape
-    r = row_block(rows, k * w_dec.shape[1], SLOTS_BUDGET)
+    r = row_block(rows, k * w_dec.shape[1], _slots_budget())
 
     def blk(_, a):
         vb, ib = a

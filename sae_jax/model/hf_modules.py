@@ -9,7 +9,7 @@ points mean what they mean in the Flax model (`sae_jax/model/transformer.py`): `
 
 from __future__ import annotations
 
-from sae_jax.model.hooks import Hook
+from sae_jax.model.hooks import Hook, transformer_hook
 
 _LLAMA = {  # Llama, Qwen2, Qwen3: model.layers.L
     "resid_pre": ("model.layers.{L}", "in"),
@@ -72,3 +72,14 @@ def output_module(hook: Hook, family: str = "llama") -> str | None:
         return _OUT[table]["resid_post"].format(L=hook.layer - 1) if hook.layer > 0 else _FIRST[table]
     f = _OUT[table].get(hook.point)
     return f.format(L=hook.layer) if f else None
+
+
+def hf_module(hook: str, architecture: str | None = "LlamaForCausalLM") -> str | None:
+    """The Hugging Face module (relative to the base model) whose output a hook is; None for a
+    hook name that is not a transformer hook or a store without a model the zoo knows."""
+    from sae_jax.model.loading import FAMILIES
+
+    parsed = transformer_hook(hook)
+    if parsed is None or architecture is None:
+        return None
+    return output_module(parsed, FAMILIES.get(architecture, "llama"))

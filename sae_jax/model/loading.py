@@ -23,6 +23,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from sae_jax.config import default
 from sae_jax.errors import SaeJaxError
 from sae_jax.model.transformer import ModelConfig, RoPE, Transformer
 
@@ -419,7 +420,7 @@ def weights_from_hf_state(cfg: ModelConfig, sd: dict, where: str) -> dict:
     return walk(refs)
 
 
-def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=jnp.float32) -> Transformer:
+def build_model(cfg: ModelConfig, sd: dict, where: str, dtype=None) -> Transformer:
     return Transformer(cfg, weights_from_hf_state(cfg, sd, where), dtype=dtype)
 
 
@@ -696,12 +697,15 @@ def model_config(spec: str) -> ModelConfig:
     return config_from_hf(open_gguf(path)[0], str(path))
 
 
-def load_model(spec: str = "embedded", dtype: str = "float32", mesh=None) -> LoadedModel:
-    """Load 'embedded', a .gguf file or a HF directory, computing in `dtype`.
+def load_model(spec: str | None = None, dtype: str | None = None, mesh=None) -> LoadedModel:
+    """Load 'embedded', a .gguf file or a HF directory, computing in `dtype` (None for either:
+    `model.path`, `model.dtype`'s defaults).
 
     The weights are streamed tensor by tensor from the file into their places: whole on the
     default device, or with `mesh` (axes `data`, `model`) as their shards by the rule table of
     `model/sharding.py`. Host memory holds one tensor block at a time, never the model in float32."""
+    spec = default("model.path") if spec is None else spec
+    dtype = default("model.dtype") if dtype is None else dtype
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ModelLoadError(f"model dtype {dtype!r} is not supported (float32, bfloat16, float16)")
     hf, cfg, src, tok, info, path = open_model(spec)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae_jax.config import default
 from sae_jax.model.hooks import parse_hook
 from sae_jax.model.loading import FAMILIES, ModelLoadError, hf_dir_digest, read_hf_config, read_hf_tokenizer
 from sae_jax.model.torch_worker import read_array, write_array
@@ -58,7 +59,11 @@ class TorchModel:
     """A transformers model in a worker process, with the attributes harvest reads of a loaded
     model (tokenizer, bos/eos/special ids, identity, cfg) and `forward(tokens) -> {hook: array}`."""
 
-    def __init__(self, path, hooks: list[str], *, python: str = "", device: str = "cpu", dtype: str = "float32", torch_hooks: str = ""):
+    def __init__(
+        self, path, hooks: list[str], *, python: str = "", device: str | None = None, dtype: str | None = None, torch_hooks: str = ""
+    ):
+        device = default("model.torch_device") if device is None else device
+        dtype = default("model.dtype") if dtype is None else dtype
         self.path = Path(os.path.expanduser(str(path)))
         if not self.path.is_dir():
             raise ModelLoadError(f"model.backend=torch: {self.path} is not a Hugging Face model directory")

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sae_jax.config import default
 from sae_jax.model.hooks import Hook
 
 
@@ -275,7 +276,8 @@ class Transformer(nnx.Module):
     """The decoder. `weights` maps short names (`embed_tokens`, `norm` [+ `norm_bias`],
     [`lm_head`], [`pos_embed`], `layers.i` -> the block's dict) to `[in, out]` numpy arrays."""
 
-    def __init__(self, cfg: ModelConfig, weights: dict, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, weights: dict, dtype=None):
+        dtype = jnp.dtype(default("model.dtype") if dtype is None else dtype)
         self.cfg = cfg
         self.embed = _param(weights["embed_tokens"], dtype)
         if cfg.learned_positions:

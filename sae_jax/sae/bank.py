@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax.kernels.topk import DEFAULT_ENCODER_BLOCK, sparse_decode, topk_pre
+from sae_jax.kernels.topk import EncoderOptions, sparse_decode, topk_pre
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 SPARSE = ("topk", "batchtopk")
@@ -61,7 +61,7 @@ class BankSpec:
     d_in: int
     width: int  # padded width (all members)
     k_aux: int
-    architecture: str = "topk"
+    architecture: str  # one of ARCHITECTURES
     coefs: tuple[float, ...] = ()  # relu: L1 coefficient, jumprelu: L0 coefficient, per member
     out_hooks: tuple[str, ...] = ()  # transcoders: the output hook per member; () for SAEs
     d_out: int = 0  # the target's width; 0 (given): d_in
@@ -121,25 +121,18 @@ class BankSpec:
         return f"{hook}.{self.kind()}{'.skip' if self.skip else ''}.w{self.widths[m]}.{setting}"
 
 
-# The encoder's initial column norm (inputs at unit mean squared norm): 1/sqrt(3), the row norm of
-# PyTorch's default nn.Linear init that sparsify starts from (Adam's step is relative to the
-# weights' size; the measurements behind the choice: docs/benchmarks.md).
-ENCODER_INIT_SCALE = 3**-0.5
-# JumpReLU's straight-through kernel width and initial threshold (Gemma Scope's; inputs at unit
-# mean squared norm): the defaults of `train.jumprelu_bandwidth` / `train.jumprelu_init_threshold`
-JUMPRELU_BANDWIDTH = JUMPRELU_INIT_THRESHOLD = 0.001
+def batchtopk_threshold(threshold_ema, threshold_norm) -> np.ndarray:
+    """BatchTopK's inference (JumpReLU) threshold per member [M], in the units the step trains in:
+    the bias-corrected running mean of the batch thresholds (train state `threshold_ema`,
+    `threshold_norm`)."""
+    return np.asarray(threshold_ema, np.float64) / max(float(threshold_norm), 1e-12)
 
 
-def init_params(
-    spec: BankSpec,
-    key,
-    b_dec: jax.Array | None = None,
-    init_threshold: float = JUMPRELU_INIT_THRESHOLD,
-    encoder_scale: float = ENCODER_INIT_SCALE,
-) -> dict:
+def init_params(spec: BankSpec, key, b_dec: jax.Array | None, *, init_threshold: float, encoder_scale: float) -> dict:
     """Decoder rows random unit vectors, encoder = decoder transpose x `encoder_scale` (when d_in ==
-    d_out; random columns of that norm otherwise), b_enc = 0, JumpReLU thresholds `init_threshold`,
-    W_skip = 0."""
+    d_out; random columns of that norm otherwise), b_enc = 0 (b_dec: the given one, else 0),
+    JumpReLU thresholds `init_threshold`, W_skip = 0. The two scales are `train.encoder_init_scale`
+    and `train.jumprelu_init_threshold` (sae_jax/config.py says why they are what they are)."""
     k_dec, k_enc = jax.random.split(key)
     w = jax.random.normal(k_dec, (spec.size, spec.width, spec.d_out), jnp.float32)
     w = w / jnp.linalg.norm(w, axis=-1, keepdims=True)
@@ -187,9 +180,7 @@ def _encode(
     k_aux: int,
     n_model: int,
     with_aux: bool,
-    encoder: str,
-    encoder_block: int,
-    encoder_dtype=None,
+    options: EncoderOptions,
 ):
     """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
     backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
@@ -203,10 +194,10 @@ def _encode(
     kl, kal = min(k, s_local), min(k_aux, s_local)
     if with_aux:
         b_aux = jnp.where(dead & latent_mask, b_enc, neg)
-        enc = partial(topk_pre, k=kl, k_aux=kal, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype, x_grad=False)
+        enc = partial(topk_pre, k=kl, k_aux=kal, options=options, x_grad=False)
         v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
         return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
-    enc = partial(topk_pre, k=kl, encoder=encoder, encoder_block=encoder_block, encoder_dtype=encoder_dtype, x_grad=False)
+    enc = partial(topk_pre, k=kl, options=options, x_grad=False)
     v, i = jax.vmap(enc)(x, w_enc, b_main)
     return _global_topk(v, i + off, k, n_model), None
 
@@ -253,16 +244,14 @@ def forward_sparse(
     spec: BankSpec,
     n_model: int,
     with_aux: bool,
-    encoder: str = "auto",
-    encoder_block: int = DEFAULT_ENCODER_BLOCK,
-    encoder_dtype=None,
+    options: EncoderOptions,
 ):
     """One device's part of a TopK / BatchTopK bank forward (inside shard_map).
 
     x: [M, B_local, d_in]; params sharded on the latent axis; latent_mask, dead: [M, S_local];
     ks [M]. `with_aux=False` skips AuxK (e_hat = 0): the train step picks the variant with
     `lax.cond` at its top level, since a `cond` inside the differentiated function ran both
-    branches. `encoder`/`encoder_block`/`encoder_dtype`: the TopK encoder (`kernels.topk`).
+    branches. `options`: the TopK encoder (`kernels.topk.EncoderOptions`).
 
     Returns a dict: `x_hat [P, M, B_local, d_out]` (one reconstruction per Matryoshka prefix, the
     full dictionary last; without W_skip), `values`/`indices [M, B_local, C]` (global ids),
@@ -275,9 +264,7 @@ def forward_sparse(
     if not spec.transcoder:
         b_enc = b_enc - jnp.einsum("md,mds->ms", b_dec, w_enc)
     C = spec.n_candidates
-    (v, idx), aux = _encode(
-        lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, encoder, encoder_block, encoder_dtype
-    )
+    (v, idx), aux = _encode(lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, options)
     rv = jax.nn.relu(v)
     m = rv.shape[0]
     if spec.architecture == "batchtopk":
@@ -363,7 +350,7 @@ def _heaviside_bwd(jumprelu_bandwidth, res, g):
 heaviside.defvjp(_heaviside_fwd, _heaviside_bwd)
 
 
-def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_bandwidth: float = JUMPRELU_BANDWIDTH, encoder_dtype=None):
+def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_bandwidth: float, options: EncoderOptions):
     """One device's part of a JumpReLU / ReLU bank forward (inside shard_map): the same contract
     as `forward_sparse` (no `values`/`indices`; `penalty [M, B_local]` is the per-row sparsity
     term: the L0 count through the straight-through estimator, or sum_i f_i ||W_dec_i||)."""
@@ -371,7 +358,7 @@ def forward_dense(params, x, latent_mask, ks, dead, *, spec: BankSpec, jumprelu_
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
     enc_in = x if spec.transcoder else x - b_dec[:, None, :]
     # `auto` is float32 here: the dense architectures' weight gradients come from the same matmul
-    cd = jnp.float32 if encoder_dtype in (None, "", "auto") else encoder_dtype
+    cd = jnp.float32 if options.dtype == "auto" else options.dtype
     pre = jnp.einsum("mbd,mds->mbs", enc_in.astype(cd), w_enc.astype(cd), preferred_element_type=jnp.float32) + b_enc[:, None, :]
     mask = latent_mask[:, None, :].astype(jnp.float32)
     if spec.architecture == "relu":

@@ -21,9 +21,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from sae_jax.kernels.topk import topk_encode, topk_pre
+from sae_jax.kernels.topk import EncoderOptions, topk_encode, topk_pre
 
 KINDS = ("topk", "jumprelu", "relu")
+# evaluation encodes exactly: float32 matmul inputs whatever training's `train.encoder_dtype`
+EXACT = EncoderOptions(dtype="float32")
 
 
 def encode(p, x, k: int, kind: str = "topk", transcoder: bool = False):
@@ -31,11 +33,11 @@ def encode(p, x, k: int, kind: str = "topk", transcoder: bool = False):
     (at most k) active latents, zeros after them."""
     xin = x.astype(jnp.float32) if transcoder else x.astype(jnp.float32) - p["b_dec"]
     if kind == "topk":
-        return topk_encode(xin, p["W_enc"], p["b_enc"], k)
+        return topk_encode(xin, p["W_enc"], p["b_enc"], k, options=EXACT)
     if kind not in KINDS:
         raise ValueError(f"unknown dictionary kind {kind!r} ({', '.join(KINDS)})")
     theta = p["threshold"] if kind == "jumprelu" else jnp.zeros_like(p["b_enc"])
-    v, i = topk_pre(xin, p["W_enc"], p["b_enc"] - theta, k)  # the k largest margins pre - threshold
+    v, i = topk_pre(xin, p["W_enc"], p["b_enc"] - theta, k, options=EXACT)  # the k largest margins pre - threshold
     return jnp.where(v > 0, v + theta[i], 0.0), i
 
 

@@ -23,36 +23,9 @@ import time
 
 import numpy as np
 
+from sae_jax import chips
+from sae_jax.chips import GIB, dev_kind
 from sae_jax.errors import SaeJaxError
-
-GIB = 2**30
-# dense bf16 peak per chip or GPU (vendor figures, TFLOP/s), matched against `device_kind`
-PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,
-    "TPU v6 lite": 918.0,
-    "TPU v6e": 918.0,
-    "NVIDIA H200": 989.0,
-    "NVIDIA H100": 989.0,
-    "NVIDIA A100": 312.0,
-}
-
-
-# HBM per chip or GPU (vendor figures, GiB), for a target compiled without its memory_stats()
-HBM_GIB = {
-    "TPU v4": 32.0,
-    "TPU v5 lite": 16.0,
-    "TPU v5e": 16.0,
-    "TPU v5p": 95.0,
-    "TPU v5": 95.0,
-    "TPU v6 lite": 32.0,
-    "TPU v6e": 32.0,
-    "NVIDIA H200": 141.0,
-    "NVIDIA H100": 80.0,
-}
 
 
 class CompileCheckError(SaeJaxError, ValueError):
@@ -95,34 +68,6 @@ def per_device_bytes(tree) -> int:
     return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
 
 
-def dev_kind(dev) -> str:
-    return dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
-
-
-def _by_kind(table: dict[str, float], kind: str) -> float | None:
-    """The figure of the first entry whose name `kind` (a device_kind) starts with."""
-    return next((v for name, v in table.items() if kind.startswith(name)), None)
-
-
-def _hbm(kind: str) -> int | None:
-    gib = _by_kind(HBM_GIB, kind)
-    return None if gib is None else int(gib * GIB)
-
-
-def _peak(kind: str, given: float | None) -> float | None:
-    return given or _by_kind(PEAK_TFLOPS, kind)
-
-
-def _device_memory() -> int | None:
-    import jax
-
-    try:
-        stats = jax.local_devices()[0].memory_stats() or {}
-    except Exception:  # noqa: BLE001  (CPU devices have none)
-        return None
-    return stats.get("bytes_limit")
-
-
 def compile_check(
     c,
     *,
@@ -137,10 +82,10 @@ def compile_check(
     import jax.numpy as jnp
 
     from sae_jax import parallel
+    from sae_jax.chips import compiling, target_devices
     from sae_jax.data.store import DTYPES, open_store
-    from sae_jax.train.loop import bank_spec, make_mesh, settings_for
+    from sae_jax.train.plan import bank_spec, make_mesh, settings_for
     from sae_jax.train.step import TrainStep
-    from sae_jax.train.targets import compiling, target_devices
 
     devices = target_devices(topology, gpu)
     t = settings_for(c, len(devices))
@@ -184,8 +129,10 @@ def compile_check(
     flops = step_flops(spec, t.batch_size)
     dev = mesh.devices.flat[0]
     kind = dev_kind(dev)
-    peak = _peak(getattr(dev, "device_kind", ""), peak_tflops)
-    limit = memory_gib * GIB if memory_gib else (_hbm(getattr(dev, "device_kind", "")) if topology or gpu else _device_memory())
+    peak = chips.peak_tflops(getattr(dev, "device_kind", ""), peak_tflops)
+    limit = (
+        memory_gib * GIB if memory_gib else (chips.hbm_bytes(getattr(dev, "device_kind", "")) if topology or gpu else chips.device_memory())
+    )
     rep = {
         "mesh": {"data": n_data, "model": mesh.shape["model"]},
         "devices": mesh.devices.size,
@@ -213,8 +160,20 @@ def compile_check(
         "tokens_per_s": t.batch_size / (flops / (mesh.devices.size * peak * 1e12 * mfu)) if peak else None,
         "memory_limit_bytes": limit,
         "fits": None if limit is None else bool(peak_bytes <= limit),
+        "hlo_roofline": _gpu_roofline(compiled, gpu, spec.size * t.batch_size // n_data),
     }
     return rep
+
+
+def _gpu_roofline(compiled, gpu: str, rows: int) -> dict | None:
+    """For a GPU target: `hlo_cost`'s roofline of the step as the CUDA compiler built it (`rows`
+    selected per device: batch rows x members)."""
+    from sae_jax import hlo_cost
+
+    chip = gpu.split(":")[0].lower()
+    if chip not in hlo_cost.GPUS:
+        return None
+    return hlo_cost.gpu_roofline(hlo_cost.step_cost(compiled.as_text()), chip, rows)
 
 
 def report(rep: dict) -> str:
@@ -240,6 +199,15 @@ def report(rep: dict) -> str:
         )
     else:
         lines.append("expected   (give --peak-tflops: the device's peak is not in the table)")
+    r = rep.get("hlo_roofline")
+    if r:
+        m, a = r["main"], r["aux"]
+        lines.append(
+            f"roofline   from the compiled HLO on an {r['gpu'].upper()}: matmuls {m['matmul_ms']:.2f} ms, TopK selection "
+            f"{m['select_ms']:.2f} ms ({m['select_over_matmul']:.2f} x matmul; {m['select_sorted_per_row'] or 0:,.0f} keys sorted per row), "
+            f"other kernels {m['other_ms']:.2f} ms, {m['launches']:,.0f} launches {m['launch_ms']:.2f} ms: {m['step_ms']:.2f} ms/step; "
+            f"AuxK live: selection {a['select_ms']:.2f} ms, {a['step_ms']:.2f} ms/step"
+        )
     if rep["memory_limit_bytes"] is not None:
         lim = rep["memory_limit_bytes"] / GIB
         verdict = "fits" if rep["fits"] else "DOES NOT FIT"

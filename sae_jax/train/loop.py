@@ -16,7 +16,6 @@ mesh and any number of processes: the data position follows from the step.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import signal
 from pathlib import Path
@@ -29,21 +28,12 @@ from jax.experimental import multihost_utils
 from sae_jax import parallel
 from sae_jax.data.loader import activation_dataset, iterator
 from sae_jax.data.store import Store, open_store
-from sae_jax.errors import SaeJaxError
 from sae_jax.sae.bank import BankSpec
 from sae_jax.train.checkpoint import Checkpoints
 from sae_jax.train.metrics import MetricsWriter, host
+from sae_jax.train.plan import TrainError, bank_spec, make_mesh, settings_for
 from sae_jax.train.settings import TrainSettings
 from sae_jax.train.step import TrainStep
-
-# AuxK's default k_aux: d_in / 2, at most OpenAI's 512. Its selection keeps k_aux running slots per
-# row in the fused kernels, and wider slots cost every merge round: at d_in 2304 (k_aux 1152) AuxK
-# adds ~17% to the TPU encoder at 2^18 latents, ~11% at 512 (benchmarks/roofline.py)
-K_AUX_MAX = 512
-
-
-class TrainError(SaeJaxError, RuntimeError):
-    pass
 
 
 class TrainResult(NamedTuple):
@@ -52,15 +42,6 @@ class TrainResult(NamedTuple):
     last: dict | None  # the last metrics record (None: the run was already complete)
     run: Path
     plots: list[Path]
-
-
-def settings_for(c, devices: int | None = None) -> TrainSettings:
-    """The typed train settings of config `c`, every rule checked (with the mesh rules when the
-    device count is given): what the CLI calls before it opens the store."""
-    s = TrainSettings.from_config(c.train)
-    if devices is not None:
-        s.mesh_shape(devices, f" ({jax.process_count()} processes x {jax.local_device_count()})" if jax.process_count() > 1 else "")
-    return s
 
 
 def train(c, log=print) -> TrainResult:
@@ -124,51 +105,6 @@ def train(c, log=print) -> TrainResult:
 
 
 # ---- settings x store ------------------------------------------------------------------------
-def bank_spec(s: TrainSettings, store) -> BankSpec:
-    """The bank the settings describe on this store: one member per (hook, width, k or coefficient)."""
-    hooks = list(s.hooks) or list(store.hooks)
-    out_hooks = list(s.out_hooks)
-    for h in hooks:
-        store.check_hook(h)
-    for h in out_hooks:
-        if h not in store.hooks:
-            raise TrainError(
-                f"train.out_hooks: the transcoder output hook {h!r} is not in the store {store.root} (it has: {', '.join(store.hooks)}); "
-                "harvest it in the same pass as the input hook"
-            )
-    settings = list(itertools.product(s.ks if s.sparse else [0], s.coefs or [0.0]))
-    pairs = list(zip(hooks, out_hooks or hooks))
-    members = [(h, o, w, k, cf) for (h, o), w, (k, cf) in itertools.product(pairs, s.widths, settings)]
-    d_ins = {store.width(h) for h in hooks}
-    d_outs = {store.width(h) for h in (out_hooks or hooks)}
-    if len(d_ins) != 1 or len(d_outs) != 1:
-        raise TrainError(f"a bank needs one input and one output width; the hooks {hooks + out_hooks} have widths {sorted(d_ins | d_outs)}")
-    d_in, d_out = d_ins.pop(), d_outs.pop()
-    cap = min(s.batchtopk_cap * max(s.ks), min(s.widths)) if s.architecture == "batchtopk" else 0
-    width = -(-max(s.widths) // s.mesh_model) * s.mesh_model
-    return BankSpec(
-        hooks=tuple(m[0] for m in members),
-        widths=tuple(m[2] for m in members),
-        ks=tuple(m[3] for m in members),
-        d_in=d_in,
-        width=width,
-        k_aux=s.k_aux or min(d_in // 2, K_AUX_MAX, min(s.widths)),
-        architecture=s.architecture,
-        coefs=tuple(m[4] for m in members) if s.coefs else (),
-        out_hooks=tuple(m[1] for m in members) if out_hooks else (),
-        d_out=d_out if out_hooks else 0,
-        skip=s.skip,
-        prefixes=s.matryoshka_prefixes,
-        cap=cap,
-    )
-
-
-def make_mesh(s: TrainSettings, devices=None):
-    """The (data, model) mesh over every device (a mesh that leaves some idle is an error)."""
-    n = jax.device_count() if devices is None else len(devices)
-    return parallel.make_mesh(*s.mesh_shape(n), devices=devices)
-
-
 def _local_batch(s: TrainSettings, store: Store, groups: int) -> int:
     local = s.batch_size // groups
     if local % store.rows_per_record:
@@ -386,7 +322,8 @@ def _plots(run: Path) -> list[Path]:
     return plot_run(run) if jax.process_index() == 0 and (run / "metrics.jsonl").is_file() else []
 
 
-def summary(result: TrainResult) -> str:
+def run_summary(result: TrainResult) -> str:
+    """What `sae-jax train` prints at the end: the run, its last step, each member's FVU, L0 and dead share, the plots."""
     spec, last = result.spec, result.last
     lines = [f"run        {result.run}"]
     if last is None:

@@ -18,6 +18,7 @@ import math
 import typing
 from dataclasses import dataclass
 
+from sae_jax.config import ARCH_LR_AT_2_14, K_AUX_MAX, LR_AT_2_14
 from sae_jax.errors import SaeJaxError
 
 # the fields that make a run what it is: a run directory holding other values is another run
@@ -28,15 +29,11 @@ IDENTITY = (
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
     "adam_b1", "adam_b2", "adam_eps",
 )  # fmt: skip
-DEFAULT_LR = 1.2e-3  # train.lr = 0: this at 2^14 latents, scaled by 1/sqrt(width / 2^14) (train/step.py)
-# JumpReLU keeps the earlier base: at 8e-4 its thresholds (trained at the full rate, moving up to
-# ~lr a step against a 0.001 bandwidth) left 44-51% of latents dead (docs/design.md, "The recipe")
-ARCH_LR = {"jumprelu": 2e-4}
 
 
 def base_lr(architecture: str) -> float:
     """The default learning rate at 2^14 latents for an architecture (`train.lr = 0`)."""
-    return ARCH_LR.get(architecture, DEFAULT_LR)
+    return ARCH_LR_AT_2_14.get(architecture, LR_AT_2_14)
 
 
 def lr_rule(architecture: str) -> str:
@@ -146,6 +143,17 @@ class TrainSettings:
     def coefs(self) -> tuple[float, ...]:
         """The sparsity coefficients of this architecture (relu: L1, jumprelu: L0); () for TopK."""
         return {"relu": self.l1_coefs, "jumprelu": self.l0_coefs}.get(self.architecture, ())
+
+    @property
+    def encoder_options(self):
+        """The TopK encoder's settings as the one value the kernels take (`kernels.topk.EncoderOptions`)."""
+        from sae_jax.kernels.topk import EncoderOptions
+
+        return EncoderOptions(self.encoder, self.encoder_block, self.encoder_dtype)
+
+    def k_aux_for(self, d_in: int) -> int:
+        """AuxK's k for inputs of width d_in: `train.k_aux`, or (0) d_in // 2 capped by `config.K_AUX_MAX` and the smallest width."""
+        return self.k_aux or min(d_in // 2, K_AUX_MAX, min(self.widths))
 
     @property
     def sparsity_warmup_steps(self) -> int:

@@ -1,5 +1,5 @@
-"""Devices of chips this machine does not have, for ahead-of-time compilation by their own
-compilers (`sae-jax compile-check --topology ... | --gpu ...`).
+"""Chips: their peak FLOP/s and memory (vendor figures), and devices of chips this machine does
+not have, for ahead-of-time compilation by their own compilers (`sae-jax compile-check --topology ... | --gpu ...`).
 
 - TPU: `jax.experimental.topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2")`
   with libtpu installed (`make tpu-venv`): libtpu's compiler, its HBM and VMEM checks.
@@ -21,6 +21,68 @@ from sae_jax.errors import SaeJaxError
 
 class TargetError(SaeJaxError, ValueError):
     pass
+
+
+GIB = 2**30
+# dense bf16 peak per chip or GPU (vendor figures, TFLOP/s), matched against `device_kind`
+PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "NVIDIA H200": 989.0,
+    "NVIDIA H100": 989.0,
+    "NVIDIA A100": 312.0,
+}
+
+
+# HBM per chip or GPU (vendor figures, GiB), for a target compiled without its memory_stats()
+HBM_GIB = {
+    "TPU v4": 32.0,
+    "TPU v5 lite": 16.0,
+    "TPU v5e": 16.0,
+    "TPU v5p": 95.0,
+    "TPU v5": 95.0,
+    "TPU v6 lite": 32.0,
+    "TPU v6e": 32.0,
+    "NVIDIA H200": 141.0,
+    "NVIDIA H100": 80.0,
+}
+
+
+def dev_kind(dev) -> str:
+    """A device's platform and kind, as reports print it ('tpu TPU v5e'; a CPU: 'cpu')."""
+    return dev.platform if getattr(dev, "device_kind", dev.platform) == dev.platform else f"{dev.platform} {dev.device_kind}"
+
+
+def _by_kind(table: dict[str, float], kind: str) -> float | None:
+    """The figure of the first entry whose name `kind` (a device_kind) starts with."""
+    return next((v for name, v in table.items() if kind.startswith(name)), None)
+
+
+def hbm_bytes(kind: str) -> int | None:
+    """HBM bytes of a device kind (`HBM_GIB`); None for a kind not listed."""
+    gib = _by_kind(HBM_GIB, kind)
+    return None if gib is None else int(gib * GIB)
+
+
+def peak_tflops(kind: str, given: float | None = None) -> float | None:
+    """Dense bf16 TFLOP/s of a device kind: `given` when set, else `PEAK_TFLOPS`; None for a kind not listed."""
+    return given or _by_kind(PEAK_TFLOPS, kind)
+
+
+def device_memory() -> int | None:
+    """The first local device's memory limit in bytes (None where it reports none: CPUs)."""
+    import jax
+
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (CPU devices have none)
+        return None
+    return stats.get("bytes_limit")
 
 
 # per GPU: the figures XLA's GPU compiler plans with (bytes, Hz, counts)
