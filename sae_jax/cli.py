@@ -62,6 +62,11 @@ def _load_config(argv: list[str], default_file: str):
         print(_config_help(argv, default_file))
         raise SystemExit(0)
 
+    for a in argv[1:]:
+        if a.startswith("--config="):
+            given = a.split("=", 1)[1].split(":", 1)[0]  # `file.py:arg` passes arg to get_config
+            if not Path(given).expanduser().is_file():
+                raise flags.Error(f"--config={given}: no such config file (the configs are in {CONFIG_DIR})")
     fv = flags.FlagValues()
     path = CONFIG_DIR / default_file
     try:
@@ -71,17 +76,55 @@ def _load_config(argv: list[str], default_file: str):
             config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
         else:  # installed without the repo's configs/: the packaged defaults
             config_flags.DEFINE_config_dict("config", default_config(), flag_values=fv, lock_config=True, sys_argv=argv)
-        fv(argv)
-    except (AttributeError, KeyError) as e:  # ml_collections' way of saying "no such field"
-        bad = [a for a in argv[1:] if a.startswith("--config.")]
-        raise flags.Error(f"unknown config key {e} (overrides given: {' '.join(bad)})") from None
+        rest = fv(argv)[1:]
+    except (AttributeError, KeyError):  # ml_collections' way of saying "no such field"
+        raise _unknown_setting(argv) from None
+    if rest:  # `sae-jax train runs/store`: a path where a setting was meant
+        hint = {"harvest": "harvest.out", "demo": "harvest.out"}.get(argv[0].split()[-1], "train.store")
+        raise flags.Error(f"unexpected argument {rest[0]!r}: settings are given as --config.section.key=value (e.g. --config.{hint}={rest[0]})")
     return fv.config
 
 
+POSITIONAL = {  # the commands that take one path: what it is and what they do with it
+    "plot": ("RUN", "draw a run's curves.png (from metrics.jsonl) and latent_density.png (once it is complete)"),
+    "info": ("STORE", "summarise a store: hooks, rows, shards, statistics, the harvest's settings"),
+    "verify": ("STORE", "checksum every file of a store against its manifest"),
+}
+
+
+def _unknown_setting(argv: list[str]) -> Exception:
+    """The error for an override naming no setting: which one, and the nearest real names."""
+    import difflib
+
+    from sae_jax.config import default_config
+    from sae_jax.errors import SaeJaxError
+
+    c = default_config()
+    for a in argv[1:]:
+        if not a.startswith("--config."):
+            continue
+        key = a[len("--config.") :].split("=", 1)[0]
+        section, _, name = key.partition(".")
+        if section not in c:
+            near = difflib.get_close_matches(section, list(c), n=1)
+        elif name not in c[section]:
+            near = [f"{section}.{n}" for n in difflib.get_close_matches(name, list(c[section]), n=3)]
+        else:
+            continue
+        hint = f"; did you mean {' or '.join(near)}?" if near else f"; `{argv[0]} --help` lists every setting"
+        return SaeJaxError(f"--config.{key}: no such setting{hint}")
+    return SaeJaxError(f"unknown setting among {' '.join(a for a in argv[1:] if a.startswith('--config.'))}")
+
+
 def _positional_store(argv: list[str], cmd: str) -> Path:
+    what, does = POSITIONAL[cmd]
+    usage = f"usage: sae-jax {cmd} {what}\n  {does}"
+    if _wants_help(argv):
+        print(usage)
+        raise SystemExit(0)
     args = [a for a in argv[1:] if not a.startswith("-")]
-    if len(args) != 1:
-        raise SystemExit(f"usage: sae-jax {cmd} STORE")
+    if len(args) != 1 or len(args) != len(argv) - 1:
+        raise SystemExit(usage)
     return Path(args[0])
 
 
@@ -374,7 +417,7 @@ def cmd_export_cache(argv) -> int:
 def cmd_plot(argv) -> int:
     from sae_jax.train.plots import plot_run
 
-    for p in plot_run(_positional_store(argv, "plot")):
+    for p in plot_run(_positional_store(argv, "plot")):  # a run directory
         print(p)
     return 0
 
@@ -435,15 +478,25 @@ def main(argv: list[str] | None = None) -> int:
         keep_freed_memory()
     from absl import flags
 
-    from sae_jax.errors import SaeJaxError
+    from sae_jax.errors import Interrupted, SaeJaxError
 
     try:
         return COMMANDS[cmd]([f"sae-jax {cmd}", *argv[2:]])
     except flags.Error as e:
         print(f"sae-jax {cmd}: bad flag: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # saved, then stopped by a signal
+        print(f"sae-jax {cmd}: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a training loop
+        print(f"sae-jax {cmd}: interrupted", file=sys.stderr)
+        return 130
     except SaeJaxError as e:
         print(f"sae-jax {cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # an output path that cannot be written, a file that cannot be read
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"sae-jax {cmd}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
 
 

@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     # store's own: in the scaled units the step trains in, lr x this / sqrt(mean squared norm) of the
     # bias's hook) or scaled (inputs at unit mean squared norm); docs/design.md, "The recipe"
     c.train.bias_lr_scale = 1.35
-    c.train.bias_lr_units = "raw"
+    c.train.bias_lr_units = "raw"  # raw | scaled: the units train.bias_lr_scale is given in (see train.bias_lr_scale)
     c.train.decoder_lr_scale = 5.0  # W_dec learns at this times train.lr (docs/design.md, "The recipe")
     c.train.adam_b1 = 0.7  # Adam's first-moment (momentum) decay (docs/design.md, "The recipe")
     c.train.adam_b2 = 0.999  # Adam's second-moment decay

@@ -99,9 +99,14 @@ def _metadata(run: Run, m: int) -> dict:
 
 
 def _save_safetensors(path: Path, arrays: dict) -> None:
+    """The arrays as safetensors, readable as any other file written here (safetensors creates
+    its file 0600; the other users of a shared machine could not load the weights)."""
     from safetensors.numpy import save_file
 
     save_file(arrays, str(path), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _saelens_architecture(run: Run, m: int) -> str:

@@ -25,7 +25,13 @@ def test_harvest_info_verify(tmp_path):
 @pytest.mark.heavy
 def test_cli_errors(tmp_path):
     r = run_cli("harvest", "--config.harvest.nonsense=3")
-    assert r.returncode == 2 and "nonsense" in r.stderr
+    assert (
+        r.returncode == 1
+        and r.stderr.strip()
+        == "sae-jax harvest: error: --config.harvest.nonsense: no such setting; `sae-jax harvest --help` lists every setting"
+    )
+    r = run_cli("train", "--config.train.widht=64")
+    assert r.returncode == 1 and "--config.train.widht: no such setting; did you mean train.widths?" in r.stderr
     r = run_cli("harvest", *cli_args(tmp_path / "x"), "--config.harvest.hooks=blocks.40.hook_mlp_out")
     assert r.returncode == 1 and "layer 40 is out of range" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("harvest", *cli_args(tmp_path / "y"), f"--config.model.path={tmp_path / 'missing.gguf'}")
@@ -57,3 +63,22 @@ def test_every_config_file_loads_and_names_real_settings():
         for section in c:
             assert set(c[section].keys()) == set(base[section].keys()), f
         TrainSettings.from_config(c.train)  # every rule that needs neither store nor devices
+
+
+@pytest.mark.heavy
+def test_first_hour_mistakes_get_one_line(tmp_path, tiny_run):
+    """What a new user types wrong: a path where a setting goes, a config file that is not there,
+    `--help` on the one-path commands, an output folder that cannot be written. One line each
+    (no traceback), the right exit status, nothing written."""
+    r = run_cli("train", str(tmp_path / "store"))
+    assert r.returncode == 2 and f"--config.train.store={tmp_path / 'store'}" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = run_cli("train", "--config=configs/nope.py")
+    assert r.returncode == 2 and "--config=configs/nope.py: no such config file" in r.stderr and len(r.stderr.splitlines()) == 1
+    for cmd, what in (("plot", "RUN"), ("info", "STORE"), ("verify", "STORE")):
+        r = run_cli(cmd, "--help")
+        assert r.returncode == 0 and f"usage: sae-jax {cmd} {what}" in r.stdout, (cmd, r.stderr)
+    r = run_cli("atlas", str(tiny_run), "--out", "/proc/no-atlas-here")
+    assert r.returncode == 1 and r.stderr.strip().startswith("sae-jax atlas: error: /proc/no-atlas-here") and "Traceback" not in r.stderr, (
+        r.stderr
+    )
+    assert not list(tmp_path.iterdir())

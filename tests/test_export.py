@@ -174,6 +174,10 @@ def test_export_cli_and_bad_input(tiny_run, tmp_path):
     r = run_cli("export", str(tiny_run), "--format", "saelens", "--out", str(out), env=one_device)
     assert r.returncode == 0, r.stderr
     assert (out / "export.json").is_file() and len(list(out.glob("*/cfg.json"))) == 8
+    weights = list(out.glob("*/*.safetensors"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert weights and {p.stat().st_mode & 0o777 for p in weights} == {0o666 & ~umask}  # readable as the other files
     before = sorted(p.name for p in out.iterdir())
     # an existing export is refused and left as it was
     r = run_cli("export", str(tiny_run), "--format", "sparsify", "--out", str(out))

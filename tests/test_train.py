@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -155,35 +156,59 @@ def test_nan_batches_are_skipped_then_stop(tiny_store, tmp_path):
     assert rec["nan_skips"] == 4 and rec["finite"] is False
 
 
-def test_sigterm_saves_and_exits_then_resumes(tiny_store, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_exits_non_zero_then_resumes_bit_identical(tiny_store, tmp_path, sig):
+    """Ctrl-C (SIGINT) or SIGTERM at a random step: the step is saved, one line says so, the exit
+    status is 128 + the signal (so `train && eval` stops), and the same command resumes to the
+    parameters of an uninterrupted run, bit for bit. Then two Ctrl-Cs in a row: the run stops at
+    once, and resumes from its last complete checkpoint to the same parameters."""
+    import random
+
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    # long enough that SIGTERM lands mid-run (tiny steps take milliseconds)
-    extra = {"train.mesh_data": 1, "train.mesh_model": 1, "train.checkpoint_every": 1000, "train.steps": 150}
+    # long enough that the signal lands mid-run (tiny steps take milliseconds)
+    extra = {"train.mesh_data": 1, "train.mesh_model": 1, "train.checkpoint_every": 10, "train.steps": 150}
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert run_cli("train", *_args(tiny_store, ref, **extra), env=env, timeout=600).returncode == 0
-    p = subprocess.Popen(
-        [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, run, **extra)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.time() + 300
-    while max(_steps_logged(run), default=0) < 12 and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    assert p.poll() is None, "training finished before SIGTERM"
-    p.send_signal(signal.SIGTERM)
-    out, _ = p.communicate(timeout=120)
-    assert p.returncode == 0, out[-2000:]
-    assert "SIGTERM: saved step" in out
+    _, want = _final_params(ref)
+
+    def start():
+        return subprocess.Popen(
+            [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, run, **extra)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    def wait_for(p, step):
+        deadline = time.time() + 300
+        while max(_steps_logged(run), default=0) < step and p.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert p.poll() is None, "training finished before the signal"
+
+    at = random.Random().randint(12, 60)
+    p = start()
+    wait_for(p, at)
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig, (p.returncode, err[-2000:])
+    m = re.search(r"sae-jax train: interrupted at step (\d+) of 150: saved; run the same command to continue", err)
+    assert m and "Traceback" not in err, err[-2000:]
     saved, _ = _final_params(run)
-    assert 12 <= saved < 150  # saved at the step it stopped, not at a checkpoint_every multiple
+    assert saved == int(m.group(1)) and at <= saved < 150  # the step it stopped at, not a checkpoint_every multiple
+    # two Ctrl-Cs: out at once; what was saved last stays readable
+    p = start()
+    wait_for(p, saved + 5)
+    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "Traceback" not in err, err[-2000:]
     r = run_cli("train", *_args(tiny_store, run, **extra), env=env, timeout=600)
-    assert r.returncode == 0 and f"resumed from step {saved}" in r.stdout + r.stderr
-    (_, a), (_, b) = _final_params(ref), _final_params(run)
-    for k in a:
-        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert r.returncode == 0 and "resumed from step" in r.stdout + r.stderr, r.stderr[-2000:]
+    _, got = _final_params(run)
+    for k in want:
+        np.testing.assert_array_equal(want[k], got[k], err_msg=k)
 
 
 def test_auto_encoder_dtype_is_recorded_when_a_run_begins_and_kept_on_resume(tmp_path, monkeypatch):

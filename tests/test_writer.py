@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, run_cli
 
-from sae_jax.data.store import StoreError, open_store
+from sae_jax.data.store import open_store
 from sae_jax.data.writer import StoreWriter, WriterError
 
 PEER_PYTHON = Path(os.environ.get("SAE_JAX_PEER_PYTHON", REPO / ".peer-venv" / "bin" / "python"))
@@ -96,21 +96,32 @@ def test_writer_bad_input(tmp_path):
         w.add({**ok, "A": np.full((4, 8), np.nan, np.float32)})
     with pytest.raises(WriterError, match=r"tokens of shape \(4, 2\)"):
         w.add(ok, tokens=np.zeros((4, 2), np.int32))
-    with pytest.raises(StoreError, match="holds files but no manifest.json"):
+    with pytest.raises(WriterError, match="t already holds other files: remove it or choose another path"):
         (tmp_path / "t").mkdir()
         (tmp_path / "t" / "x").write_text("")
         StoreWriter(tmp_path / "t", {"A": 8})
     with pytest.raises(WriterError, match="fewer than one record of 4"):
         w.add({"A": ok["A"][:2], "B": ok["B"][:2]})
         w.close()
-    # an exception inside the block leaves an incomplete store, which training refuses
+    assert not (tmp_path / "s").exists()
+    # an exception inside the block leaves nothing behind, and the fixed script then runs
     with pytest.raises(RuntimeError, match="pipeline broke"):
         with StoreWriter(tmp_path / "u", {"A": 8}, rows_per_record=4, shard_rows=8) as w2:
             w2.add({"A": np.ones((12, 8), np.float32)})
+            assert not (tmp_path / "u").exists()  # written beside it, moved there when complete
             raise RuntimeError("pipeline broke")
-    assert len(json.loads((tmp_path / "u" / "manifest.json").read_text())["shards"]) == 1
-    with pytest.raises(StoreError, match="the harvest has not finished"):
-        open_store(tmp_path / "u")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
+    with StoreWriter(tmp_path / "u", {"A": 8}, rows_per_record=4, shard_rows=8) as w2:
+        w2.add({"A": np.ones((12, 8), np.float32)})
+    assert open_store(tmp_path / "u").manifest["complete"]
+    with pytest.raises(WriterError, match="u already holds a store: remove it or choose another path"):
+        StoreWriter(tmp_path / "u", {"A": 8})
+    (tmp_path / "v").mkdir()  # an empty folder is a fine place for a store
+    with StoreWriter(tmp_path / "v", {"A": 8}, rows_per_record=4, shard_rows=8) as w3:
+        w3.add({"A": np.ones((8, 8), np.float32)})
+    assert open_store(tmp_path / "v").manifest["rows"] == 8
+    with pytest.raises(WriterError, match="cannot write a store there"):
+        StoreWriter(Path("/proc/no-store-here"), {"A": 8})
 
 
 def _peer(*args):
@@ -198,3 +209,38 @@ def test_feature_world_fires_at_its_probabilities_and_scores_recovery():
     assert full["recovered"] == 1.0 and full["mean_max_cos"] == pytest.approx(1.0, abs=1e-5)
     half = w.recovery(w.features[::2])
     assert half["recovered"] == pytest.approx(0.5, abs=0.01)  # random unit vectors in 64-d are far apart
+
+
+@pytest.mark.heavy
+def test_a_failed_start_writes_nothing_and_blocks_nothing(tmp_path):
+    """A start that fails its checks (every shard held out, a batch larger than the store) writes
+    nothing; a run directory holding only what a failed start wrote (config.json, no checkpoint)
+    does not refuse the corrected command as "another run"; one that saved a step does."""
+    from sae_jax.config import default_config
+    from sae_jax.errors import SaeJaxError
+    from sae_jax.train.loop import train
+
+    out = tmp_path / "s"
+    with StoreWriter(out, {"blocks.0.hook_resid_post": 32}, rows_per_record=64, shard_rows=512) as w:
+        w.add({"blocks.0.hook_resid_post": _rows(1024, 32, 7)})
+    run = tmp_path / "run"
+
+    def config(**kw):
+        c = default_config()
+        t = c.train
+        t.store, t.run_dir, t.widths, t.ks, t.batch_size, t.steps, t.progress = str(out), str(run), "64", "4", 256, 4, False
+        t.log_every, t.checkpoint_every = 2, 2
+        for k, v in kw.items():
+            t[k] = v
+        return c
+
+    for bad, says in (({"holdout_shards": 2}, "holdout_shards=2"), ({"batch_size": 4096, "holdout_shards": 0}, "fewer than one batch")):
+        with pytest.raises(SaeJaxError, match=says):
+            train(config(**bad), log=lambda *x: None)
+        assert not run.exists(), bad
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train_identity": {"widths": "999", "steps": 7}, "config": {}}))
+    r = train(config(), log=lambda *x: None)  # config.json of a start that never saved a step: replaced
+    assert r.last["step"] == 4 and json.loads((run / "config.json").read_text())["train_identity"]["widths"] == "64"
+    with pytest.raises(SaeJaxError, match="holds a run with other settings"):
+        train(config(widths="128"), log=lambda *x: None)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -139,7 +141,11 @@ class StoreWriter:
     shards of `shard_rows` (a multiple of `rows_per_record`), each shuffled with a seeded
     permutation, written atomically with its statistics and listed in the manifest. `header`
     adds manifest fields (model, tokenizer, source, ctx_len, ...; defaults say "external").
-    `dtype`, `rows_per_record`, `seed` None: the harvest's defaults (`harvest.*`)."""
+    `dtype`, `rows_per_record`, `seed` None: the harvest's defaults (`harvest.*`).
+
+    The store is written in a hidden folder beside `out` (`.NAME.writing-PID`) and renamed to `out`
+    by `close` once complete: `out` never holds a partial store. An exception inside the `with`
+    (bad rows, a full disk) removes the hidden folder; `out` must be absent or an empty folder."""
 
     def __init__(
         self,
@@ -167,6 +173,9 @@ class StoreWriter:
         if rows_per_record < 1 or shard_rows < rows_per_record or shard_rows % rows_per_record:
             raise WriterError(f"shard_rows={shard_rows} must be a positive multiple of rows_per_record={rows_per_record}")
         self.out = Path(out).expanduser()
+        _check_free(self.out)
+        self._dir = self.out.with_name(f".{self.out.name}.writing-{os.getpid()}")  # renamed to `out` by close()
+        shutil.rmtree(self._dir, ignore_errors=True)
         self.widths = {h: int(w) for h, w in hooks.items()}
         self.dtype, self.np_dtype = dtype, st.DTYPES[dtype]
         self.rows_per_record, self.shard_rows, self.seed = rows_per_record, shard_rows, seed
@@ -187,7 +196,10 @@ class StoreWriter:
         meta["hooks"] = {h: {**(meta.get("hooks", {}).get(h, {})), "width": w} for h, w in self.widths.items()}
         meta.update(dtype=dtype, rows_per_record=rows_per_record)
         fingerprint = {"writer": "StoreWriter", "hooks": self.widths, "dtype": dtype, "rows_per_record": rows_per_record, "seed": seed}
-        self.m = new_manifest(self.out, meta, fingerprint)
+        try:
+            self.m = new_manifest(self._dir, meta, fingerprint)
+        except OSError as e:
+            raise WriterError(f"{self.out}: cannot write a store there ({e.strerror})") from None
         self.totals = st.StatsAccumulator(list(self.widths))
         self._buf: dict[str, list[np.ndarray]] = {h: [] for h in self.widths}
         self._tok: list[np.ndarray] = []
@@ -257,30 +269,46 @@ class StoreWriter:
         self._tok = [tokens[n:]]
         self._n -= n
         index = len(self.m["shards"])
-        entry, stats = write_rows(self.out, index, take, tokens[:n], self.seed, self.rows_per_record, self.np_dtype)
+        entry, stats = write_rows(self._dir, index, take, tokens[:n], self.seed, self.rows_per_record, self.np_dtype)
         entry["rows_outliers"] = 0
         self.totals.add(stats)
         self.m["shards"].append(entry)
-        update_manifest(self.out, self.m, self.totals)
+        update_manifest(self._dir, self.m, self.totals)
 
     def close(self) -> st.Store:
-        """Write the remaining rows (whole records), mark the store complete, return it opened."""
+        """Write the remaining rows (whole records), mark the store complete, move it to `out`,
+        return it opened."""
         if self.closed:
             return st.open_store(self.out)
-        if self._n >= self.rows_per_record:
-            self._flush(self._n)
-        dropped = self._n
-        self.closed = True
-        if not self.m["shards"]:
-            raise WriterError(f"{self.out}: {self._rows_in} rows added, fewer than one record of {self.rows_per_record}: nothing to store")
-        m = self.m
-        m["rows"] = sum(s["rows"] for s in m["shards"])
-        m["rows_dropped"] = sum(s["rows_dropped"] for s in m["shards"]) + dropped
-        m["rows_outliers"] = 0
-        m["contexts"] = None
-        m["complete"] = True
-        st.atomic_write_text(self.out / st.MANIFEST, json_dumps(m))
+        try:
+            if self._n >= self.rows_per_record:
+                self._flush(self._n)
+            dropped = self._n
+            self.closed = True
+            if not self.m["shards"]:
+                raise WriterError(
+                    f"{self.out}: {self._rows_in} rows added, fewer than one record of {self.rows_per_record}: nothing to store"
+                )
+            m = self.m
+            m["rows"] = sum(s["rows"] for s in m["shards"])
+            m["rows_dropped"] = sum(s["rows_dropped"] for s in m["shards"]) + dropped
+            m["rows_outliers"] = 0
+            m["contexts"] = None
+            m["complete"] = True
+            st.atomic_write_text(self._dir / st.MANIFEST, json_dumps(m))
+            _check_free(self.out)
+            if self.out.is_dir():
+                self.out.rmdir()  # empty (checked): the finished store takes its place
+            os.replace(self._dir, self.out)
+        except BaseException:
+            self.abort()
+            raise
         return st.open_store(self.out)
+
+    def abort(self) -> None:
+        """Stop and remove what was written (nothing reaches `out`)."""
+        self.closed = True
+        shutil.rmtree(self._dir, ignore_errors=True)
 
     def __enter__(self):
         return self
@@ -288,6 +316,17 @@ class StoreWriter:
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             self.close()
-        else:  # the shards already listed stay valid; the store stays incomplete
-            self.closed = True
+        else:  # nothing half-written is left behind
+            self.abort()
         return False
+
+
+def _check_free(out: Path) -> None:
+    """`out` must be absent or an empty folder: a store is never written over anything."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise WriterError(f"{out} exists and is not a folder: choose another path for the store")
+    if any(out.iterdir()):
+        what = "a store" if (out / st.MANIFEST).exists() else "other files"
+        raise WriterError(f"{out} already holds {what}: remove it or choose another path")

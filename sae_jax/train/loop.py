@@ -11,6 +11,11 @@ batch (the same rows, in the same order, as one process reading the whole batch)
 of a group read the same one, checkpoints are written and restored by all of them together, and
 process 0 alone writes the run's files (config, metrics, plots). A checkpoint restores onto any
 mesh and any number of processes: the data position follows from the step.
+
+SIGINT (Ctrl-C) and SIGTERM stop a run at the next step boundary: that step is saved and
+`train` raises `errors.Interrupted` ("interrupted at step N of M: saved; run the same command to
+continue"; the CLI exits 130 or 143). A second Ctrl-C stops at once, leaving the last complete
+checkpoint (Orbax finalizes a checkpoint only once it is whole).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import threading
 from pathlib import Path
 from typing import NamedTuple
 
@@ -28,6 +34,7 @@ from jax.experimental import multihost_utils
 from sae_jax import parallel
 from sae_jax.data.loader import activation_dataset, iterator
 from sae_jax.data.store import Store, open_store
+from sae_jax.errors import Interrupted
 from sae_jax.sae.bank import BankSpec
 from sae_jax.train.checkpoint import Checkpoints
 from sae_jax.train.metrics import MetricsWriter, host
@@ -52,14 +59,16 @@ def train(c, log=print) -> TrainResult:
     mesh = make_mesh(s)
     group, groups = parallel.data_group(mesh)
     local_batch = _local_batch(s, store, groups)
-    run = Path(s.run_dir).expanduser()
-    s = _open_run_dir(run, s, c, log)
     scale, out_scale = input_scales(store, spec.hooks), input_scales(store, spec.targets)
     records = train_records(store, s.holdout_shards)
     read = sorted(set(spec.hooks) | set(spec.targets))
+    # data: this process's slice of every global batch (its checks: enough records for a batch)
+    data = activation_dataset(store, read, local_batch, seed=s.seed, records=records, shard_index=group, shard_count=groups)
 
-    # data: this process's slice of every global batch
-    it = iterator(activation_dataset(store, read, local_batch, seed=s.seed, records=records, shard_index=group, shard_count=groups))
+    # every check above has passed: only now is anything written
+    run = Path(s.run_dir).expanduser()
+    s = _open_run_dir(run, s, c, log)
+    it = iterator(data)
 
     # model: the step, its state created sharded (b_dec from a sample drawn apart from the stream)
     step = TrainStep(spec, mesh, s, scale, out_scale)
@@ -83,6 +92,7 @@ def train(c, log=print) -> TrainResult:
     global_shape = lambda hooks: (len(hooks), s.batch_size, store.width(hooks[0]))  # noqa: E731
     try:
         with _preemption(ckpt) as preempted:
+            stopped = 0  # the signal that stopped the run (0: none)
             for done in range(start + 1, s.steps + 1):
                 batch = next(it)
                 xs = [parallel.global_batch(mesh, "x", _stack(batch, hooks), global_shape(hooks)) for hooks in _inputs(spec)]
@@ -91,16 +101,18 @@ def train(c, log=print) -> TrainResult:
                 if done % s.log_every == 0 or done == s.steps:
                     rec = writer.log(done, metrics, state)
                     _check_nan_streak(rec, s.max_nan_streak)
-                stop = preempted(done)
-                ckpt.save(done, state, it, force=stop or done == s.steps)
-                if stop:
-                    log(f"SIGTERM: saved step {done}; exiting")
+                stopped = preempted(done)
+                ckpt.save(done, state, it, force=bool(stopped) or done == s.steps)
+                if stopped:
                     break
         ckpt.wait()
         _write_density(run, state, s, spec)
     finally:
         writer.close()
         ckpt.close()
+    if stopped:
+        code = 128 + (stopped if isinstance(stopped, int) and not isinstance(stopped, bool) else signal.SIGTERM)
+        raise Interrupted(f"interrupted at step {done} of {s.steps}: saved; run the same command to continue", code)
     return TrainResult(spec, state, writer.last, run, _plots(run))
 
 
@@ -276,27 +288,49 @@ def _prepare_run_dir(run: Path, cfg_json: str, write: bool = True) -> None:
         # a run written before a setting existed had its default; lists compare as parsed
         old = TrainSettings.canonical_identity(json.loads(cfg_file.read_text()).get("train_identity", {}))
         new = json.loads(cfg_json)["train_identity"]
-        if old != new:
+        if old != new and _saved_anything(run):
             diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} here" for k in new if old[k] != new[k])
             raise TrainError(f"{run} holds a run with other settings ({diff}; {cfg_file}); choose another train.run_dir")
+        if old != new and write:  # a start that failed before its first checkpoint: not a run to keep
+            cfg_file.write_text(cfg_json)
     elif write:
         cfg_file.write_text(cfg_json)
+
+
+def _saved_anything(run: Path) -> bool:
+    """Whether `run` holds a checkpoint or a metrics record: a run, not only what a start that
+    failed before its first step wrote (config.json)."""
+    ckpts = run / "checkpoints"
+    has_step = ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())
+    metrics = run / "metrics.jsonl"
+    return has_step or (metrics.is_file() and metrics.stat().st_size > 0)
 
 
 # ---- the loop's pieces -----------------------------------------------------------------------
 @contextlib.contextmanager
 def _preemption(ckpt: Checkpoints):
-    """Yields `preempted(step) -> bool`: True once SIGTERM arrived (one process: our handler; several:
-    JAX's preemption sync point, so that every process saves at the same step)."""
+    """Yields `preempted(step)`: the signal that asked the run to stop (0: none yet). One process:
+    our handler of SIGINT and SIGTERM (a second SIGINT raises KeyboardInterrupt at once); several:
+    JAX's preemption sync point (True), so that every process saves at the same step."""
     if jax.process_count() > 1:
         yield ckpt.reached_preemption
         return
-    got = {"sigterm": False}
-    prev = signal.signal(signal.SIGTERM, lambda *_: got.update(sigterm=True))
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield lambda step: 0
+        return
+    got = {"signal": 0}
+
+    def handler(signum, _frame):
+        if got["signal"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        got["signal"] = got["signal"] or signum
+
+    prev = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield lambda step: got["sigterm"]
+        yield lambda step: got["signal"]
     finally:
-        signal.signal(signal.SIGTERM, prev)
+        for sig, h in prev.items():
+            signal.signal(sig, h)
 
 
 def _check_nan_streak(rec: dict, limit: int) -> None:

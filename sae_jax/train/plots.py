@@ -10,6 +10,13 @@ import numpy as np
 from sae_jax.errors import SaeJaxError
 
 CURVES = ("fvu", "l0", "dead_frac", "auxk_loss", "tok_s")
+YLABELS = {
+    "fvu": "FVU (training batch)",
+    "l0": "active latents per token",
+    "dead_frac": "share of latents dead",
+    "auxk_loss": "AuxK loss",
+    "tok_s": "tokens / s",
+}
 
 
 class PlotError(SaeJaxError, RuntimeError):
@@ -34,10 +41,15 @@ def plot_run(run: Path) -> list[Path]:
     for ax, key in zip(axes, CURVES):
         v = np.asarray([r[key] for r in recs], dtype=float)
         v = v.reshape(len(recs), -1)
-        for m in range(v.shape[1]):
-            ax.plot(steps, v[:, m], label=names[m] if names and v.shape[1] == len(names) else None)
+        styles = ("-", "--", ":", "-.")
+        for m in range(v.shape[1]):  # a style and a marker each, so that equal curves stay apart
+            ax.plot(
+                steps, v[:, m], styles[m % len(styles)], marker="os^vD<>"[m % 7], markevery=max(len(steps) // 8, 1),
+                markersize=3, alpha=0.85, label=names[m] if names and v.shape[1] == len(names) else None,
+            )  # fmt: skip
         ax.set_title(key)
         ax.set_xlabel("step")
+        ax.set_ylabel(YLABELS.get(key, key))
         if key in ("fvu", "auxk_loss") and (v > 0).any():
             ax.set_yscale("log")
     if names:
