@@ -24,6 +24,7 @@ SAEs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -36,15 +37,24 @@ SPARSIFY = ("cfg.json", "sae.safetensors")
 
 
 def kind(path) -> str | None:
-    """'saelens', 'sparsify' or None (not a folder of foreign dictionaries)."""
+    """'saelens', 'sparsify' or None (not a folder of foreign dictionaries). A folder is one
+    dictionary, or holds them one or two levels down: what `sae-jax export --out DIR` writes (one
+    folder per member; sparsify's hookpoint folders inside)."""
     p = Path(path).expanduser()
     if (p / "bank.json").exists():
         return None
-    if all((p / f).is_file() for f in SAELENS):
+    if _dictionaries(p, SAELENS):
         return "saelens"
-    if all((p / f).is_file() for f in SPARSIFY) or any(all((d / f).is_file() for f in SPARSIFY) for d in _subdirs(p)):
+    if _dictionaries(p, SPARSIFY):
         return "sparsify"
     return None
+
+
+def _dictionaries(p: Path, files: tuple[str, ...], depth: int = 2) -> list[Path]:
+    """`p` if it holds `files`, else the folders up to `depth` levels below it that do, in name order."""
+    if all((p / f).is_file() for f in files):
+        return [p]
+    return [d for sub in _subdirs(p) for d in _dictionaries(sub, files, depth - 1)] if depth > 0 else []
 
 
 def _subdirs(p: Path) -> list[Path]:
@@ -145,11 +155,13 @@ def open_foreign(path, store) -> Run:
         raise RunError(
             f"{root}: neither a sae-jax run (bank.json) nor a SAELens ({' + '.join(SAELENS)}) or sparsify ({' + '.join(SPARSIFY)}) folder"
         )
-    if what == "saelens":
-        found = _saelens(root, store)
-    else:
-        dirs = [root] if (root / "sae.safetensors").is_file() else [d for d in _subdirs(root) if (d / "sae.safetensors").is_file()]
-        found = [f for d in dirs for f in _sparsify(d, store)]
+    reader = _saelens if what == "saelens" else _sparsify
+    found = [f for d in _dictionaries(root, SAELENS if what == "saelens" else SPARSIFY) for f in reader(d, store)]
+    seen: dict[str, int] = {}
+    for i, (mem, p) in enumerate(found):  # two dictionaries alike (hook, width, k): told apart by their folders' order
+        seen[mem.name] = seen.get(mem.name, 0) + 1
+        if seen[mem.name] > 1:
+            found[i] = (dataclasses.replace(mem, name=f"{mem.name}.{seen[mem.name]}"), p)
     d_in = {p["W_enc"].shape[0] for _, p in found}
     if len(d_in) != 1:
         raise RunError(f"{root}: dictionaries of different input widths {sorted(d_in)}; give one folder at a time")

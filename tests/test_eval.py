@@ -180,3 +180,22 @@ def test_decode_at_a_large_cap_holds_no_gathered_block():
     mem = jax.jit(folded.decode).lower(p, v, i).compile().memory_analysis()
     codes, gather = n * w * 4, n * w * d * 4
     assert mem.temp_size_in_bytes <= 8 * codes, (mem.temp_size_in_bytes, codes, gather)
+
+
+def test_names_and_the_store_are_checked_before_the_model_loads(tiny_run, tiny_store, tmp_path, monkeypatch):
+    """An unknown member, or a store of another model, is refused before any weight is read."""
+    import shutil
+
+    from sae_jax.eval import core
+    from sae_jax.eval.errors import EvalError
+
+    monkeypatch.setattr(core, "load_run_model", lambda *a, **k: pytest.fail("the model was loaded before the names were checked"))
+    with pytest.raises(EvalError, match="no bank member 'nope'"):
+        core.evaluate(tiny_run, member="nope")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_store.root, other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["model"] = {**m["model"], "name": "another-model", "digest": "f" * 64}
+    (other / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EvalError, match="a store of model 'another-model'.*evaluate on a store of the same model"):
+        core.evaluate(tiny_run, store=str(other))

@@ -35,6 +35,25 @@ def test_exports_open_as_the_same_dictionaries(exported, tiny_store):
             assert other.store_meta["train_records"] == run.store_meta["train_records"]
 
 
+def test_an_export_root_opens_as_all_its_dictionaries(exported, tiny_store):
+    """The folder `sae-jax export --out DIR` wrote (one folder per member; sparsify's hookpoint
+    folders one level further down) opens as every member, in the run's order of names."""
+    run, folders = exported
+    for fmt, dirs in folders.items():
+        root = dirs[0].parent
+        assert kind(root) == fmt
+        other, _ = open_dictionaries(root, store=str(tiny_store.root))
+        by_folder = sorted(range(len(dirs)), key=lambda m: dirs[m].name)  # the folders are read in name order
+        assert len(other.members) == len(run.members) == len({mem.name for mem in other.members})
+        for j, m in enumerate(by_folder):
+            assert (other.members[j].hook, other.members[j].width, other.members[j].k) == (
+                run.members[m].hook,
+                run.members[m].width,
+                run.members[m].k,
+            )
+            np.testing.assert_allclose(other.folded(j)["W_dec"], run.folded(m)["W_dec"], rtol=1e-6, atol=1e-7, err_msg=fmt)
+
+
 def test_sparsify_hookpoint_maps_to_the_store_hook(exported, tiny_store, tmp_path):
     """A folder as sparsify's Trainer writes it (one sub-folder per hookpoint, no sae_jax.json)."""
     run, folders = exported
@@ -73,6 +92,13 @@ def test_eval_cli_on_a_saelens_folder_matches_the_run(exported, tiny_run, tiny_s
     assert compared >= 6
     r = run_cli("eval", str(folder))
     assert r.returncode == 1 and "give --store" in r.stderr and "Traceback" not in r.stderr
+    c = run_cli(
+        "eval", str(folder.parent), "--store", str(tiny_store.root), "--tokens", "512", "--contexts", "2", "--out", str(tmp_path / "c")
+    )
+    assert c.returncode == 0, c.stderr[-2000:]
+    rc = json.loads((tmp_path / "c/eval.json").read_text())
+    assert len(rc["members"]) == len(run.members) and rc["source"] == "saelens"
+    assert f"(SAELens dictionaries, {len(run.members)})" in c.stdout and "(step 0)" not in c.stdout
 
 
 def _copy(folder, tmp_path):

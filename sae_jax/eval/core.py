@@ -222,6 +222,11 @@ def evaluate(
     run, store = open_dictionaries(run_dir, step, store)  # a sae-jax run, or a SAELens / sparsify folder on `store`
     run.refuse_transcoders("eval")
     st = open_store(store or run.store_meta["root"])
+    # what the names and the store say is checked before any weight is read
+    names = [mem.name for mem in run.members]
+    if member is not None and member not in names:
+        raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
+    _same_model(run, st)
     skipped = _no_model(run, model_path)
     lm = None if skipped else load_run_model(run.store_meta, model_path)
     t0 = time.perf_counter()
@@ -230,14 +235,12 @@ def evaluate(
         "run": str(run.root.absolute()),
         "step": run.step,
         "finished": run.finished,
+        "source": run.meta["kind"] if run.meta["kind"] in ("saelens", "sparsify") else "sae_jax",
         "model": (run.store_meta.get("model") or {}).get("name", "external"),
         "downstream_text": None if skipped else {"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
         "downstream_skipped": skipped,
         "members": {},
     }
-    names = [mem.name for mem in run.members]
-    if member is not None and member not in names:
-        raise EvalError(f"{run.root}: no bank member {member!r} (members: {', '.join(names)})")
     chosen = [m for m, mem in enumerate(run.members) if member in (None, mem.name)]
     outlier = float(run.store_meta.get("outlier_ratio") or 0)
     rows_cache, fns = {}, {}
@@ -282,7 +285,12 @@ def evaluate(
 def markdown(report: dict) -> str:
     down = report["downstream_text"]
     lines = [
-        f"# Evaluation of {report['run']} (step {report['step']}{'' if report['finished'] else ', unfinished'})",
+        f"# Evaluation of {report['run']} "
+        + (
+            f"({ {'saelens': 'SAELens', 'sparsify': 'sparsify'}[report['source']]} dictionaries, {len(report['members'])})"
+            if report.get("source", "sae_jax") != "sae_jax"
+            else f"(step {report['step']}{'' if report['finished'] else ', unfinished'})"
+        ),
         "",
         f"Model {report['model']}; downstream on {down['contexts']} held-out contexts of {down['ctx_len']} tokens."
         if down
@@ -319,6 +327,20 @@ def write_report(report: dict, out=None) -> tuple[str, list[Path]]:
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     (out / "eval.md").write_text(text + "\n")
     return text, [out / "eval.json", out / "eval.md"]
+
+
+def _same_model(run, st) -> None:
+    """A store named for evaluation holds the activations of the run's model: the same digest
+    where both record one (a store of another model would score the dictionaries on the wrong
+    activations)."""
+    mine = (run.store_meta.get("model") or {}).get("digest")
+    theirs = (st.manifest.get("model") or {}).get("digest")
+    if mine and theirs and mine != theirs:
+        name = lambda m: (m.get("model") or {}).get("name", "?")  # noqa: E731
+        raise EvalError(
+            f"{st.root}: a store of model {name(st.manifest)!r} (digest {theirs[:12]}), but {run.root} was trained on "
+            f"{name(run.store_meta)!r} (digest {mine[:12]}): evaluate on a store of the same model"
+        )
 
 
 def heldout_density(run, m: int, max_rows: int = 65536) -> tuple[np.ndarray | None, str]:
