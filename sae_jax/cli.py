@@ -81,7 +81,9 @@ def _load_config(argv: list[str], default_file: str):
         raise _unknown_setting(argv) from None
     if rest:  # `sae-jax train runs/store`: a path where a setting was meant
         hint = {"harvest": "harvest.out", "demo": "harvest.out"}.get(argv[0].split()[-1], "train.store")
-        raise flags.Error(f"unexpected argument {rest[0]!r}: settings are given as --config.section.key=value (e.g. --config.{hint}={rest[0]})")
+        raise flags.Error(
+            f"unexpected argument {rest[0]!r}: settings are given as --config.section.key=value (e.g. --config.{hint}={rest[0]})"
+        )
     return fv.config
 
 

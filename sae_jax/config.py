@@ -116,7 +116,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.encoder_dtype = "auto"
     c.train.mesh_data = 0  # devices on the data (batch) axis; 0: every device not on the model axis
     c.train.mesh_model = 1  # devices the latents are split over (a divisor of the device count)
-    c.train.checkpoint_every = 50  # steps between checkpoints (SIGTERM and the last step always save)
+    c.train.checkpoint_every = 50  # steps between checkpoints (Ctrl-C, SIGTERM and the last step always save)
     c.train.keep_checkpoints = 3  # checkpoints kept on disk (oldest deleted)
     c.train.log_every = 10  # steps between metric records (the only steps that sync with the devices)
     c.train.seed = 0  # parameter init and the record order

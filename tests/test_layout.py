@@ -21,7 +21,7 @@ FLOORS = {
     2: ("model", "sae", "chips"),
     3: ("harvest", "train", "eval", "runs", "foreign"),
     4: ("export", "harvest_check"),
-    5: ("cli",),
+    5: ("cli", "api"),
 }
 
 

@@ -287,7 +287,7 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Evaluation of {report['run']} "
         + (
-            f"({ {'saelens': 'SAELens', 'sparsify': 'sparsify'}[report['source']]} dictionaries, {len(report['members'])})"
+            f"({ {'saelens': 'SAELens', 'sparsify': 'sparsify'}[report['source']] } dictionaries, {len(report['members'])})"
             if report.get("source", "sae_jax") != "sae_jax"
             else f"(step {report['step']}{'' if report['finished'] else ', unfinished'})"
         ),
