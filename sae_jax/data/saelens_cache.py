@@ -35,7 +35,7 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise CacheError("SAELens caches are Hugging Face datasets: pip install datasets (or 'sae-jax[hf]')") from None
+        raise CacheError("SAELens caches are Hugging Face datasets, which are not installed: pip install 'datasets>=3.0' (or the 'hf' extra: pip install -e '.[hf]')") from None
     return datasets
 
 
@@ -45,10 +45,10 @@ def _hook_columns(ds) -> dict[str, tuple[int, int]]:
 
 
 def open_cache(path):
-    datasets = _datasets()
     path = Path(path).expanduser()
-    if not path.is_dir():
+    if not path.is_dir():  # before asking for `datasets`: a mistyped path is the likelier mistake
         raise CacheError(f"{path}: no such directory (a SAELens cache is a datasets directory written by save_to_disk)")
+    datasets = _datasets()
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError) as e:
@@ -115,7 +115,6 @@ def _shard_rows(store: st.Store, part: str):
 
 def export_cache(store, out, hooks: list[str] | None = None, *, context_size: int = 128, dtype: str = "float32", log=print) -> Path:
     """A store -> a directory SAELens reads as cached activations (see the module docstring)."""
-    datasets = _datasets()
     if not isinstance(store, st.Store):
         store = st.open_store(store)
     hooks = hooks or list(store.hooks)
@@ -125,6 +124,7 @@ def export_cache(store, out, hooks: list[str] | None = None, *, context_size: in
         raise CacheError(f"context_size={context_size}: must be positive")
     if dtype not in ("float32", "float16"):
         raise CacheError(f"dtype {dtype!r}: float32 or float16 (Arrow has no bfloat16)")
+    datasets = _datasets()  # after the arguments' own checks
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise CacheError(f"{out} exists and is not empty: refusing to overwrite it")
