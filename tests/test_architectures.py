@@ -415,7 +415,9 @@ def test_transcoder_recovers_a_sparse_map():
         a = (r.random((n, len(sf.probs))) < sf.probs) * r.uniform(0.5, 1.5, size=(n, len(sf.probs)))
         return (a @ sf.features).astype(np.float32), (a @ g).astype(np.float32)
 
-    spec = BankSpec(hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=SF["d"], width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out)
+    spec = BankSpec(
+        hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=SF["d"], width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, architecture="topk"
+    )
     st, m, _ = _fit(spec, sf, pair=pair)
     w = st["params"]["W_dec"][0]
     mmc = float((g @ (w / np.linalg.norm(w, axis=1, keepdims=True)).T).max(axis=1).mean())
@@ -442,7 +444,18 @@ def test_skip_transcoder_learns_the_linear_part():
         x = np.concatenate([a @ sf.features, noise], axis=1)
         return x.astype(np.float32), (a @ g + noise @ lin).astype(np.float32)
 
-    spec = BankSpec(hooks=("x",), widths=(WIDTH,), ks=(4,), d_in=d_u + d_v, width=WIDTH, k_aux=32, out_hooks=("y",), d_out=d_out, skip=True)
+    spec = BankSpec(
+        hooks=("x",),
+        widths=(WIDTH,),
+        ks=(4,),
+        d_in=d_u + d_v,
+        width=WIDTH,
+        k_aux=32,
+        out_hooks=("y",),
+        d_out=d_out,
+        skip=True,
+        architecture="topk",
+    )
     st, m, (s_in, s_out) = _fit(spec, sf, pair=pair)
     learned = st["params"]["W_skip"][0][d_u:] * s_in / s_out  # the V rows, back to raw units
     rel = float(np.linalg.norm(learned - lin) / np.linalg.norm(lin))
