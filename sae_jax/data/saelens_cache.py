@@ -35,7 +35,9 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise CacheError("SAELens caches are Hugging Face datasets, which are not installed: pip install 'datasets>=3.0' (or the 'hf' extra: pip install -e '.[hf]')") from None
+        raise CacheError(
+            "SAELens caches are Hugging Face datasets, which are not installed: pip install 'datasets>=3.0' (or the 'hf' extra: pip install -e '.[hf]')"
+        ) from None
     return datasets
 
 

@@ -107,13 +107,10 @@ SORTED_BUDGET = 2**20
 LATENT_ORDER_MIN = 2**22
 
 
-# On a GPU every scan iteration is at least one kernel launch (microseconds), and a scan's carry
-# may be laid out for its consumer and transposed in every iteration: the CPU budgets gave loops
-# of 8,192-16,384 iterations in the H100 step at 2^16 latents (d_in 2304, batch 8192), and the
-# scatter into W_enc's gradient transposed the whole table twice per iteration. There, the
-# gathered decoder rows take blocks of up to 2^27 elements (512 MiB in float32), and the sorted
-# slots' scatter-adds and gather-dots run whole (XLA fuses the gathered rows into the scatter
-# and the reduction, so nothing slot-sized is written)
+# On a GPU each scan iteration is a kernel launch, and a carry laid out for its consumer may be
+# transposed every iteration: there the gathered decoder rows take 512 MiB blocks, and the sorted
+# slots' scatter-adds and gather-dots run whole (XLA fuses the gathers into them; what the CPU
+# budgets cost in the compiled H100 step: docs/benchmarks.md, "The GPU step read from its compiled HLO")
 GPU_SLOTS_BUDGET = 2**27
 GPU_SORTED_BUDGET = 2**34
 
