@@ -125,10 +125,11 @@ def test_bad_foreign_folders_are_named(exported, tiny_store, tmp_path):
         open_dictionaries(d, store=store)
     with pytest.raises(RunError, match="--step applies to sae-jax runs"):
         open_dictionaries(folders["sparsify"][0], step=3, store=store)
+    (tmp_path / "empty" / "a" / "b").mkdir(parents=True)  # no dictionary at any depth searched
     with pytest.raises(RunError, match="neither a sae-jax run"):
         from sae_jax.foreign import open_foreign
 
-        open_foreign(tmp_path, open_store(store))
+        open_foreign(tmp_path / "empty", open_store(store))
 
 
 def test_saelens_rescale_and_no_b_dec_on_input_fold_to_the_same_map(exported, tiny_store, tmp_path):
