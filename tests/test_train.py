@@ -114,7 +114,7 @@ def test_train_bad_input(tiny_store, tmp_path):
     r = run_cli("train", *_args(tiny_store, tmp_path / "b", **{"train.hooks": "blocks.5.hook_mlp_out"}))
     assert r.returncode == 1 and "hook 'blocks.5.hook_mlp_out' is not in this store" in r.stderr
     r = run_cli("train", *_args(tiny_store, tmp_path / "c", **{"train.batch_sise": 3}))
-    assert r.returncode == 2 and "batch_sise" in r.stderr
+    assert r.returncode == 1 and "--config.train.batch_sise: no such setting; did you mean train.batch_size?" in r.stderr
     blocker = tmp_path / "file"
     blocker.write_text("")
     r = run_cli("train", *_args(tiny_store, blocker / "run"))
