@@ -15,6 +15,7 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
+from sae_jax.sae import bank
 from sae_jax.sae.bank import BankSpec, geometric_median, init_params
 
 
@@ -76,6 +77,4 @@ def abstract_state(spec: BankSpec, mesh, tx) -> dict:
 
 def batchtopk_threshold(state) -> np.ndarray:
     """The inference threshold of a BatchTopK bank's state [M] (scaled units): `bank.batchtopk_threshold`."""
-    from sae_jax.sae.bank import batchtopk_threshold as threshold
-
-    return threshold(state["threshold_ema"], state["threshold_norm"])
+    return bank.batchtopk_threshold(state["threshold_ema"], state["threshold_norm"])
