@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.adam_b1 = 0.7  # Adam's first-moment (momentum) decay (docs/design.md, "The recipe")
     c.train.adam_b2 = 0.999  # Adam's second-moment decay
     c.train.adam_eps = 1e-8  # Adam's epsilon (gradients of inputs at unit mean squared norm)
+    # dtype of Adam's two moments for W_enc and W_dec (biases keep float32): bfloat16 (stochastically
+    # rounded: half the state of float32) or float32 (docs/design.md, "Optimizer state")
+    c.train.optimizer_state = "bfloat16"
     c.train.warmup_steps = 20  # linear learning-rate warmup from 0
     c.train.decay_frac = 0.2  # linear decay to 0 over the last fraction of steps
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing

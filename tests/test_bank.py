@@ -134,7 +134,12 @@ def test_decoder_lr_scale_scales_only_the_decoder_update():
     ups = {}
     for scale in (1.0, 3.0, 0.0):
         tx = make_optimizer(
-            np.array([1e-3, 2e-3]), schedule(10, 0, 0.2), bias_lr_scale=0.1, decoder_lr_scale=scale, adam=(0.9, 0.999, 1e-8)
+            np.array([1e-3, 2e-3]),
+            schedule(10, 0, 0.2),
+            bias_lr_scale=0.1,
+            decoder_lr_scale=scale,
+            adam=(0.9, 0.999, 1e-8),
+            state_dtype="float32",
         )
         ups[scale], _ = tx.update(grads, tx.init(params), params)
     np.testing.assert_array_equal(np.asarray(ups[3.0]["W_dec"]), 3.0 * np.asarray(ups[1.0]["W_dec"]))
@@ -161,7 +166,9 @@ def test_adam_constants_come_from_the_settings():
         return out
 
     b1, b2, eps, lr = 0.5, 0.9, 1e-3, 1e-3
-    settings = TrainSettings.defaults(steps=10, warmup_steps=0, decay_frac=0.0, lr=lr, adam_b1=b1, adam_b2=b2, adam_eps=eps)
+    settings = TrainSettings.defaults(
+        steps=10, warmup_steps=0, decay_frac=0.0, lr=lr, adam_b1=b1, adam_b2=b2, adam_eps=eps, optimizer_state="float32"
+    )
     got = updates(settings)
     m = v = 0.0
     for t, g in enumerate(grads, 1):

@@ -101,6 +101,7 @@ ALIASES = {  # a library parameter -> the train setting it carries
     "adam": ("adam_b1", "adam_b2", "adam_eps"),
     "bias_lr_scale": "bias_lr_scale",
     "decoder_lr_scale": "decoder_lr_scale",
+    "state_dtype": "optimizer_state",
 }
 
 

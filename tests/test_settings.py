@@ -35,6 +35,7 @@ BAD = {
     "adam_b1": (1.0, "in [0, 1)"),
     "adam_b2": (-0.1, "in [0, 1)"),
     "adam_eps": (0.0, "> 0 and finite"),
+    "optimizer_state": ("float16", "choose from bfloat16, float32"),
     "warmup_steps": (-1, ">= 0"),
     "decay_frac": (2.0, "in [0, 1]"),
     "dead_tokens": (0, "positive"),

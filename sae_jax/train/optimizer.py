@@ -1,4 +1,4 @@
-"""The optimiser: Adam with a warmup-constant-decay schedule, one learning rate per bank member,
+"""The optimiser: Adam (its matrices' moments in `train.optimizer_state`: `train.adam`) with a warmup-constant-decay schedule, one learning rate per bank member,
 and per-parameter factors (biases, decoder), as one optax chain.
 
     tx, sched = build_optimizer(spec, settings, input_scale, output_scale)
@@ -14,6 +14,7 @@ import numpy as np
 import optax
 
 from sae_jax.sae.bank import BankSpec
+from sae_jax.train.adam import scale_by_adam_lean
 from sae_jax.train.settings import TrainSettings, base_lr
 
 BIASES = ("b_enc", "b_dec")  # the parameters `bias_lr_scale` applies to
@@ -67,8 +68,9 @@ def make_optimizer(
     bias_lr_scale: float | dict,
     decoder_lr_scale: float,
     adam: tuple[float, float, float],
+    state_dtype: str,
 ) -> optax.GradientTransformation:
-    """Adam (`adam`: b1, b2, eps) scaled by `sched`. Each member has its own learning rate `lrs`
+    """Adam (`adam`: b1, b2, eps; its matrices' moments kept in `state_dtype`: `adam.scale_by_adam_lean`) scaled by `sched`. Each member has its own learning rate `lrs`
     [M] (leading bank axis); the biases (`BIASES`) take `bias_lr_scale` times it (a number, or per
     bias an array [M]: `bias_lr_factors`) and the decoder `decoder_lr_scale` times it
     (docs/design.md, "The recipe")."""
@@ -86,7 +88,7 @@ def make_optimizer(
         return {n: u * member(factors[n], u) if n in factors else u for n, u in out.items()}, state
 
     return optax.chain(
-        optax.scale_by_adam(*adam),
+        scale_by_adam_lean(*adam, state_dtype),
         optax.scale_by_schedule(sched),
         optax.GradientTransformation(lambda p: optax.EmptyState(), per_member),
     )
@@ -105,5 +107,6 @@ def build_optimizer(
         bias_lr_scale=bias_lr_factors(s, input_scale, output_scale),
         decoder_lr_scale=s.decoder_lr_scale,
         adam=(s.adam_b1, s.adam_b2, s.adam_eps),
+        state_dtype=s.optimizer_state,
     )
     return tx, sched

@@ -27,7 +27,7 @@ IDENTITY = (
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
-    "adam_b1", "adam_b2", "adam_eps",
+    "adam_b1", "adam_b2", "adam_eps", "optimizer_state",
 )  # fmt: skip
 
 
@@ -50,9 +50,14 @@ LEGACY = {
     "adam_b1": 0.9,
     "adam_b2": 0.999,
     "adam_eps": 1e-8,
+    "optimizer_state": "float32",
     "lr_rule": "0.0002 / sqrt(width / 2^14)",
 }
-BIAS_LR_UNITS = ("raw", "scaled")  # how train.bias_lr_scale is read (train/step.py, `bias_lr_factors`)
+BIAS_LR_UNITS = ("raw", "scaled")
+OPTIMIZER_STATES = (
+    "bfloat16",
+    "float32",
+)  # train.optimizer_state (train/optimizer.py, `scale_by_adam_lean`)  # how train.bias_lr_scale is read (train/step.py, `bias_lr_factors`)
 
 
 class SettingsError(SaeJaxError, ValueError):
@@ -88,6 +93,7 @@ class TrainSettings:
     adam_b1: float
     adam_b2: float
     adam_eps: float
+    optimizer_state: str
     warmup_steps: int
     decay_frac: float
     dead_tokens: int
@@ -312,6 +318,7 @@ def _check(s: TrainSettings) -> None:
         ("adam_b1", 0 <= s.adam_b1 < 1, "must be in [0, 1) (Adam's first-moment decay)"),
         ("adam_b2", 0 <= s.adam_b2 < 1, "must be in [0, 1) (Adam's second-moment decay)"),
         ("adam_eps", finite(s.adam_eps) and s.adam_eps > 0, "must be > 0 and finite"),
+        ("optimizer_state", s.optimizer_state in OPTIMIZER_STATES, f"choose from {', '.join(OPTIMIZER_STATES)} (Adam's moments' dtype)"),
         ("warmup_steps", s.warmup_steps >= 0, "must be >= 0"),
         ("decay_frac", 0 <= s.decay_frac <= 1, "must be in [0, 1]"),
         ("dead_tokens", s.dead_tokens >= 1, "must be positive (tokens without firing before a latent counts as dead)"),
