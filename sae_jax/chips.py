@@ -69,6 +69,20 @@ def hbm_bytes(kind: str) -> int | None:
     return None if gib is None else int(gib * GIB)
 
 
+# the share of a GPU's HBM a step may plan for: the rest holds the CUDA context, cuBLAS / cuDNN
+# workspaces and the allocator's slack (JAX itself preallocates 75% of it unless
+# XLA_PYTHON_CLIENT_MEM_FRACTION says more; docs/design.md, "Optimizer state")
+GPU_USABLE = 0.9
+
+
+def usable_bytes(kind: str) -> int | None:
+    """The memory a step on a device of `kind` may use: a TPU's HBM, `GPU_USABLE` of a GPU's."""
+    n = hbm_bytes(kind)
+    if n is None:
+        return None
+    return int(n * GPU_USABLE) if "NVIDIA" in kind else n
+
+
 def peak_tflops(kind: str, given: float | None = None) -> float | None:
     """Dense bf16 TFLOP/s of a device kind: `given` when set, else `PEAK_TFLOPS`; None for a kind not listed."""
     return given or _by_kind(PEAK_TFLOPS, kind)

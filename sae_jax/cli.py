@@ -189,6 +189,9 @@ def cmd_demo(argv) -> int:
     return 0
 
 
+WIDTH_GRANULE = 4096  # compile-check's widest-fit search: widths in multiples of this x train.mesh_model
+
+
 def cmd_compile_check(argv) -> int:
     """Compile the train step for the configured mesh without training (sae_jax/train/compile_check.py)."""
     import argparse
@@ -197,6 +200,9 @@ def cmd_compile_check(argv) -> int:
     p = argparse.ArgumentParser(prog="sae-jax compile-check", description=cmd_compile_check.__doc__)
     p.add_argument("--devices", type=int, default=0, help="compile for N simulated CPU devices (a pod's mesh from here)")
     p.add_argument("--memory-gib", type=float, default=None, help="per-device memory: refuse (exit 1) a step that needs more")
+    p.add_argument(
+        "--no-widest", action="store_true", help="on a refusal, do not search (by a few more compiles) for the widest widths that fit"
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for the tokens/s estimate (default: known TPUs/GPUs)")
     p.add_argument("--mfu", type=float, default=0.5, help="fraction of the peak the estimate assumes")
     p.add_argument("--d-in", type=int, default=0, help="the hooks' width, to check without a store (name the hooks in train.hooks)")
@@ -229,11 +235,24 @@ def cmd_compile_check(argv) -> int:
     cfg = _load_config([argv[0], *rest], "default.py")
     if a.job == "harvest":
         return _compile_check_harvest(a, cfg)
-    from sae_jax.train.compile_check import compile_check, refusal, report
+    from sae_jax.train.compile_check import CompilerRefused, compile_check, refusal, report, widest_fitting, widest_line
+    from sae_jax.train.settings import TrainSettings
 
-    rep = compile_check(
-        cfg, d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu
-    )
+    kw = dict(d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu)
+    t = TrainSettings.from_config(cfg.train)
+
+    def widest():
+        print("searching for the widest train.widths that fits (a few more compiles) ...", file=sys.stderr, flush=True)
+        return widest_fitting(cfg, t.widths, WIDTH_GRANULE * t.mesh_model, **kw)
+
+    try:
+        rep = compile_check(cfg, **kw)
+    except CompilerRefused as e:
+        if a.no_widest:
+            raise
+        raise type(e)(f"{e}; the widest that fits: {widest_line(widest())}") from None
+    if rep["fits"] is False and not a.no_widest:
+        rep["widest"] = widest()
     return _check_verdict(rep, report(rep), refusal, a.json)
 
 

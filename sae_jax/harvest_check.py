@@ -100,7 +100,7 @@ def harvest_compile_check(
     store_dtype = DTYPES[h.dtype]
     devices = target_devices(topology, gpu)
     kind = getattr(devices[0], "device_kind", "")
-    limit = int(memory_gib * GIB) if memory_gib else (chips.hbm_bytes(kind) if (topology or gpu) else None)
+    limit = int(memory_gib * GIB) if memory_gib else (chips.usable_bytes(kind) if (topology or gpu) else None)
     n = len(devices)
 
     def smallest_fit() -> str:

@@ -369,16 +369,19 @@ def latent_order(width: int, d: int) -> bool:
     return width * d >= LATENT_ORDER_MIN
 
 
-def scatter_rows(src, coef, idx, width: int, slots=None):
+def scatter_rows(src, coef, idx, width: int, slots=None, zero: float = 0.0, init=None):
     """out[j] = sum over slots (r, s) with idx[r, s] = j of coef[r, s] * src[r]: [width, d] float32.
 
     src [B, d], coef and idx [B, K]. With `slots` (`sort_slots(idx)`) the slots are taken in
     latent order in blocks of `SORTED_BUDGET` elements whose updates (coef x gathered src rows)
     are built in cache; without, in row order, blocks of rows (SLOTS_BUDGET). Either way each
-    latent's terms are summed in slot order."""
+    latent's terms are summed in slot order. `zero`: the value the sums start from, 0.0 or -0.0
+    (the same sums: x + -0.0 = x); two gradients started from one zero array share it after XLA's
+    common-subexpression pass, and the compiler then copies it, a [width, d] float32 buffer more.
+    `init` ([width, d] float32): add into it instead (one accumulator for several sets of slots)."""
     d = src.shape[1]
     src = src.astype(jnp.float32)
-    zeros = jnp.zeros((width, d), jnp.float32)
+    zeros = jnp.full((width, d), zero, jnp.float32) if init is None else init
     if slots is None:
         rows, kk = idx.shape
 
@@ -442,7 +445,8 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 
         _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], _slots_budget())))
         dx = dx.reshape(x.shape).astype(x.dtype)
-    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None)
+    # -0.0: not the decoder gradient's 0.0, so the two accumulators are not merged (`scatter_rows`)
+    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None, zero=-0.0)
     db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     return dx, dwt.T.astype(w.dtype), db
 
@@ -548,3 +552,41 @@ def _decode_bwd(res, g):
 
 
 sparse_decode.defvjp(_decode_fwd, _decode_bwd)
+
+
+@jax.custom_vjp
+def sparse_decode_parts(values: tuple, indices: tuple, w_dec) -> tuple:
+    """`sparse_decode` of several (values [B, k_p], indices [B, k_p]) sets with one decoder: one
+    reconstruction [B, d] per set. On GPU and CPU the backward adds every set's decoder gradient
+    into one [S, d] accumulator (in set order), where a `sparse_decode` per set gives one dense
+    gradient each, which autodiff then adds: a parameter-sized float32 buffer per set more (the
+    main and AuxK reconstructions; Matryoshka's bands). libtpu's compiler keeps more with the
+    shared accumulator than with one per set (docs/design.md, "Optimizer state"), so on TPU each
+    set has its own."""
+    return tuple(_decode_fwd_only(v, i, w_dec) for v, i in zip(values, indices, strict=True))
+
+
+def _parts_fwd(values, indices, w_dec):
+    return sparse_decode_parts(values, indices, w_dec), (values, indices, w_dec)
+
+
+def _parts_bwd(res, gs):
+    values, indices, w_dec = res
+    dvs, dw = [], None
+    for v, i, g in zip(values, indices, gs, strict=True):
+        if _native():
+            dvs.append(native.gather_dots(w_dec, g, i).astype(v.dtype))
+            part = native.scatter_rows(g, v, i, w_dec.shape[0])
+            dw = part if dw is None else dw + part
+            continue
+        slots = sort_slots(i) if latent_order(*w_dec.shape) else None
+        dvs.append(gather_dots(w_dec, g, i, slots).astype(v.dtype))
+        if target_platform() == "tpu":
+            part = scatter_rows(g, v, i, w_dec.shape[0], slots)
+            dw = part if dw is None else dw + part
+        else:
+            dw = scatter_rows(g, v, i, w_dec.shape[0], slots, init=dw)
+    return tuple(dvs), tuple(None for _ in indices), dw.astype(w_dec.dtype)
+
+
+sparse_decode_parts.defvjp(_parts_fwd, _parts_bwd)

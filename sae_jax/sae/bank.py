@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax.kernels.topk import EncoderOptions, sparse_decode, topk_pre
+from sae_jax.kernels.topk import EncoderOptions, sparse_decode_parts, topk_pre
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 SPARSE = ("topk", "batchtopk")
@@ -202,23 +202,27 @@ def _encode(
     return _global_topk(v, i + off, k, n_model), None
 
 
-def _decode(values, indices, w_dec):
-    """Sum over the shard's own winners of value x decoder row; psum over `model` by the caller.
+def _decode(parts, w_dec):
+    """Sum over the shard's own winners of value x decoder row, for each (values, indices) of
+    `parts`; psum over `model` by the caller. Returns (reconstructions, (own, local) of the
+    first part: which of its winners are this shard's, and their local ids).
 
-    `kernels.topk.sparse_decode`: a scan over the k slots, each gathering one [B, d_out] slab of
-    decoder rows, with a custom VJP (gather-dot for the values, scatter-add into the selected
-    rows for W_dec) that saves nothing but its inputs: no dense [B, d_sae] activation matrix and
-    no [B, k, d_out] gather, forward or backward.
+    `kernels.topk.sparse_decode_parts`: a scan over blocks of rows gathering their decoder rows,
+    with a custom VJP (gather-dot for the values, scatter-add into the selected rows for W_dec,
+    every part into one gradient) that saves nothing but its inputs: no dense [B, d_sae]
+    activation matrix and no [B, k, d_out] gather, forward or backward.
     """
     s_local = w_dec.shape[1]
     if lax.axis_size("model") == 1:  # every winner is this shard's: the indices pass as they are (the
         # backward's sort of them is then the encoder backward's, which XLA computes once)
-        return jax.vmap(sparse_decode)(values, indices, w_dec), jnp.ones(indices.shape, bool), indices
+        values, indices = tuple(v for v, _ in parts), tuple(i for _, i in parts)
+        own0 = jnp.ones(indices[0].shape, bool)
+        return jax.vmap(sparse_decode_parts)(values, indices, w_dec), (own0, indices[0])
     off = _model_offset(s_local)
-    own = (indices >= off) & (indices < off + s_local)
-    local = jnp.where(own, indices - off, 0)
-    vals = jnp.where(own, values, 0.0)
-    return jax.vmap(sparse_decode)(vals, local, w_dec), own, local
+    owns = [(i >= off) & (i < off + s_local) for _, i in parts]
+    locals_ = tuple(jnp.where(o, i - off, 0) for o, (_, i) in zip(owns, parts))
+    vals = tuple(jnp.where(o, v, 0.0) for o, (v, _) in zip(owns, parts))
+    return jax.vmap(sparse_decode_parts)(vals, locals_, w_dec), (owns[0], locals_[0])
 
 
 def _batch_select(rv, ks, k_max: int):
@@ -273,13 +277,16 @@ def forward_sparse(
         vals = rv * (jnp.arange(C)[None, :] < ks[:, None])[:, None, :]
         thr, capped = jnp.zeros(m), jnp.zeros(m)
 
-    # Matryoshka: decode each band of latents [p_{j-1}, p_j) once; prefix j is the sum of bands <= j
+    # Matryoshka: decode each band of latents [p_{j-1}, p_j) once; prefix j is the sum of bands <= j.
+    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left. One
+    # decode for all of them: their decoder gradients share one accumulator.
     edges = (0, *spec.prefixes, spec.width)
-    parts, own, local = [], None, None
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        band = vals if len(edges) == 2 else jnp.where((idx >= lo) & (idx < hi), vals, 0.0)
-        part, own, local = _decode(band, idx, w_dec)
-        parts.append(part)
+    bands = [(vals if len(edges) == 2 else jnp.where((idx >= lo) & (idx < hi), vals, 0.0), idx) for lo, hi in zip(edges[:-1], edges[1:])]
+    if with_aux:
+        dv, di = aux
+        bands.append((jax.nn.relu(dv), di))
+    outs, (own, local) = _decode(bands, w_dec)
+    parts = outs[: len(edges) - 1]
     x_hat = jnp.cumsum(lax.psum(jnp.stack(parts), "model"), axis=0) + b_dec[None, :, None, :]
 
     fired = jax.vmap(
@@ -287,12 +294,9 @@ def forward_sparse(
     )(own, local, vals)
     fired = lax.psum(fired, "data")
 
-    # AuxK: the top k_aux of the dead latents reconstruct the residual the live ones left.
     e_hat = jnp.zeros(x.shape[:2] + (w_dec.shape[-1],), x.dtype)
     if with_aux:
-        dv, di = aux
-        aux_part, _, _ = _decode(jax.nn.relu(dv), di, w_dec)
-        e_hat = lax.psum(aux_part, "model")
+        e_hat = lax.psum(outs[-1], "model")
     l0 = (vals > 0).sum(-1).astype(jnp.float32)
     return {
         "x_hat": x_hat,

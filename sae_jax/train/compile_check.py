@@ -32,6 +32,10 @@ class CompileCheckError(SaeJaxError, ValueError):
     pass
 
 
+class CompilerRefused(CompileCheckError):
+    """The target's own compiler refused the program (its HBM or VMEM check)."""
+
+
 class _Shapes:
     """Stands in for a store when there is none here (`--d-in`): the hooks and their width."""
 
@@ -66,6 +70,72 @@ def per_device_bytes(tree) -> int:
     import jax
 
     return int(sum(np.prod(a.sharding.shard_shape(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def state_parts(state) -> dict[str, int]:
+    """Bytes per device of each part of the train state: `params`, each optimiser buffer by the
+    name optax gives it (`mu`, `nu`, `count`: summed over parameters, with their dtypes), and the
+    rest (the per-latent counters and bookkeeping)."""
+    import jax
+
+    parts = {"params": per_device_bytes(state["params"])}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state["opt_state"])[0]:
+        names = [k.name for k in path if isinstance(k, jax.tree_util.GetAttrKey)]
+        key = f"optimizer {names[-1] if names else 'other'}"
+        parts.setdefault(key, 0)
+        parts[key] += per_device_bytes(leaf)
+        dtypes = parts.setdefault(f"{key} dtypes", [])
+        if str(leaf.dtype) not in dtypes:
+            dtypes.append(str(leaf.dtype))
+    parts["counters"] = per_device_bytes({k: v for k, v in state.items() if k not in ("params", "opt_state")})
+    return parts
+
+
+def big_temporaries(dump_dir: str, matrix_elems: set[int]) -> dict | None:
+    """From the compiler's buffer assignment of the step (the module in `dump_dir` with the most
+    temporary bytes): the distinct slices of its temporary allocations that at some point hold an
+    array with as many elements as one of the parameter matrices (per device: `matrix_elems`):
+    the dense float32 gradients, any copy of a parameter or moment the compiler keeps, the
+    encoder's bfloat16 cast. {"bytes": the bytes of temporary memory such arrays ever occupy,
+    "count": that in float32 matrices, "shapes"}, or None when the compiler wrote no buffer
+    assignment."""
+    import glob
+    import re
+
+    value = re.compile(r"value: <\d+ \S+ @\d+> \(size=(\d+),offset=(\d+)\): (\w+)\[([\d,]*)\]")
+    best, best_temp = None, -1
+    for f in glob.glob(f"{dump_dir}/*after_optimizations-buffer-assignment.txt"):
+        slices, temp, in_temp = {}, 0, False
+        for line in open(f):
+            if line.startswith("allocation "):
+                in_temp = "preallocated-temp" in line
+                if in_temp:
+                    n = re.match(r"allocation (\d+): size (\d+)", line)
+                    temp += int(n.group(2))
+                    alloc = int(n.group(1))
+                continue
+            m = in_temp and value.search(line)
+            if not m:
+                continue
+            size, offset, dtype, shape = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+            if dtype in ("f32", "bf16") and shape and int(np.prod([int(d) for d in shape.split(",")])) in matrix_elems:
+                slices.setdefault((alloc, offset, size), []).append(f"{dtype}[{shape}]")
+        if temp > best_temp:
+            best, best_temp = slices, temp
+    if best is None:
+        return None
+    # the bytes those arrays ever occupy: the union of their slices (slices of one allocation
+    # may overlap, time-sharing its bytes), in matrices of the largest parameter-sized array
+    union, shapes = 0, set()
+    for alloc in {a for a, _, _ in best}:
+        end = -1
+        for _, off, size in sorted(k for k in best if k[0] == alloc):
+            union += max(0, off + size - max(off, end))
+            end = max(end, off + size)
+    for v in best.values():
+        shapes.update(v)
+    matrix = max((4 * e for e in matrix_elems), default=1)
+    return {"count": round(union / matrix, 2), "bytes": union, "shapes": sorted(shapes)}
 
 
 def compile_check(
@@ -109,17 +179,23 @@ def compile_check(
         (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_out), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
     t0 = time.perf_counter()
-    with compiling(mesh):  # traced and lowered for the target: the encoder's `auto` and the Pallas kernels, not this host's
-        try:
-            compiled = step.lower(*args).compile()
-        except jax.errors.JaxRuntimeError as e:  # the target's compiler refuses (HBM or VMEM out of memory)
-            if "RESOURCE_EXHAUSTED" not in str(e):
-                raise
-            first = " ".join(str(e).split("See https")[0].split())
-            raise CompileCheckError(
-                f"refused by the {dev_kind(devices[0])} compiler: {first[:600]} (state {per_device_bytes(args[0]) / GIB:.2f} GiB per device); "
-                "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
-            ) from None
+    dump = _dump_dir()
+    try:
+        with compiling(mesh):  # traced and lowered for the target: the encoder's `auto` and the Pallas kernels, not this host's
+            try:
+                compiled = step.lower(*args).compile(compiler_options=dump.options)
+            except jax.errors.JaxRuntimeError as e:  # the target's compiler refuses (HBM or VMEM out of memory)
+                if "RESOURCE_EXHAUSTED" not in str(e):
+                    raise
+                first = " ".join(str(e).split("See https")[0].split())
+                raise CompilerRefused(
+                    f"refused by the {dev_kind(devices[0])} compiler: {first[:600]} (state {per_device_bytes(args[0]) / GIB:.2f} GiB per device); "
+                    "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
+                ) from None
+        elems = {int(np.prod(a.sharding.shard_shape(a.shape))) for a in jax.tree.leaves(state["params"]) if a.ndim >= 3}
+        big = big_temporaries(dump.path, elems)
+    finally:
+        dump.cleanup()
     compile_s = time.perf_counter() - t0
 
     ma = compiled.memory_analysis()
@@ -131,7 +207,9 @@ def compile_check(
     kind = dev_kind(dev)
     peak = chips.peak_tflops(getattr(dev, "device_kind", ""), peak_tflops)
     limit = (
-        memory_gib * GIB if memory_gib else (chips.hbm_bytes(getattr(dev, "device_kind", "")) if topology or gpu else chips.device_memory())
+        memory_gib * GIB
+        if memory_gib
+        else (chips.usable_bytes(getattr(dev, "device_kind", "")) if topology or gpu else chips.device_memory())
     )
     rep = {
         "mesh": {"data": n_data, "model": mesh.shape["model"]},
@@ -145,6 +223,11 @@ def compile_check(
         "bytes_per_device": {
             "params": per_device_bytes(state["params"]),
             "optimizer": per_device_bytes(state["opt_state"]),
+            "state_parts": state_parts(state),
+            "gradients": per_device_bytes(
+                jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32, sharding=a.sharding), state["params"])
+            ),
+            "temporaries_parameter_sized": big,
             "state": per_device_bytes(state),
             "batch": per_device_bytes(args[1:]),
             "xla_arguments": int(ma.argument_size_in_bytes),
@@ -159,10 +242,84 @@ def compile_check(
         "mfu": mfu,
         "tokens_per_s": t.batch_size / (flops / (mesh.devices.size * peak * 1e12 * mfu)) if peak else None,
         "memory_limit_bytes": limit,
+        "hbm_bytes": None if memory_gib else chips.hbm_bytes(getattr(dev, "device_kind", "")),
         "fits": None if limit is None else bool(peak_bytes <= limit),
         "hlo_roofline": _gpu_roofline(compiled, gpu, spec.size * t.batch_size // n_data),
     }
     return rep
+
+
+class _Dump:
+    def __init__(self, path: str, options: dict | None, owned: bool):
+        self.path, self.options, self.owned = path, options, owned
+
+    def cleanup(self) -> None:
+        if self.owned:
+            import shutil
+
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _dump_dir() -> _Dump:
+    """Where the compiler writes its memory-usage report: the user's `--xla_dump_to` when
+    XLA_FLAGS names one (kept), else a temporary folder (removed after reading)."""
+    import os
+    import re
+    import tempfile
+
+    m = re.search(r"--xla_dump_to=(\S+)", os.environ.get("XLA_FLAGS", ""))
+    if m:
+        return _Dump(m.group(1), None, owned=False)
+    path = tempfile.mkdtemp(prefix="sae_jax_compile_check_")
+    return _Dump(path, {"xla_dump_to": path}, owned=True)
+
+
+def widest_fitting(c, widths: tuple[int, ...], granule: int, **kw) -> dict:
+    """The widest bank like `c`'s that fits the target: every member's width scaled by one factor,
+    the largest a multiple of `granule`. Per-device bytes grow linearly with the width (state
+    exactly, temporaries nearly), so two compiles at a half and a quarter of the width (an eighth
+    if the compiler refuses a half) give the line; its crossing with the limit is compiled to
+    confirm and stepped down until it fits. `kw`: compile_check's. Returns {"widths", "peak",
+    "compiles"}; raises CompileCheckError when not even the narrowest tried fits."""
+    top = max(widths)
+
+    def at(width: int):
+        f = width / top
+        ws = [max(granule, int(w * f) // granule * granule) for w in widths]
+        cc = c.copy_and_resolve_references()
+        cc.train.widths = ",".join(map(str, ws))
+        try:
+            return ws, compile_check(cc, **kw)
+        except CompilerRefused:
+            return ws, None
+
+    points, compiles = [], 0
+    for frac in (2, 4, 8, 16):
+        w = max(granule, top // frac // granule * granule)
+        ws, rep = at(w)
+        compiles += 1
+        if rep is not None:
+            points.append((max(ws), rep["bytes_per_device"]["peak"], rep["memory_limit_bytes"], ws, rep["fits"]))
+        if len(points) == 2 or w == granule:
+            break
+    fitting = [p for p in points if p[4]]
+    if not fitting:
+        raise CompileCheckError(f"no width down to {points[-1][0] if points else granule:,} fits the target")
+    best = max(fitting, key=lambda p: p[0])
+    if len(points) == 2:
+        (w1, b1, limit, _, _), (w2, b2, _, _, _) = points
+        slope = (b1 - b2) / (w1 - w2)
+        guess = int((w1 + (limit - b1) / slope) // granule * granule) if slope > 0 else best[0]
+        for _ in range(4):
+            if guess <= best[0]:
+                break
+            ws, rep = at(guess)
+            compiles += 1
+            if rep is not None and rep["fits"]:
+                best = (max(ws), rep["bytes_per_device"]["peak"], rep["memory_limit_bytes"], ws, True)
+                break
+            guess = (int(guess * 0.97) // granule) * granule
+    return {"widths": best[3], "peak": best[1], "compiles": compiles}
 
 
 def _gpu_roofline(compiled, gpu: str, rows: int) -> dict | None:
@@ -184,9 +341,10 @@ def report(rep: dict) -> str:
         f"mesh       data={m['data']} x model={m['model']} on {rep['devices']} {rep['device_kind']} devices",
         f"bank       {rep['members']} member(s), width {rep['width']:,}, d_in {rep['d_in']}, batch {rep['batch']:,} ({rep['batch'] // m['data']:,} rows per device)",
         f"compile    {rep['compile_s']:.1f} s",
-        f"state      {mib(b['state'])} per device (params {mib(b['params'])}, optimizer {mib(b['optimizer'])}); batch {mib(b['batch'])}",
+        f"state      {mib(b['state'])} per device: {_parts(b['state_parts'], mib)}; batch {mib(b['batch'])}",
         f"XLA        arguments {mib(b['xla_arguments'])}, outputs {mib(b['xla_outputs'])} (aliased {mib(b['xla_aliased'])}), "
         f"temporaries {mib(b['xla_temporaries'])}",
+        f"temporary  {_temporaries(b, mib)}",
         f"memory     {mib(b['peak'])} per device at the step's peak",
         f"flops      {rep['step_flops']:.3g} per step ({rep['step_flops'] / rep['devices']:.3g} per device)"
         + (f"; XLA counts {rep['xla_flops_per_device']:.3g} per device (loops counted once)" if rep["xla_flops_per_device"] else ""),
@@ -211,14 +369,45 @@ def report(rep: dict) -> str:
     if rep["memory_limit_bytes"] is not None:
         lim = rep["memory_limit_bytes"] / GIB
         verdict = "fits" if rep["fits"] else "DOES NOT FIT"
-        lines.append(f"limit      {lim:,.2f} GiB per device: {verdict} ({b['peak'] / rep['memory_limit_bytes']:.0%} of it)")
+        hbm = rep.get("hbm_bytes")
+        share = (
+            f" ({rep['memory_limit_bytes'] / hbm:.0%} of {hbm / GIB:,.0f} GiB of HBM)" if hbm and hbm != rep["memory_limit_bytes"] else ""
+        )
+        lines.append(f"limit      {lim:,.2f} GiB per device{share}: {verdict} ({b['peak'] / rep['memory_limit_bytes']:.0%} of it)")
     return "\n".join(lines)
+
+
+def _parts(parts: dict, mib) -> str:
+    out = [f"params {mib(parts['params'])}"]
+    for key, n in parts.items():
+        if key.startswith("optimizer ") and not key.endswith(" dtypes"):
+            out.append(f"{key} {mib(n)} ({'/'.join(parts[key + ' dtypes'])})")
+    return ", ".join(out + [f"counters {mib(parts['counters'])}"])
+
+
+def _temporaries(b: dict, mib) -> str:
+    big = b.get("temporaries_parameter_sized")
+    grads = f"(dense float32 gradients of every parameter: {mib(b['gradients'])})"
+    if big is None:
+        return f"{mib(b['xla_temporaries'])}; the compiler wrote no memory report to break it down {grads}"
+    return (
+        f"parameter-sized arrays {mib(big['bytes'])} ({big['count']:g} float32 matrices: gradients, casts, copies), "
+        f"the rest {mib(max(b['xla_temporaries'] - big['bytes'], 0))} {grads}"
+    )
+
+
+def widest_line(w: dict) -> str:
+    return (
+        f"train.widths={','.join(map(str, w['widths']))} fits ({w['peak'] / GIB:.2f} GiB per device at the step's peak; "
+        f"{w['compiles']} more compiles)"
+    )
 
 
 def refusal(rep: dict) -> str:
     b = rep["bytes_per_device"]
+    widest = f"; the widest that fits: {widest_line(rep['widest'])}" if rep.get("widest") else ""
     return (
         f"the step needs {b['peak'] / GIB:.2f} GiB per device (state {b['state'] / GIB:.2f}, batch {b['batch'] / GIB:.2f}, "
         f"temporaries {b['xla_temporaries'] / GIB:.2f}), over the {rep['memory_limit_bytes'] / GIB:.2f} GiB limit: "
-        "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
+        "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices" + widest
     )

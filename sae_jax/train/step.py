@@ -155,18 +155,29 @@ def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.n
     return s_in, (s_in if output_scale is None else np.asarray(output_scale, np.float32))
 
 
-def _apply_update(grads, params, opt_state, tx, renorm: bool):
+def _apply_update(grads, params, opt_state, tx, renorm: bool, finite):
     """The optimiser's update, keeping each decoder row unit-norm (its gradient made tangent first)
-    and JumpReLU thresholds >= 0 (a threshold below 0 would let negative pre-activations through)."""
+    and JumpReLU thresholds >= 0 (a threshold below 0 would let negative pre-activations through).
+    Where `finite` is false every parameter and moment keeps its old value, exactly.
+
+    Written so that each parameter's update is one elementwise pass that can write over its
+    donated input: `finite` chooses the moments and zeroes the update inside that pass, and the
+    decoder's renormalisation divides the updated rows only (by 1 when the step is skipped: the
+    rows are then the old ones). A `lax.cond` on `finite`, or a choice between the renormalised
+    rows and the old ones after the row norms, makes XLA keep the old parameters beside the new:
+    a parameter-sized float32 copy per matrix (docs/design.md, "Optimizer state")."""
     if renorm:
         grads = {**grads, "W_dec": _project_out_parallel(grads["W_dec"], params["W_dec"])}
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    updates, new_opt = tx.update(grads, opt_state, params)
+    keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
+    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+    new = optax.apply_updates(params, updates)
     if renorm:
-        params["W_dec"] = _renormalise(params["W_dec"])
-    if "threshold" in params:
-        params["threshold"] = jnp.maximum(params["threshold"], 0.0)
-    return params, opt_state
+        norm = jnp.maximum(jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True), 1e-12)
+        new["W_dec"] = new["W_dec"] / jnp.where(finite, norm, 1.0)
+    if "threshold" in new:
+        new["threshold"] = jnp.maximum(new["threshold"], 0.0)
+    return new, jax.tree.map(keep, new_opt, opt_state)
 
 
 def train_step(
@@ -211,12 +222,9 @@ def train_step(
         (loss, (fvu, auxk, sparsity, out)), grads = branches[0](state["params"])
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
-    # a non-finite batch leaves parameters and optimiser state as they were: one branch runs
-    # (a select over every parameter would cost a pass over params and Adam's moments)
+    # a non-finite batch leaves parameters and optimiser state as they were
     renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
-    params, opt_state = jax.lax.cond(
-        finite, partial(_apply_update, tx=tx, renorm=renorm), lambda g, p, o: (p, o), grads, state["params"], state["opt_state"]
-    )
+    params, opt_state = _apply_update(grads, state["params"], state["opt_state"], tx, renorm, finite)
     n_tokens = x.shape[1]
     fired = out["fired"]
     since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
