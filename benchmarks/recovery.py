@@ -42,7 +42,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _heldout import Accumulator  # noqa: E402
-from peers import PEER_LR, ROOT, Worker, ensure_peer_venv, export_rows  # noqa: E402
+from peers import PEER_LR, ROOT, Worker, ensure_peer_venv, export_rows, parse_sets  # noqa: E402
 
 from sae_jax.data.synthetic import FeatureWorld, WorldSpec  # noqa: E402
 from sae_jax.kernels.topk import resolve_encoder_dtype  # noqa: E402
@@ -61,7 +61,7 @@ _D = TrainSettings.defaults()
 # sae_jax's defaults, in its runs' names (the encoder dtype resolved for this machine: `auto`)
 RECIPE = (
     f"lr{base_lr('topk'):g}.b{_D.bias_lr_scale:g}{_D.bias_lr_units}.d{_D.decoder_lr_scale:g}.adam{_D.adam_b1:g}-{_D.adam_b2:g}-{_D.adam_eps:g}"
-    f".{resolve_encoder_dtype(_D.encoder_dtype)}"
+    f".{resolve_encoder_dtype(_D.encoder_dtype)}.state{_D.optimizer_state}"
 )
 
 
@@ -83,11 +83,11 @@ def write_world(world: FeatureWorld, rows: int, seed: int, out: Path) -> None:
             w.add({HOOK: world.sample(HELDOUT, rng)})
 
 
-def train_sae_jax(store: Path, run: Path, width: int, k: int, batch: int, steps: int, seed: int) -> dict:
+def train_sae_jax(store: Path, run: Path, width: int, k: int, batch: int, steps: int, seed: int, sets: dict) -> dict:
     from sae_jax.runs import open_run
 
     settings = dict(
-        store=store, run_dir=run, widths=width, ks=k, batch_size=batch, steps=steps, seed=seed, progress=False, verify_store=False
+        store=store, run_dir=run, widths=width, ks=k, batch_size=batch, steps=steps, seed=seed, progress=False, verify_store=False, **sets
     )
     cmd = [str(ROOT / ".venv/bin/sae-jax"), "train", *[f"--config.train.{a}={b}" for a, b in settings.items()]]
     if not (run / "config.json").exists() or not open_run(run).finished:
@@ -158,8 +158,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--trainers", default="sae_jax,sparsify,sparsify_adam")
     ap.add_argument("--dir", default=str(ROOT / "runs/bench/recovery"), help="stores and runs (reused when complete)")
+    ap.add_argument(
+        "--sae-jax-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a train setting for sae_jax (e.g. optimizer_state=float32; repeatable): what-if runs, cached under their own name",
+    )
     ap.add_argument("--out", default=str(ROOT / "runs/bench/recovery.json"))
     args = ap.parse_args()
+    sets = parse_sets(args.sae_jax_set)
+    recipe = RECIPE + "".join(f".{k}={v}" for k, v in sorted(sets.items()))
     trainers = args.trainers.split(",")
     bad = [t for t in trainers if t not in ("sae_jax", *PEERS)] + [w for w in args.worlds.split(",") if w not in WORLDS]
     if bad:
@@ -181,7 +190,7 @@ def main() -> None:
                 steps = -(-tokens // args.batch)
                 for t in trainers:
                     # results are kept per (trainer, budget) and reused: sae_jax's under its recipe's name
-                    name = f"{t}.{RECIPE}" if t == "sae_jax" else t
+                    name = f"{t}.{recipe}" if t == "sae_jax" else t
                     cached = base / "results" / f"{name}.t{tokens}.json"
                     if cached.exists():
                         row = res = json.loads(cached.read_text())
@@ -189,7 +198,7 @@ def main() -> None:
                     else:
                         t0 = time.perf_counter()
                         if t == "sae_jax":
-                            r = train_sae_jax(base / "store", base / f"{name}.t{tokens}", width, k, args.batch, steps, seed)
+                            r = train_sae_jax(base / "store", base / f"{name}.t{tokens}", width, k, args.batch, steps, seed, sets)
                             res = {**score(world, eval_rows, k, params=r["params"]), "tok_s": r["tok_s"]}
                         else:
                             res = run_peer(t, base / "rows", meta, width, k, args.batch, steps, seed)

@@ -53,20 +53,24 @@ def test_2_18_latents_compile_for_v5e_and_v5p(tmp_path, topology, mesh_model, en
 
 def test_what_the_tpu_compiler_refuses_is_a_clear_error(tmp_path):
     """2^18 latents on one 16 GiB v5e chip: libtpu's own HBM check refuses the program; the
-    command says so in one line with the state's size and what to change, exit 1."""
-    r, rep = _compile_check(tmp_path, "v5e:1x1", 262144, "pallas_tpu")
+    command says so in one line with the state's size (float32 params, bfloat16 moments) and
+    what to change, exit 1."""
+    r, rep = _compile_check(tmp_path, "v5e:1x1", 262144, "pallas_tpu", "--no-widest")
     assert r.returncode == 1 and rep is None, r.stderr[-3000:]
     assert "refused by the tpu TPU v5 lite compiler" in r.stderr and "CompileTimeHbmOom" in r.stderr
-    assert "state 13.50 GiB per device" in r.stderr and "raise train.mesh_model" in r.stderr and "Traceback" not in r.stderr
+    assert "state 9.00 GiB per device" in r.stderr and "raise train.mesh_model" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow
 def test_a_16m_latent_dictionary_is_planned_on_64_v5p_chips(tmp_path):
     """OpenAI's scale: 2^24 latents at d_in 4096 split over 64 v5p chips fits each chip's 95 GiB;
-    2^20 at d_in 2304 on one chip is refused with the numbers."""
+    2^20 at d_in 2304 fits one chip (float32 params 18 GiB, bfloat16 moments 18 GiB); 2^21 on one
+    chip is refused with the numbers."""
     r, rep = _compile_check(tmp_path, "v5p:4x4x4", 2**24, "pallas_tpu", "--config.train.mesh_model=64", d_in=4096, k=32)
     assert r.returncode == 0, r.stderr[-3000:]
     assert rep["devices"] == 64 and rep["mesh"] == {"data": 1, "model": 64} and rep["fits"] is True
     r, rep = _compile_check(tmp_path, "v5p:1x1x1", 2**20, "pallas_tpu")
-    assert r.returncode == 1 and "refused: the step needs" in r.stderr and "over the 95.00 GiB limit" in r.stderr, r.stderr[-3000:]
-    assert rep["fits"] is False and rep["bytes_per_device"]["state"] > 50 * 2**30
+    assert r.returncode == 0 and rep["fits"] is True, r.stderr[-3000:]
+    assert 36 * 2**30 <= rep["bytes_per_device"]["state"] < 36.1 * 2**30
+    r, rep = _compile_check(tmp_path, "v5p:1x1x1", 2**21, "pallas_tpu", "--no-widest")
+    assert r.returncode == 1 and ("over the 95.00 GiB limit" in r.stderr or "refused by the tpu" in r.stderr), r.stderr[-3000:]

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -45,6 +46,9 @@ def _final_params(run):
     out = {k: np.asarray(v) for k, v in st["params"].items()}
     if "threshold_ema" in st:  # BatchTopK's running threshold is state too
         out["threshold_ema"] = np.asarray(st["threshold_ema"])
+    # Adam's moments (the matrices' in bfloat16 by default: train.optimizer_state)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(st["opt_state"])[0]:
+        out["opt_state" + jax.tree_util.keystr(path)] = np.asarray(leaf)
     return step, out
 
 
@@ -104,6 +108,9 @@ def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh, ar
     s_ref, p_ref = _final_params(ref)
     s_k, p_k = _final_params(killed)
     assert s_ref == s_k == STEPS
+    assert p_ref.keys() == p_k.keys()
+    lean = [k for k in p_ref if k.startswith("opt_state") and "W_enc" in k]
+    assert lean and all(p_ref[k].dtype.name == "bfloat16" for k in lean), {k: p_ref[k].dtype for k in lean}
     for k in p_ref:
         np.testing.assert_array_equal(p_ref[k], p_k[k], err_msg=k)
 

@@ -369,19 +369,17 @@ def latent_order(width: int, d: int) -> bool:
     return width * d >= LATENT_ORDER_MIN
 
 
-def scatter_rows(src, coef, idx, width: int, slots=None, zero: float = 0.0, init=None):
+def scatter_rows(src, coef, idx, width: int, slots=None, init=None):
     """out[j] = sum over slots (r, s) with idx[r, s] = j of coef[r, s] * src[r]: [width, d] float32.
 
     src [B, d], coef and idx [B, K]. With `slots` (`sort_slots(idx)`) the slots are taken in
     latent order in blocks of `SORTED_BUDGET` elements whose updates (coef x gathered src rows)
     are built in cache; without, in row order, blocks of rows (SLOTS_BUDGET). Either way each
-    latent's terms are summed in slot order. `zero`: the value the sums start from, 0.0 or -0.0
-    (the same sums: x + -0.0 = x); two gradients started from one zero array share it after XLA's
-    common-subexpression pass, and the compiler then copies it, a [width, d] float32 buffer more.
-    `init` ([width, d] float32): add into it instead (one accumulator for several sets of slots)."""
+    latent's terms are summed in slot order. `init` ([width, d] float32): add into it instead of
+    zeros (one accumulator for several sets of slots)."""
     d = src.shape[1]
     src = src.astype(jnp.float32)
-    zeros = jnp.full((width, d), zero, jnp.float32) if init is None else init
+    zeros = jnp.zeros((width, d), jnp.float32) if init is None else init
     if slots is None:
         rows, kk = idx.shape
 
@@ -445,8 +443,7 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 
         _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], _slots_budget())))
         dx = dx.reshape(x.shape).astype(x.dtype)
-    # -0.0: not the decoder gradient's 0.0, so the two accumulators are not merged (`scatter_rows`)
-    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None, zero=-0.0)
+    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None)
     db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     return dx, dwt.T.astype(w.dtype), db
 
