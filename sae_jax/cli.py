@@ -235,7 +235,15 @@ def cmd_compile_check(argv) -> int:
     cfg = _load_config([argv[0], *rest], "default.py")
     if a.job == "harvest":
         return _compile_check_harvest(a, cfg)
-    from sae_jax.train.compile_check import CompilerRefused, compile_check, refusal, report, widest_fitting, widest_line
+    from sae_jax.train.compile_check import (
+        CompileCheckError,
+        CompilerRefused,
+        compile_check,
+        refusal,
+        report,
+        widest_fitting,
+        widest_line,
+    )
     from sae_jax.train.settings import TrainSettings
 
     kw = dict(d_in=a.d_in or None, peak_tflops=a.peak_tflops, mfu=a.mfu, memory_gib=a.memory_gib, topology=a.topology, gpu=a.gpu)
@@ -252,7 +260,10 @@ def cmd_compile_check(argv) -> int:
             raise
         raise type(e)(f"{e}; the widest that fits: {widest_line(widest())}") from None
     if rep["fits"] is False and not a.no_widest:
-        rep["widest"] = widest()
+        try:
+            rep["widest"] = widest()
+        except CompileCheckError as e:
+            rep["widest_error"] = str(e)
     return _check_verdict(rep, report(rep), refusal, a.json)
 
 

@@ -293,6 +293,8 @@ def widest_fitting(c, widths: tuple[int, ...], granule: int, **kw) -> dict:
         except CompilerRefused:
             return ws, None
 
+    if top // 2 < granule:
+        raise CompileCheckError(f"no narrower width to try: the widest width {top:,} is under twice the search's step of {granule:,}")
     points, compiles = [], 0
     for frac in (2, 4, 8, 16):
         w = max(granule, top // frac // granule * granule)
@@ -406,6 +408,8 @@ def widest_line(w: dict) -> str:
 def refusal(rep: dict) -> str:
     b = rep["bytes_per_device"]
     widest = f"; the widest that fits: {widest_line(rep['widest'])}" if rep.get("widest") else ""
+    if rep.get("widest_error"):
+        widest = f"; {rep['widest_error']}"
     return (
         f"the step needs {b['peak'] / GIB:.2f} GiB per device (state {b['state'] / GIB:.2f}, batch {b['batch'] / GIB:.2f}, "
         f"temporaries {b['xla_temporaries'] / GIB:.2f}), over the {rep['memory_limit_bytes'] / GIB:.2f} GiB limit: "
