@@ -91,20 +91,23 @@ def state_parts(state) -> dict[str, int]:
     return parts
 
 
-def big_temporaries(dump_dir: str, matrix_elems: set[int]) -> dict | None:
+def big_temporaries(dump_dir: str, matrix_elems: set[int], since: float = 0.0) -> dict | None:
     """From the compiler's buffer assignment of the step (the module in `dump_dir` with the most
     temporary bytes): the distinct slices of its temporary allocations that at some point hold an
     array with as many elements as one of the parameter matrices (per device: `matrix_elems`):
     the dense float32 gradients, any copy of a parameter or moment the compiler keeps, the
     encoder's bfloat16 cast. {"bytes": the bytes of temporary memory such arrays ever occupy,
     "count": that in float32 matrices, "shapes"}, or None when the compiler wrote no buffer
-    assignment."""
+    assignment. `since` (seconds since the epoch): older files are an earlier compile's."""
     import glob
+    import os
     import re
 
     value = re.compile(r"value: <\d+ \S+ @\d+> \(size=(\d+),offset=(\d+)\): (\w+)\[([\d,]*)\]")
     best, best_temp = None, -1
     for f in glob.glob(f"{dump_dir}/*after_optimizations-buffer-assignment.txt"):
+        if os.path.getmtime(f) < since:  # an earlier compile's, in a dump folder the user named
+            continue
         slices, temp, in_temp = {}, 0, False
         for line in open(f):
             if line.startswith("allocation "):
@@ -178,7 +181,7 @@ def compile_check(
     args = (state, x) + (
         (jax.ShapeDtypeStruct((spec.size, t.batch_size, spec.d_out), dtype, sharding=x_sharding),) if spec.transcoder else ()
     )
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     dump = _dump_dir()
     try:
         with compiling(mesh):  # traced and lowered for the target: the encoder's `auto` and the Pallas kernels, not this host's
@@ -193,7 +196,7 @@ def compile_check(
                     "raise train.mesh_model (latents over more devices), lower train.batch_size or the widths, or use more devices"
                 ) from None
         elems = {int(np.prod(a.sharding.shard_shape(a.shape))) for a in jax.tree.leaves(state["params"]) if a.ndim >= 3}
-        big = big_temporaries(dump.path, elems)
+        big = big_temporaries(dump.path, elems, since=wall0 - 1)
     finally:
         dump.cleanup()
     compile_s = time.perf_counter() - t0
@@ -312,6 +315,7 @@ def widest_fitting(c, widths: tuple[int, ...], granule: int, **kw) -> dict:
         (w1, b1, limit, _, _), (w2, b2, _, _, _) = points
         slope = (b1 - b2) / (w1 - w2)
         guess = int((w1 + (limit - b1) / slope) // granule * granule) if slope > 0 else best[0]
+        guess = min(guess, (top - 1) // granule * granule)  # the refused width itself does not fit
         for _ in range(4):
             if guess <= best[0]:
                 break
@@ -382,7 +386,7 @@ def report(rep: dict) -> str:
 def _parts(parts: dict, mib) -> str:
     out = [f"params {mib(parts['params'])}"]
     for key, n in parts.items():
-        if key.startswith("optimizer ") and not key.endswith(" dtypes"):
+        if key.startswith("optimizer ") and not key.endswith(" dtypes") and n >= 2**10:  # not the step counts
             out.append(f"{key} {mib(n)} ({'/'.join(parts[key + ' dtypes'])})")
     return ", ".join(out + [f"counters {mib(parts['counters'])}"])
 

@@ -1,5 +1,6 @@
-"""The optimiser: Adam (its matrices' moments in `train.optimizer_state`: `train.adam`) with a warmup-constant-decay schedule, one learning rate per bank member,
-and per-parameter factors (biases, decoder), as one optax chain.
+"""The optimiser: Adam (the matrices' moments kept in `train.optimizer_state`: `train/adam.py`)
+with a warmup-constant-decay schedule, one learning rate per bank member, and per-parameter
+factors (biases, decoder), as one optax chain.
 
     tx, sched = build_optimizer(spec, settings, input_scale, output_scale)
 

@@ -158,7 +158,8 @@ def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.n
 def _apply_update(grads, params, opt_state, tx, renorm: bool, finite):
     """The optimiser's update, keeping each decoder row unit-norm (its gradient made tangent first)
     and JumpReLU thresholds >= 0 (a threshold below 0 would let negative pre-activations through).
-    Where `finite` is false every parameter and moment keeps its old value, exactly.
+    Where `finite` is false every moment keeps its old value and every parameter gets a zero
+    update (p + 0: its old value, bit for bit but for -0.0, which becomes +0.0).
 
     Written so that each parameter's update is one elementwise pass that can write over its
     donated input: `finite` chooses the moments and zeroes the update inside that pass, and the
