@@ -244,3 +244,12 @@ def test_a_failed_start_writes_nothing_and_blocks_nothing(tmp_path):
     assert r.last["step"] == 4 and json.loads((run / "config.json").read_text())["train_identity"]["widths"] == "64"
     with pytest.raises(SaeJaxError, match="holds a run with other settings"):
         train(config(widths="128"), log=lambda *x: None)
+    # a run written before train.optimizer_state existed trained with float32 moments: today's
+    # default is another run, and the refusal says how to continue it
+    saved = json.loads((run / "config.json").read_text())
+    del saved["train_identity"]["optimizer_state"]
+    (run / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SaeJaxError, match="continue that run with its settings: --config.train.optimizer_state=float32"):
+        train(config(), log=lambda *x: None)
+    r = train(config(optimizer_state="float32"), log=lambda *x: None)  # the same run: already complete
+    assert r.last is None and int(r.state["step"]) == 4 and r.state["opt_state"][0].mu["W_enc"].dtype == "float32"

@@ -290,7 +290,11 @@ def _prepare_run_dir(run: Path, cfg_json: str, write: bool = True) -> None:
         new = json.loads(cfg_json)["train_identity"]
         if old != new and _saved_anything(run):
             diff = ", ".join(f"{k}: {old[k]!r} there, {new[k]!r} here" for k in new if old[k] != new[k])
-            raise TrainError(f"{run} holds a run with other settings ({diff}; {cfg_file}); choose another train.run_dir")
+            same = " ".join(f"--config.train.{k}={old[k]}" for k in new if old[k] != new[k] and k != "lr_rule")
+            raise TrainError(
+                f"{run} holds a run with other settings ({diff}; {cfg_file}); choose another train.run_dir"
+                + (f", or continue that run with its settings: {same}" if same else "")
+            )
         if old != new and write:  # a start that failed before its first checkpoint: not a run to keep
             cfg_file.write_text(cfg_json)
     elif write:
