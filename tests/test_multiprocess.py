@@ -78,8 +78,16 @@ def test_two_processes_match_one_and_resume_across_process_counts(tiny_store, tm
     # weighs the newest gradient 0.5, not 0.1, so a rounding difference of the all-reduce moves an
     # update 5x as far; at 64 latents the decoder learns at 0.096 a step (the width rule, x5) and after 12
     # steps the two runs were 1.1e-6 apart at 0.5 (2.6e-7 at 0.9; at 0.5 with the decoder at 1x,
-    # W_enc 2.3e-6: the gap is chaotic, not a bias)
-    mesh = {"train.mesh_data": 8, "train.mesh_model": 1, "train.encoder_dtype": "float32", "train.adam_b1": 0.9}
+    # W_enc 2.3e-6: the gap is chaotic, not a bias). And float32 Adam moments: a bfloat16 moment
+    # crossing a rounding boundary on a 1e-7 difference moves the next update by a bfloat16 ulp of it
+    # (conftest.MESH_MATH); the lean state's processes-and-meshes equality is the next test's
+    mesh = {
+        "train.mesh_data": 8,
+        "train.mesh_model": 1,
+        "train.encoder_dtype": "float32",
+        "train.adam_b1": 0.9,
+        "train.optimizer_state": "float32",
+    }
     two, one, plain = tmp_path / "two", tmp_path / "one", tmp_path / "plain"
     r = _launch(2, 4, _train_args(tiny_store, two, **mesh))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -115,7 +123,8 @@ def test_two_processes_match_one_and_resume_across_process_counts(tiny_store, tm
 
 def test_model_axis_across_processes_reads_identical_batches(tiny_store, tmp_path):
     """data=1 x model=8: both processes form one data-parallel group (the same rows) and the
-    latents are split over all 8 devices (the top-k merges candidates across processes)."""
+    latents are split over all 8 devices (the top-k merges candidates across processes). With
+    the default settings, so the bfloat16 Adam state's rounding bits agree across processes."""
     mesh = {"train.mesh_data": 1, "train.mesh_model": 8}
     two, one = tmp_path / "two", tmp_path / "one"
     r = _launch(2, 4, _train_args(tiny_store, two, **mesh))
@@ -137,8 +146,9 @@ def test_checkpoint_restores_onto_another_mesh(tiny_store, tmp_path):
         c = default_config()
         # a float32 encoder: with bf16 inputs (`auto` on a CPU with AVX512-BF16) XLA:CPU's dot
         # kernels differ by shard shape, so near-ties of the selection can flip (measured: 1.2e-3
-        # apart at step 12); in float32 the two runs are 1.6e-7 apart
-        mesh = {"train.mesh_data": data, "train.mesh_model": model, "train.encoder_dtype": "float32"}
+        # apart at step 12); in float32 the two runs are 1.6e-7 apart. Float32 Adam moments too
+        # (conftest.MESH_MATH: bfloat16 moments carry such differences a rounding step further)
+        mesh = {"train.mesh_data": data, "train.mesh_model": model, "train.encoder_dtype": "float32", "train.optimizer_state": "float32"}
         for key, val in _settings(tiny_store, path, **mesh).items():
             section, name = key.split(".")
             c[section][name] = val
