@@ -508,13 +508,12 @@ def topk_encode(x, W_enc, b_enc, k: int, *, options: EncoderOptions | None = Non
     return jax.nn.relu(v), i
 
 
-@jax.custom_vjp
 def sparse_decode(values, indices, w_dec):
     """sum_s values[:, s] * w_dec[indices[:, s]] -> [B, d]: a scan over blocks of rows, each
     gathering its [R, k, d] decoder rows (R from SLOTS_BUDGET, 8 MiB: in a CPU's cache), so neither a
     dense [B, d_sae] activation nor a [B, k, d] gather exists, in the forward or (custom VJP:
-    nothing saved but the inputs) the backward."""
-    return _decode_fwd_only(values, indices, w_dec)
+    nothing saved but the inputs) the backward. One set of `sparse_decode_parts`."""
+    return sparse_decode_parts((values,), (indices,), w_dec)[0]
 
 
 def _decode_fwd_only(values, indices, w_dec):
@@ -529,26 +528,6 @@ def _decode_fwd_only(values, indices, w_dec):
 
     _, out = lax.scan(blk, None, _blocks(values, indices, r=r))
     return out.reshape(rows, w_dec.shape[1]).astype(w_dec.dtype)
-
-
-def _decode_fwd(values, indices, w_dec):
-    return _decode_fwd_only(values, indices, w_dec), (values, indices, w_dec)
-
-
-def _decode_bwd(res, g):
-    values, indices, w_dec = res
-    if _native():
-        dv = native.gather_dots(w_dec, g, indices)
-        dw = native.scatter_rows(g, values, indices, w_dec.shape[0])
-        return dv.astype(values.dtype), None, dw.astype(w_dec.dtype)
-    # one sort for the gather and the scatter
-    slots = sort_slots(indices) if latent_order(*w_dec.shape) else None
-    dv = gather_dots(w_dec, g, indices, slots)
-    dw = scatter_rows(g, values, indices, w_dec.shape[0], slots)
-    return dv.astype(values.dtype), None, dw.astype(w_dec.dtype)
-
-
-sparse_decode.defvjp(_decode_fwd, _decode_bwd)
 
 
 @jax.custom_vjp
@@ -570,19 +549,16 @@ def _parts_fwd(values, indices, w_dec):
 def _parts_bwd(res, gs):
     values, indices, w_dec = res
     dvs, dw = [], None
+    shared = not _native() and target_platform() != "tpu"  # one accumulator (XLA on GPU / CPU)
     for v, i, g in zip(values, indices, gs, strict=True):
         if _native():
             dvs.append(native.gather_dots(w_dec, g, i).astype(v.dtype))
             part = native.scatter_rows(g, v, i, w_dec.shape[0])
-            dw = part if dw is None else dw + part
-            continue
-        slots = sort_slots(i) if latent_order(*w_dec.shape) else None
-        dvs.append(gather_dots(w_dec, g, i, slots).astype(v.dtype))
-        if target_platform() == "tpu":
-            part = scatter_rows(g, v, i, w_dec.shape[0], slots)
-            dw = part if dw is None else dw + part
-        else:
-            dw = scatter_rows(g, v, i, w_dec.shape[0], slots, init=dw)
+        else:  # one sort of the slots for the gather and the scatter
+            slots = sort_slots(i) if latent_order(*w_dec.shape) else None
+            dvs.append(gather_dots(w_dec, g, i, slots).astype(v.dtype))
+            part = scatter_rows(g, v, i, w_dec.shape[0], slots, init=dw if shared else None)
+        dw = part if shared or dw is None else dw + part
     return tuple(dvs), tuple(None for _ in indices), dw.astype(w_dec.dtype)
 
 
