@@ -8,6 +8,8 @@
     values, indices = sae.encode(x)             # x [N, d_in]: raw activations of sae.hook
     x_hat = sae.decode(values, indices)         # or sae(x)
     report = sae_jax.evaluate("runs/mine", tokens=100_000)
+    atlas = sae_jax.read_atlas("runs/mine/atlas")   # after `sae-jax atlas runs/mine`
+    atlas.record(0, 123)                        # latent 123 of the first member: stats, examples as tokens
 
 `fit` (the name `sae_jax.train` is the trainer's package) takes the `train` settings of `sae_jax/config.py` as keywords (lists for the list
 settings) or a whole config (`config=`); the same command resumes. A `Dictionary` holds one
@@ -145,3 +147,12 @@ def evaluate(path, *, log=print, **options) -> dict:
     from sae_jax.eval.core import evaluate as run_eval
 
     return run_eval(path, log=log, **options)
+
+
+def read_atlas(path):
+    """The atlas `sae-jax atlas` wrote in `path` (an `eval.atlas_files.Atlas`): `names`,
+    `meta(member)`, `record(member, latent)` and `records(member)`, each example expanded to its
+    tokens, token ids and the latent's activations over them."""
+    from sae_jax.eval.atlas_files import read_atlas as read
+
+    return read(path)

@@ -375,7 +375,7 @@ def cmd_eval(argv) -> int:
 def cmd_atlas(argv) -> int:
     from sae_jax.eval.atlas import build_atlas
 
-    p = _argparser("atlas", description="Top activating contexts and quantile samples of every latent (JSONL + an HTML page).")
+    p = _argparser("atlas", description="Top activating contexts and quantile samples of every latent (an HTML page and its data files).")
     p.add_argument("--member", default=None, help="bank member name (default: every member)")
     p.add_argument("--contexts", type=int, default=512, help="text contexts to stream")
     p.add_argument("--top", type=int, default=20, help="top activating contexts kept per latent")
@@ -384,6 +384,7 @@ def cmd_atlas(argv) -> int:
     p.add_argument("--delphi", default=None, help="also write a latent cache in delphi's layout (eai-delphi's LatentDataset) here")
     p.add_argument("--delphi-splits", type=int, default=5, help="latent ranges (files) per member in the delphi cache")
     p.add_argument("--rows", type=int, default=65536, help="stores without a model: held-out store rows to scan instead of text")
+    p.add_argument("--window", default="24,8", help="tokens kept before and after each activating token: BEFORE,AFTER")
     _text_and_model_args(p)
     p.add_argument("--out", default=None, help="output directory (default RUN/atlas)")
     a = p.parse_args(argv[1:])
@@ -403,6 +404,7 @@ def cmd_atlas(argv) -> int:
         delphi=a.delphi,
         delphi_splits=a.delphi_splits,
         rows=a.rows,
+        window=a.window,
     ):
         print(line)
     return 0

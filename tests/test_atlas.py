@@ -12,7 +12,7 @@ from conftest import REPO, run_cli
 
 
 def test_streaming_tables_equal_brute_force(lm, tiny_run):
-    from sae_jax.eval.atlas import LEFT, latent_encoder, scan_member
+    from sae_jax.eval.atlas import BEFORE, latent_encoder, scan_member
     from sae_jax.eval.inputs import text_contexts
     from sae_jax.model.hooks import parse_hook
     from sae_jax.runs import open_run
@@ -42,8 +42,12 @@ def test_streaming_tables_equal_brute_force(lm, tiny_run):
         for j in range(len(want)):  # the stored window is the context around the firing
             c, t = tops.where[lat, j]
             assert v[c, t][i[c, t] == lat][0] == pytest.approx(tops.act[lat, j])
-            assert tops.tokens[lat, j, LEFT] == ctx[c, t]
-            assert float(tops.window[lat, j, LEFT]) == pytest.approx(tops.act[lat, j], rel=1e-3)
+            # the window: the latent's activation at each position around the firing, in levels of
+            # the window's maximum (within half a level)
+            lo, hi = t - BEFORE, t + tops.q.shape[-1] - BEFORE
+            exact = np.array([v[c, q][i[c, q] == lat].sum() if 0 <= q < ctx.shape[1] else 0.0 for q in range(lo, hi)])
+            assert tops.scale[lat, j] == pytest.approx(exact.max()) and exact[BEFORE] == pytest.approx(tops.act[lat, j])
+            np.testing.assert_allclose(tops.q[lat, j] / 255 * tops.scale[lat, j], exact, atol=0.5 / 255 * exact.max() + 1e-6)
         # the random sample: min(samples, firings) genuine firings, no repeats
         n_s = int(np.isfinite(samp.key[lat]).sum())
         assert n_s == min(samples, len(f))
@@ -72,24 +76,51 @@ def _dump_dom(url, tmp_path):
 
 
 @pytest.mark.browser
-def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
+def test_atlas_cli_files_and_page_in_a_browser(lm, tiny_run, tmp_path):
+    from sae_jax.eval.atlas_files import read_atlas
+    from sae_jax.eval.inputs import text_contexts
+    from sae_jax.runs import open_run
+
     out = tmp_path / "atlas"
-    r = run_cli("atlas", str(tiny_run), "--contexts", "12", "--top", "4", "--samples", "8", "--batch-size", "4", "--out", str(out))
+    args = ["--contexts", "12", "--top", "4", "--samples", "8", "--batch-size", "4", "--window", "6,3", "--out", str(out)]
+    r = run_cli("atlas", str(tiny_run), *args)
     assert r.returncode == 0, r.stderr[-3000:]
     members = json.loads((tiny_run / "members.json").read_text())
+    atlas = read_atlas(out)
+    assert atlas.names == members
     z_member = next(i for i, n in enumerate(members) if "hook_z" in n)
-    recs = [json.loads(line) for line in (out / f"{members[z_member]}.jsonl").read_text().splitlines()]
-    meta = json.loads((out / f"{members[z_member]}.meta.json").read_text())
-    assert [r["latent"] for r in recs] == list(range(meta["width"]))
+    recs = list(atlas.records(z_member))
+    meta = atlas.meta(z_member)
+    assert [r["latent"] for r in recs] == list(range(meta["width"])) and meta["window"] == [6, 3]
     fired = [r for r in recs if r["count"] > 0]
     assert len(fired) == meta["fired"] > 0
     rec = max(fired, key=lambda r: r["count"])
     assert len(rec["head_attribution"]) == meta["n_heads"] == 9
     ex = rec["top"][0]
     assert ex["activation"] == rec["max_activation"] and ex["activations"][ex["index"]] == pytest.approx(ex["activation"], rel=1e-3)
-    assert len(ex["tokens"]) == len(ex["token_ids"]) == len(ex["activations"])
+    assert len(ex["tokens"]) == len(ex["token_ids"]) == len(ex["activations"]) <= 6 + 1 + 3
     acts = sorted(e["activation"] for q in rec["quantiles"] for e in q["examples"])
     assert len(acts) == min(8, rec["count"]) and acts[-1] <= rec["max_activation"]
+    # every example's window is the text around its place: the same contexts, read again
+    ctx = text_contexts(open_run(tiny_run).store_meta, lm, 12, "heldout")
+    checked = 0
+    for rec_ in fired[:40]:
+        for e in rec_["top"] + [e for q in rec_["quantiles"] for e in q["examples"]]:
+            c, t = e["context"], e["position"]
+            lo = max(t - 6, 0)
+            assert e["token_ids"] == ctx[c, lo : t + 4].tolist() and e["index"] == t - lo
+            assert e["tokens"] == [lm.tokenizer.decode([i], skip_special_tokens=False) for i in e["token_ids"]]
+            # the activations within a level of the latent's maximum of the exact ones (level 0 is < half a level)
+            assert max(e["activations"]) <= rec_["max_activation"] + 1e-4
+            assert abs(e["activations"][e["index"]] - e["activation"]) <= rec_["max_activation"] / 255 + 1e-4
+            checked += 1
+    assert checked > 100
+    # one copy: each context's text once, in the text files; the data a few kB per latent
+    spans = [json.loads(f.read_text().split("\n")[1]) for f in sorted((out / "data" / "text").glob("*.js"))]
+    keys = [c for s in spans for c in s]
+    assert len(keys) == len(set(keys)) and {e["context"] for r_ in fired for e in r_["top"]} <= {int(c) for c in keys}
+    data = sum(f.stat().st_size for f in (out / "data").rglob("*.js"))
+    assert data < 5000 * sum(atlas.meta(m)["width"] for m in members), data
 
     page = out / "index.html"
     assert page.is_file()
@@ -99,15 +130,17 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
     # it stays small whatever the width (the demo run's: 17.7 kB for two 4,608-latent members)
     assert page.stat().st_size < 64_000, page.stat().st_size
     index = json.loads(page.read_text().split('type="application/json">')[1].split("</script>")[0])
-    assert set(index["members"][z_member]) == {"name", "width", "fired", "frequent", "histogram_edges"}
+    assert set(index["members"][z_member]) == {"name", "width", "fired", "frequent", "histogram_edges", "window", "kind"}
     dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l={rec['latent']}", tmp_path)
     card = dom.split('<div id="card">')[1].split("<script")[0]  # the rendered card, not the page's script
     assert f'<h2 id="latent-title">Latent {rec["latent"]}</h2>' in card
     assert card.count('class="head"') == 9
     hit = card.split('class="tok hit"')[1]
-    assert f'data-act="{ex["activations"][ex["index"]]}"' in hit.split(">")[0] + ">" or "rgba(255,120,0,1.000)" in hit.split(">")[0]
+    assert "rgba(255,120,0,1.000)" in hit.split(">")[0]  # the top example's firing is the latent's maximum
+    first = card.split('class="ctx"')[1].split("</div>")[0]
+    assert first.count('<span class="tok') == len(ex["tokens"])
     assert card.count('class="ctx"') == len(rec["top"]) + len(acts)
-    # histogram bars (one per bin) and the logit effects, as the JSONL has them
+    # histogram bars (one per bin) and the logit effects, as the data files have them
     assert card.count('class="hbar"') == len(rec["histogram"]) == len(meta["histogram_edges"]) - 1
     assert sum(rec["histogram"]) == rec["count"]
     assert card.count('class="logit up"') == len(rec["logits"]["promoted"]) == 10
@@ -120,6 +153,11 @@ def test_atlas_cli_jsonl_and_page_in_a_browser(tiny_run, tmp_path):
     last = fired[-1]["latent"]
     dom = _dump_dom(f"{page.as_uri()}#m={z_member}&l={last}", tmp_path)
     assert f'<h2 id="latent-title">Latent {last}</h2>' in dom
+
+
+def test_atlas_window_must_be_two_counts(tiny_run, tmp_path):
+    r = run_cli("atlas", str(tiny_run), "--window", "24", "--out", str(tmp_path / "a"))
+    assert r.returncode == 1 and "--window" in r.stderr and "BEFORE,AFTER" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_logit_effects_are_the_decoder_rows_through_the_unembedding(lm, tiny_run):
@@ -153,6 +191,7 @@ def test_delphi_cache_loads_in_delphi_with_the_atlas_top_activations(tiny_run, t
     for every latent that fired, and its top windows' maxima are the atlas's top activations."""
     from test_export import PEER_PYTHON
 
+    from sae_jax.eval.atlas_files import read_atlas
     from sae_jax.runs import open_run
 
     run = open_run(tiny_run)
@@ -193,7 +232,7 @@ def test_delphi_cache_loads_in_delphi_with_the_atlas_top_activations(tiny_run, t
     got = json.loads(p.stdout.strip().splitlines()[-1])
     assert got["modules"] == [hookpoint] and got["tokens_shape"] == [meta["text"]["contexts"], meta["text"]["ctx_len"]]
 
-    atlas = [json.loads(line) for line in (out / f"{mem.name}.jsonl").read_text().splitlines()]
+    atlas = list(read_atlas(out).records(mem.name))
     fired = [a for a in atlas if a["count"] > 0]
     assert len(fired) > 10 and len(got["latents"]) == len(fired)
     ctx_len, win = meta["text"]["ctx_len"], 16

@@ -349,6 +349,7 @@ def test_a_store_of_any_hook_names_goes_end_to_end(tmp_path):
     load the exports (hook name as given, no HF module) and encode/decode as the folded dictionary."""
     from conftest import run_cli
 
+    import sae_jax
     from sae_jax.data.writer import StoreWriter
     from sae_jax.runs import open_run
     from sae_jax.sae import folded
@@ -375,8 +376,8 @@ def test_a_store_of_any_hook_names_goes_end_to_end(tmp_path):
     # the atlas without a model: the held-out store rows, each example a row id with the writer's token id
     r = run_cli("atlas", str(run), "--top", "5")
     assert r.returncode == 0 and "held-out store rows (no model" in r.stdout, r.stderr[-2000:]
-    recs = [json.loads(line) for line in (run / "atlas" / "user_emb.topk.w512.k8.jsonl").read_text().splitlines()]
-    meta = json.loads((run / "atlas" / "user_emb.topk.w512.k8.meta.json").read_text())
+    atlas = sae_jax.read_atlas(run / "atlas")
+    recs, meta = list(atlas.records("user_emb.topk.w512.k8")), atlas.meta("user_emb.topk.w512.k8")
     assert len(recs) == 512 and meta["rows"]["count"] == 1024 and meta["rows"]["first_row"] == 3072
     best = max(recs, key=lambda r: r["max_activation"])
     e = best["top"][0]

@@ -1,24 +1,17 @@
-"""The latent atlas as a small HTML page that loads each latent's data on demand, from files beside
-it (no network, no server: `file://` works, as does any static HTTP server).
-
-    atlas/index.html               the page + a small index per member (width, the most frequent latents)
-    atlas/data/<m>/<s>.js          latents [s * SHARD, (s + 1) * SHARD) of member m, as
-                                   `atlasShard(m, s, [record, ...])` (a script tag loads it: file://
-                                   pages may not fetch() local files, but may load scripts)
+"""The latent atlas as a small HTML page that loads each latent's data on demand, from the files
+beside it (eval/atlas_files.py; no network, no server: `file://` works, as does any static HTTP
+server). A script tag loads a data file (a `file://` page may load scripts, not fetch files).
 
 `#m=<member>&l=<latent>` opens a latent; the search box takes a latent id. A latent's card shows
 its statistics, its activation histogram, its logit effects (the promoted and suppressed tokens),
-head attribution for `attn.hook_z`, its top activations and the random sample by quantile.
+head attribution for `attn.hook_z`, its top activations and the random sample by quantile, each a
+token window coloured by the latent's activation.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
-
-SHARD = 64  # latents per data file: a click loads ~1 MB at 20 top + 20 sample examples
-INDEX_LATENTS = 500  # most frequent latents listed in the index
 
 PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>sae_jax latent atlas</title>
@@ -48,28 +41,42 @@ h2 { margin: 4px 0; } h3 { margin: 12px 0 4px; }
 <script>
 "use strict";
 const INDEX = JSON.parse(document.getElementById("atlas-index").textContent);
-const SHARDS = {}, WAITING = {};
+const LOADED = {}, WAITING = {};
 const esc = s => s.replace(/[&<>"]/g, c => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c]));
 function params() { return Object.fromEntries(location.hash.slice(1).split("&").filter(Boolean).map(kv => kv.split("="))); }
 function go(m, l) { location.hash = "m=" + m + (l === undefined ? "" : "&l=" + l); }
-function atlasShard(m, s, records) { SHARDS[m + "/" + s] = records; (WAITING[m + "/" + s] || []).forEach(f => f()); delete WAITING[m + "/" + s]; }
-function withShard(m, s, f) {
-  const key = m + "/" + s;
-  if (SHARDS[key]) return f();
+function loaded(key, value) { LOADED[key] = value; (WAITING[key] || []).forEach(f => f()); delete WAITING[key]; }
+function atlasShard(m, s, records) { loaded("d/" + m + "/" + s, records); }
+function atlasText(t, spans) { loaded("t/" + t, spans); }
+function atlasVocab(vocab) { loaded("v", vocab); }
+function load(key, src, f) {
+  if (LOADED[key]) return f();
   if (WAITING[key]) { WAITING[key].push(f); return; }
   WAITING[key] = [f];
   const el = document.createElement("script");
-  el.src = `data/${m}/${s}.js`;
+  el.src = src;
   el.onerror = () => { document.getElementById("card").innerHTML = `<h2 id="latent-title">Could not load ${esc(el.src)}</h2>`; };
   document.body.appendChild(el);
 }
-function example(e, max) {
-  const toks = e.tokens.map((t, j) => {
-    const a = e.activations[j], alpha = max > 0 ? Math.max(0, a) / max : 0;
-    const cls = "tok" + (j === e.index ? " hit" : "");
-    return `<span class="${cls}" title="${a.toFixed(3)}" data-act="${a}" style="background: rgba(255,120,0,${alpha.toFixed(3)})">${esc(t)}</span>`;
-  }).join("");
-  return `<div class="ctx" data-activation="${e.activation}">${e.activation.toFixed(3)} | ${toks}</div>`;
+function loadAll(list, f) {  // [[key, src], ...]: f once every one is loaded
+  let left = list.length;
+  if (!left) return f();
+  list.forEach(([key, src]) => load(key, src, () => { if (--left === 0) f(); }));
+}
+function example(mem, r, e) {
+  const [c, pos, act, pairs] = e, [before, after] = mem.window;
+  const [start, ids] = LOADED["t/" + Math.floor(c / INDEX.text_per_file)][c];
+  const lo = Math.max(start, pos - before), hi = Math.min(start + ids.length, pos + after + 1);
+  const level = {};
+  for (let j = 0; j < pairs.length; j += 2) level[pairs[j]] = pairs[j + 1];
+  const toks = [];
+  for (let q = lo; q < hi; q++) {
+    const t = ids[q - start], lv = level[q - pos] || 0, a = lv / 255 * r.max_activation;
+    const text = mem.kind === "rows" ? `row ${mem.first_row + c}` + (t >= 0 ? ` · token ${t}` : "") : (LOADED.v[t] ?? "");
+    const cls = "tok" + (q === pos ? " hit" : "");
+    toks.push(`<span class="${cls}" title="${a.toFixed(3)}" data-act="${a.toFixed(4)}" style="background: rgba(255,120,0,${(lv / 255).toFixed(3)})">${esc(text)}</span>`);
+  }
+  return `<div class="ctx" data-activation="${act}">${act.toFixed(3)} | ${toks.join("")}</div>`;
 }
 function histogram(counts, edges) {
   const mx = Math.max(1, ...counts);
@@ -82,7 +89,7 @@ function tokens(list, cls) {
 }
 function render(m, l) {
   const mem = INDEX.members[m], card = document.getElementById("card");
-  const r = SHARDS[m + "/" + Math.floor(l / INDEX.shard)][l % INDEX.shard];
+  const r = LOADED["d/" + m + "/" + Math.floor(l / INDEX.shard)][l % INDEX.shard];
   let h = `<h2 id="latent-title">Latent ${r.latent}</h2><div>${esc(mem.name)}</div>`;
   h += `<div id="stats">fired ${r.count} times (frequency ${r.frequency.toExponential(2)}), max ${r.max_activation.toFixed(3)}, mean ${r.mean_activation.toFixed(3)}</div>`;
   if (r.histogram) h += "<h3>Activations</h3>" + histogram(r.histogram, mem.histogram_edges);
@@ -92,17 +99,25 @@ function render(m, l) {
     h += "<h3>Decoder norm per attention head</h3>" + r.head_attribution.map((v, j) =>
       `<div class="head">head ${j} <span class="bar" style="width:${(120 * v / mx).toFixed(0)}px"></span>${v.toFixed(3)}</div>`).join("");
   }
-  h += `<h3>Top activations</h3><div id="top">` + r.top.map(e => example(e, r.max_activation)).join("") + "</div>";
-  r.quantiles.forEach(q => {
-    h += `<h3>Random sample, quantile ${q.range[0]}-${q.range[1]}</h3>` + q.examples.map(e => example(e, r.max_activation)).join("");
-  });
+  h += `<h3>Top activations</h3><div id="top">` + r.top.map(e => example(mem, r, e)).join("") + "</div>";
+  const n = r.samples.length;  // ascending activation: quartiles of equal count
+  for (let b = 0; b < 4 && n; b++) {
+    const part = r.samples.slice(Math.round(n * b / 4), Math.round(n * (b + 1) / 4));
+    h += `<h3>Random sample, quantile ${b / 4}-${(b + 1) / 4}</h3>` + part.map(e => example(mem, r, e)).join("");
+  }
   card.innerHTML = h;
 }
 function show(m, l) {
   const mem = INDEX.members[m], card = document.getElementById("card");
   if (!Number.isInteger(l) || l < 0 || l >= mem.width) { card.innerHTML = `<h2 id="latent-title">No latent ${esc(String(l))} in ${esc(mem.name)}</h2>`; return; }
   card.innerHTML = `<h2 id="latent-title">Loading latent ${l}…</h2>`;
-  withShard(m, Math.floor(l / INDEX.shard), () => render(m, l));
+  const s = Math.floor(l / INDEX.shard);
+  load("d/" + m + "/" + s, `data/${m}/${s}.js`, () => {
+    const r = LOADED["d/" + m + "/" + s][l % INDEX.shard];
+    const files = new Set(r.top.concat(r.samples).map(e => Math.floor(e[0] / INDEX.text_per_file)));
+    const need = [...files].map(t => ["t/" + t, `data/text/${t}.js`]).concat([["v", "data/vocab.js"]]);
+    loadAll(need, () => render(m, l));
+  });
 }
 function list(m) {
   const mem = INDEX.members[m];
@@ -125,48 +140,11 @@ route();
 """
 
 
-def write_page(out: Path, members: list[str]) -> Path:
-    """index.html and the data files for the `<member>.jsonl` files in `out` (written by
-    `build_atlas`, with `<member>.meta.json`): the JSONL is read one line at a time."""
-    data_dir = out / "data"
-    tmp_dir = out / ".data.tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    index = {"shard": SHARD, "members": []}
-    for m, name in enumerate(members):
-        (tmp_dir / str(m)).mkdir(parents=True)
-        meta = json.loads((out / f"{name}.meta.json").read_text())
-        counts, shard = [], []
-        with open(out / f"{name}.jsonl") as f:
-            for line in f:
-                r = json.loads(line)
-                counts.append((r["latent"], r["count"]))
-                shard.append(r)
-                if len(shard) == SHARD:
-                    _write_shard(tmp_dir, m, (len(counts) - 1) // SHARD, shard)
-                    shard = []
-        if shard:
-            _write_shard(tmp_dir, m, (len(counts) - 1) // SHARD, shard)
-        frequent = sorted((c for c in counts if c[1] > 0), key=lambda c: -c[1])[:INDEX_LATENTS]
-        index["members"].append(
-            {
-                "name": name,
-                "width": len(counts),
-                "fired": sum(c > 0 for _, c in counts),
-                "frequent": frequent,
-                "histogram_edges": meta.get("histogram_edges", []),
-            }
-        )
-    if data_dir.exists():
-        shutil.rmtree(data_dir)
-    tmp_dir.rename(data_dir)
+def write_page(out: Path, index: dict) -> Path:
+    """`out/index.html`: the page with the atlas's index (members, their most frequent latents)."""
     blob = json.dumps(index, separators=(",", ":")).replace("</", "<\\/")  # a token "</script>" must not end the data block
     page = out / "index.html"
     tmp = page.with_suffix(".html.tmp")
     tmp.write_text(PAGE.replace("__DATA__", blob), encoding="utf-8")
     tmp.rename(page)
     return page
-
-
-def _write_shard(root: Path, m: int, s: int, records: list[dict]) -> None:
-    blob = json.dumps(records, separators=(",", ":")).replace("</", "<\\/")  # a token "</script>" must not end the script
-    (root / str(m) / f"{s}.js").write_text(f"atlasShard({m},{s},{blob});\n", encoding="utf-8")
