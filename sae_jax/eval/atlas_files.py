@@ -63,27 +63,22 @@ def quantise(q: np.ndarray, scale: np.ndarray, max_act: np.ndarray) -> np.ndarra
 
 
 def examples(table, rows: slice, max_act: np.ndarray, before: int, ascending: bool = False) -> list[list[list]]:
-    """Per latent of `rows`, its examples [context, position, activation, [d, q, ...]]."""
-    key = table.key[rows]
+    """Per latent of `rows`, its examples [context, position, activation, [d, q, ...]] (the
+    table's order, largest key first; `ascending`: by activation, smallest first)."""
+    key, act, where = table.key[rows], table.act[rows], table.where[rows]
     q = quantise(table.q[rows], table.scale[rows], max_act)
-    act = table.act[rows]
-    where = table.where[rows]
-    out = []
-    for lat in range(key.shape[0]):
-        valid = np.nonzero(np.isfinite(key[lat]))[0]
-        if len(valid) == 0:
-            out.append([])
-            continue
-        if ascending:
-            valid = valid[np.argsort(act[lat, valid], kind="stable")]
-        ql = q[lat, valid]
-        d, w = np.nonzero(ql)
-        pairs = np.stack([w - before, ql[d, w]], 1).astype(np.int64)
-        split = np.split(pairs, np.searchsorted(d, np.arange(1, len(valid))))
-        ctx, pos = where[lat, valid, 0].tolist(), where[lat, valid, 1].tolist()
-        a = [f32(x) for x in act[lat, valid]]
-        out.append([[c, p, v, s.reshape(-1).tolist()] for c, p, v, s in zip(ctx, pos, a, split, strict=True)])
-    return out
+    n = key.shape[1]
+    valid = np.isfinite(key)  # the valid entries come first in each row (merge keeps them sorted)
+    if ascending:
+        order = np.argsort(np.where(valid, act, np.inf), axis=1, kind="stable")
+        act, where, q = (np.take_along_axis(a, order.reshape(order.shape + (1,) * (a.ndim - 2)), 1) for a in (act, where, q))
+    lat, j, w = np.nonzero(q * valid[..., None])
+    starts = np.concatenate([[0], np.cumsum(np.bincount(lat * n + j, minlength=q.shape[0] * n))]) * 2
+    pairs = np.stack([w - before, q[lat, j, w]], 1).reshape(-1).tolist()
+    acts = list(map(float, act.astype(np.str_).reshape(-1)))  # each float32 as its shortest decimal
+    ctx, pos = where[..., 0].reshape(-1).tolist(), where[..., 1].reshape(-1).tolist()
+    counts = valid.sum(1).tolist()
+    return [[[ctx[e], pos[e], acts[e], pairs[starts[e] : starts[e + 1]]] for e in range(r * n, r * n + c)] for r, c in enumerate(counts)]
 
 
 class TextSpans:
