@@ -45,11 +45,18 @@ def corpus(path: Path, contexts: int) -> None:
 
 
 def train(width: int, steps: int, store: str) -> Path:
-    import sae_jax
-
+    """`sae-jax train` in its own process (this one stays small: a child forked from it would
+    count its pages in the atlas's peak memory)."""
     run = ROOT / f"w{width}"
+    sets = dict(store=store, run_dir=run, hooks=HOOK, widths=width, ks=32, steps=steps, batch_size=4096, progress=False)
     t0 = time.perf_counter()
-    sae_jax.fit(store=store, run_dir=run, hooks=HOOK, widths=[width], ks=[32], steps=steps, batch_size=4096, progress=False, log=lambda *a: None)
+    r = subprocess.run(
+        [sys.executable, "-m", "sae_jax.cli", "train", *(f"--config.train.{k}={v}" for k, v in sets.items())],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise SystemExit(f"training w{width} failed:\n{r.stderr[-3000:]}")
     print(f"trained w{width}: {time.perf_counter() - t0:.0f} s ({run})", flush=True)
     return run
 
@@ -111,7 +118,9 @@ def main() -> None:
         rows.append(r)
         print(f"atlas w{width}: {r['wall_s']:.1f} s, {r['total_bytes'] / 1e6:.1f} MB", flush=True)
     print(f"\nCPU: {cpu_name()} ({os.cpu_count()} cores); {a.contexts} contexts of 128 tokens, top 20 + samples 20, window 24,8")
-    print("| latents | fired | examples | data B/latent | text+vocab MB | total MB | B/latent | wall s | scan s | rest s | s per 1k latents | peak RSS MB |")
+    print(
+        "| latents | fired | examples | data B/latent | text+vocab MB | total MB | B/latent | wall s | scan s | rest s | s per 1k latents | peak RSS MB |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(

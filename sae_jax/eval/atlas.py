@@ -326,6 +326,7 @@ class AtlasWriter:
         self.tmp.mkdir(parents=True)
         self.spans = TextSpans()
         self.members: list[dict] = []
+        self.metas: dict[str, dict] = {}
 
     def add(self, name: str, scan: Scan, meta: dict, extra: dict, window, ctx_len: int, **index) -> dict:
         """Write one member's records; `extra[key](latent)` adds a field to each record."""
@@ -360,10 +361,7 @@ class AtlasWriter:
             js_file(folder / f"{s // SHARD}.js", "atlasShard", (j, s // SHARD), records)
         for table in (tops, samp):
             self.spans.add(table.where, np.isfinite(table.key), before, after, ctx_len)
-        meta = {**meta, "window": [before, after]}
-        path = self.out / f"{name}.meta.json"
-        path.with_suffix(".tmp").write_text(json.dumps(meta, indent=1))
-        path.with_suffix(".tmp").rename(path)
+        meta = self.metas[name] = {**meta, "window": [before, after]}
         nz = np.nonzero(counts)[0]
         frequent = nz[np.argsort(-counts[nz], kind="stable")][:INDEX_LATENTS]
         self.members.append(
@@ -386,6 +384,11 @@ class AtlasWriter:
         per_file, used = self.spans.write(self.tmp, tokens_of, ctx_len)
         write_vocab(self.tmp, used, decode)
         swap_in(self.tmp, self.out / "data")
+        for name, meta in self.metas.items():
+            path = self.out / f"{name}.meta.json"
+            path.with_suffix(".tmp").write_text(json.dumps(meta, indent=1))
+            path.with_suffix(".tmp").rename(path)
+            (self.out / f"{name}.jsonl").unlink(missing_ok=True)  # an older atlas's copy of the examples
         return write_page(self.out, {"shard": SHARD, "text_per_file": per_file, "members": self.members})
 
 
