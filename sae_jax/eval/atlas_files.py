@@ -219,7 +219,7 @@ def quartiles(examples: list[dict], bins: int = 4) -> list[dict]:
     """Examples (ascending activation) in `bins` groups of equal count."""
     if not examples:
         return []
-    edges = np.linspace(0, len(examples), bins + 1).round().astype(int)
+    edges = np.floor(np.arange(bins + 1) * len(examples) / bins + 0.5).astype(int)  # as the page rounds (half up)
     return [{"range": [b / bins, (b + 1) / bins], "examples": examples[edges[b] : edges[b + 1]]} for b in range(bins)]
 
 
