@@ -169,3 +169,33 @@ def test_saelens_rescale_and_no_b_dec_on_input_fold_to_the_same_map(exported, ti
     # float32 reassociation only (b_dec and the norms folded): errors ~1e-6 of the rows' scale
     np.testing.assert_allclose(np.asarray(folded.decode(p, v, i)), want, rtol=1e-4, atol=2e-6 * np.abs(want).max())
     np.testing.assert_array_equal(np.sort(np.asarray(i), 1), np.sort(idx, 1))
+
+
+def test_atlas_cli_on_an_export_root_matches_the_run(exported, tiny_run, tiny_store, tmp_path):
+    """`sae-jax atlas DIR --store STORE` on the folder `sae-jax export` wrote: every dictionary in
+    it (several hooks, attn.hook_z among them, one forward pass), the same atlas as the run's."""
+    from conftest import run_cli
+
+    from sae_jax.eval.atlas_files import read_atlas
+
+    run, folders = exported
+    dirs = folders["sparsify"]
+    args = ["--contexts", "6", "--top", "3", "--samples", "3", "--batch-size", "3"]
+    a = run_cli("atlas", str(tiny_run), *args, "--out", str(tmp_path / "a"))
+    b = run_cli("atlas", str(dirs[0].parent), "--store", str(tiny_store.root), *args, "--out", str(tmp_path / "b"))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr[-2000:] + b.stderr[-2000:]
+    ra, rb = read_atlas(tmp_path / "a"), read_atlas(tmp_path / "b")
+    assert len(rb.names) == len(run.members) and len({run.members[0].hook, run.members[-1].hook}) == 2
+    by_folder = sorted(range(len(dirs)), key=lambda m: dirs[m].name)  # the export root's order
+    for j, m in enumerate(by_folder):
+        x, y = list(ra.records(m)), list(rb.records(j))
+        assert ra.meta(m)["positions_read"] == rb.meta(j)["positions_read"] > 0
+        cx, cy = np.array([r["count"] for r in x]), np.array([r["count"] for r in y])
+        # the export's weights are the run's to float32 rounding: a near-tie at the k-th latent may
+        # flip one selection in many thousands
+        assert np.abs(cx - cy).sum() <= max(2, cx.sum() // 1000), (run.members[m].name, np.abs(cx - cy).sum(), cx.sum())
+        same = [lat for lat in range(len(x)) if cx[lat] == cy[lat] > 0]
+        assert len(same) > 0.9 * (cx > 0).sum()
+        for lat in same:
+            assert [e["activation"] for e in y[lat]["top"]] == pytest.approx([e["activation"] for e in x[lat]["top"]], rel=1e-4, abs=1e-5)
+            assert "head_attribution" in y[lat] if "hook_z" in run.members[m].hook else "head_attribution" not in y[lat]
