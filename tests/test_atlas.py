@@ -61,6 +61,32 @@ def test_streaming_tables_equal_brute_force(lm, tiny_run):
         np.testing.assert_array_equal(hist.counts[lat], want_h)
 
 
+def test_the_text_kept_is_what_the_examples_lie_in(lm, tiny_run):
+    """The atlas reads text as a stream and keeps a context only while a table entry lies in it."""
+    from sae_jax.eval.atlas import KeptText, Scanner, batches, latent_encoder
+    from sae_jax.eval.inputs import text_context_stream, text_contexts
+    from sae_jax.model.hooks import parse_hook
+    from sae_jax.runs import open_run
+
+    run = open_run(tiny_run)
+    mem = run.members[0]
+    p = {k: jnp.asarray(a) for k, a in run.folded(0).items()}
+    enc = latent_encoder(lm, parse_hook(mem.hook, lm.cfg.n_layers), mem.k, 100.0)
+    scan = Scanner(mem.width, 1, 1)
+    kept = KeptText(prune_every=2)
+    for s, tok, padded in batches(text_context_stream(run.store_meta, lm, 80, "heldout"), 3):
+        v, i, keep = (np.asarray(a)[: len(tok)] for a in enc(p, jnp.asarray(padded)))
+        scan.add(tok, v, i, keep, s)
+        kept.add(s, tok, [scan])
+    kept.prune([scan])
+    ctx = text_contexts(run.store_meta, lm, 80, "heldout")
+    used = {int(c) for t in (scan.tops, scan.samp) for c in t.where[..., 0][np.isfinite(t.key)]}
+    assert kept.read == len(ctx) == 80 and set(kept.text) == used and len(used) < 80
+    for c in used:
+        np.testing.assert_array_equal(kept.text[c], ctx[c])
+        assert kept.tokens(c, 3, 9) == ctx[c, 3:9].tolist()
+
+
 def _chromium():
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     assert exe, "Debian's chromium is needed for the atlas page test (`make chromium` installs it)"

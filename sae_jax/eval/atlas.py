@@ -1,9 +1,10 @@
 """`sae-jax atlas RUN`: for every latent, its top activating contexts and random samples across
 its activation quantiles, from one streaming pass over text, in bounded memory.
 
-Memory is O(d_sae x (top + samples) x window) besides the text read: each batch's firings are
-merged into two per-latent tables, the `top` largest activations and `samples` activations of
-uniform random priority (a bottom-k sample, which is a uniform sample of the latent's firings).
+Memory is O(d_sae x (top + samples) x window), whatever the amount of text: the text is read as
+a stream, a context kept only while some table entry lies in it (`KeptText`), and each batch's
+firings are merged into two per-latent tables, the `top` largest activations and `samples`
+activations of uniform random priority (a bottom-k sample: a uniform sample of the latent's firings).
 Only firings that beat a latent's current last entry are merged, and only the latents they touch.
 A table entry is the firing's place (context, position), its activation, and the latent's
 activations over the window as bytes (levels of the window's own maximum).
@@ -16,6 +17,7 @@ activation and window of quantised activations; the text of the contexts once fo
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import time
@@ -28,7 +30,7 @@ import numpy as np
 
 from sae_jax.eval.atlas_files import LEVELS, SHARD, TextSpans, examples, f32, js_file, swap_in, write_vocab
 from sae_jax.eval.errors import EvalError
-from sae_jax.eval.inputs import heldout_rows, heldout_start, load_run_model, missing_model, splice_mask, text_contexts
+from sae_jax.eval.inputs import heldout_rows, heldout_start, load_run_model, missing_model, splice_mask, text_context_stream
 from sae_jax.model.hooks import parse_hook
 from sae_jax.sae import folded
 
@@ -192,12 +194,40 @@ class Scanner:
         return Scan(self.tops, self.samp, self.counts, self.sums, self.positions, self.hist)
 
 
-def batches(ctx: np.ndarray, batch_size: int):
-    """(first context, contexts, the batch padded to `batch_size` by repeating its last)."""
-    for s in range(0, len(ctx), batch_size):
-        tok = ctx[s : s + batch_size]
+def batches(ctx, batch_size: int):
+    """(first context's number, contexts [C, T], the batch padded to `batch_size` by repeating its
+    last) from an array of contexts or an iterator of them."""
+    it = iter(ctx)
+    s = 0
+    while tok := list(itertools.islice(it, batch_size)):
+        tok = np.stack(tok)
         m = len(tok)
         yield s, tok, (np.concatenate([tok, np.repeat(tok[-1:], batch_size - m, 0)]) if m < batch_size else tok)
+        s += m
+
+
+class KeptText:
+    """The contexts read, kept while some table entry lies in them: memory bounded by the examples
+    kept (and the last `prune_every` batches), not by the text read."""
+
+    def __init__(self, prune_every: int = 64):
+        self.text: dict[int, np.ndarray] = {}
+        self.prune_every, self.batches, self.read = prune_every, 0, 0
+
+    def add(self, first: int, tok: np.ndarray, scanners) -> None:
+        self.text.update((first + j, t) for j, t in enumerate(tok))
+        self.read += len(tok)
+        self.batches += 1
+        if self.batches % self.prune_every == 0:
+            self.prune(scanners)
+
+    def prune(self, scanners) -> None:
+        used = [t.where[..., 0][np.isfinite(t.key)] for sc in scanners for t in (sc.tops, sc.samp)]
+        keep = set(np.unique(np.concatenate(used)).tolist()) if used else set()
+        self.text = {c: t for c, t in self.text.items() if c in keep}
+
+    def tokens(self, c: int, a: int, b: int) -> list[int]:
+        return self.text[c][a:b].tolist()
 
 
 def scan_member(
@@ -260,7 +290,7 @@ def logit_effects(lm, hook, w_dec: np.ndarray, n: int = 10, chunk: int = 512) ->
     return tuple(np.concatenate([np.asarray(o[j]) for o in outs]) for j in range(4))
 
 
-def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: int):
+def _delphi_cache(root, mem, run, ctx_len: int, split, text, batch_size: int, n_splits: int):
     from sae_jax.eval.delphi import DelphiCache
     from sae_jax.model.hf_modules import hf_module
 
@@ -276,7 +306,7 @@ def _delphi_cache(root, mem, run, ctx, split, text, batch_size: int, n_splits: i
         "model_name": (run.store_meta.get("model") or {}).get("name", ""),
         "sae_jax": {"member": mem.name, "hook": mem.hook, "run": str(run.root.absolute()), "step": run.step},
     }
-    return DelphiCache(Path(root) / mem.name, hookpoint, mem.width, n_splits, int(ctx.shape[1]), config)
+    return DelphiCache(Path(root) / mem.name, hookpoint, mem.width, n_splits, ctx_len, config)
 
 
 def member_meta(run, mem, scan: Scan, top: int, samples: int, seconds: float, **fields) -> dict:
@@ -451,7 +481,8 @@ def build_atlas(
         yield from rows_atlas(run, store_path, chosen, rows, top, samples, out)
         return
     lm = load_run_model(run.store_meta, model_path)
-    ctx = text_contexts(run.store_meta, lm, contexts, split, text)
+    stream = text_context_stream(run.store_meta, lm, contexts, split, text)
+    ctx_len = int(run.store_meta["ctx_len"])
     vocab = {}
 
     def decode(t: int) -> str:
@@ -465,17 +496,20 @@ def build_atlas(
     params = [run.folded(m) for m in chosen]
     ks = [run.eval_k(m) for m in chosen]
     enc = bank_encoder(lm, hooks, ks, float(run.store_meta["outlier_ratio"] or 0), [mem.inference for mem in mems])
-    caches = [_delphi_cache(delphi, mem, run, ctx, split, text, batch_size, delphi_splits) if delphi else None for mem in mems]
+    caches = [_delphi_cache(delphi, mem, run, ctx_len, split, text, batch_size, delphi_splits) if delphi else None for mem in mems]
     scanners = [
         Scanner(mem.width, top, samples, seed=m, window=window, sink=cache and cache.add)
         for m, mem, cache in zip(chosen, mems, caches, strict=True)
     ]
     pj = [{key: jnp.asarray(a) for key, a in p.items()} for p in params]
-    for s, tok, padded in batches(ctx, batch_size):
+    kept = KeptText()
+    for s, tok, padded in batches(stream, batch_size):
         for scan, (v, i, keep) in zip(scanners, enc(pj, jnp.asarray(padded)), strict=True):
             scan.add(tok, *(np.asarray(a)[: len(tok)] for a in (v, i, keep)), s)
+        kept.add(s, tok, scanners)
+    kept.prune(scanners)
     secs = time.perf_counter() - t0
-    tok_s = len(ctx) * ctx.shape[1] / secs
+    tok_s = kept.read * ctx_len / secs
     writer = AtlasWriter(out)
     for mem, hook, p, scanner, cache in zip(mems, hooks, params, scanners, caches, strict=True):
         if cache is not None:
@@ -494,13 +528,13 @@ def build_atlas(
             samples,
             secs,
             model=run.store_meta["model"]["name"],
-            text={"split": split, "text": text, "contexts": int(len(ctx)), "ctx_len": int(ctx.shape[1])},
+            text={"split": split, "text": text, "contexts": kept.read, "ctx_len": ctx_len},
             n_heads=lm.cfg.n_heads if heads is not None else None,
             tokens_per_s=round(tok_s, 1),
         )
-        writer.add(mem.name, scan, meta, extra, window, int(ctx.shape[1]), kind="text")
+        writer.add(mem.name, scan, meta, extra, window, ctx_len, kind="text")
         yield f"{out / mem.name}: {mem.width} latents, {meta['fired']} fired on {scan.positions:,} positions ({tok_s:,.0f} tok/s, all members)"
-    page = writer.finish(lambda c, a, b: ctx[c, a:b].tolist(), int(ctx.shape[1]), decode)
+    page = writer.finish(kept.tokens, ctx_len, decode)
     yield f"{page}: open in a browser"
 
 

@@ -41,6 +41,12 @@ def text_contexts(store_meta: dict, lm, n: int, split: str = "heldout", text: st
     The store's text source is read with `split`; sources without splits (plain text, JSONL) need
     `text` (a file, directory or glob of held-out text; `.jsonl` read as JSONL), since reading
     their only split again would evaluate on training text."""
+    return np.stack(list(text_context_stream(store_meta, lm, n, split, text))).astype(np.int32)
+
+
+def text_context_stream(store_meta: dict, lm, n: int, split: str = "heldout", text: str | None = None):
+    """The contexts of `text_contexts` one at a time (int32 [ctx_len]), at most `n`; the source is
+    checked now, the text read as the iterator is."""
     from sae_jax.data.contexts import contexts
     from sae_jax.data.text import documents
 
@@ -56,8 +62,8 @@ def text_contexts(store_meta: dict, lm, n: int, split: str = "heldout", text: st
             raise EvalError(f"split {split!r} is the split the store was harvested from; choose a held-out split")
         docs = documents(src["source"], src.get("path", ""), split, src.get("text_key", "text"), src.get("tfds_name", ""))
     bos = lm.bos_id if store_meta["bos_prepended"] else None
-    out = list(itertools.islice(contexts(docs, lm.tokenizer, store_meta["ctx_len"], bos, lm.eos_id, 1, 0), n))
-    return np.stack(out).astype(np.int32)
+    it = contexts(docs, lm.tokenizer, store_meta["ctx_len"], bos, lm.eos_id, 1, 0)
+    return (np.asarray(c, np.int32) for c in itertools.islice(it, n))
 
 
 def splice_mask(tokens, acts, special_ids, outlier_ratio: float):
