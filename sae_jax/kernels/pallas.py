@@ -259,3 +259,41 @@ def topk_candidates(x, w, biases, ks, encoder_block: int, backend: str):
     """[(values [B, k], indices [B, k]) per bias, k from `ks`]: one fused pass (AuxK's selection
     shares the TopK matmul and keeps its own slot count)."""
     return _fused(x, w, tuple(biases), ks=tuple(ks), encoder_block=encoder_block, backend=backend, target=target_platform())
+
+
+def _transpose_tile(n: int) -> int:
+    """A tile edge for `transpose`: the largest of 512, 384, 256, 128 dividing n, else n (a whole axis)."""
+    return next((t for t in (512, 384, 256, 128) if n % t == 0), n)
+
+
+def _transpose_kernel(x_ref, o_ref):
+    o_ref[...] = x_ref[...].T
+
+
+def transpose(a):
+    """[M, n, d] -> [M, d, n] by a Pallas (Mosaic) TPU kernel, tile by tile in VMEM.
+
+    What it is for: a custom call's operands and results keep the layouts they are given, so
+    libtpu's layout assignment cannot turn this transpose into a free relabelling of `a`'s layout
+    and then make `a`'s producer write it transposed, which for a block sliced from a
+    parameter-sized array is a transposed copy of the whole array (`train.update`). Elsewhere
+    than on TPU, `jnp.swapaxes`."""
+    if target_platform() != "tpu":
+        return jnp.swapaxes(a, 1, 2)
+    return _transpose_tpu(a, _interpret("tpu", target_platform()))
+
+
+def _transpose_tpu(a, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    m, n, d = a.shape
+    tn, td = _transpose_tile(n), _transpose_tile(d)
+    return pl.pallas_call(
+        _transpose_kernel,
+        grid=(m, n // tn, d // td),
+        in_specs=[pl.BlockSpec((pl.squeezed, tn, td), lambda b, i, j: (b, i, j))],
+        out_specs=pl.BlockSpec((pl.squeezed, td, tn), lambda b, i, j: (b, j, i)),
+        out_shape=jax.ShapeDtypeStruct((m, d, n), a.dtype),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel")),
+        interpret=interpret,
+    )(a)

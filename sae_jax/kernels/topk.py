@@ -260,6 +260,12 @@ def select_top_k(pre, k: int, bias=None):
     return row_top_k(pre, k, bias=bias)
 
 
+def grads_latent_major() -> bool:
+    """Whether the sparse backward (`_sparse_grads`) builds an encoder's dw latent-major (as dw^T,
+    [S, d], then transposed): everywhere but where the native CPU kernels write it [d, S]."""
+    return not _native()
+
+
 def _native() -> bool:
     """Whether this trace targets a CPU on which the native kernels (`kernels.native`) are built."""
     return target_platform() == "cpu" and native.available()
@@ -423,15 +429,20 @@ def gather_dots(table, src, idx, slots=None):
     return jnp.zeros(lat.shape, jnp.float32).at[order].set(dots.reshape(-1), unique_indices=True).reshape(idx.shape)
 
 
-def _sparse_grads(x, w, idx, g, x_grad: bool = True):
+def _sparse_grads(x, w, idx, g, x_grad: bool = True, shift=None):
     """(dx, dw, db) from the cotangents g [B, K] of the pre-activations at idx [B, K]; dx is None
     unless `x_grad` (it costs a gather of k rows of w per row: a scan over blocks of rows, R from
-    SLOTS_BUDGET). dw is `scatter_rows` into w^T."""
+    SLOTS_BUDGET). dw is `scatter_rows` into w^T. `shift` ([d], `topk_pre`'s `b_shift`): the
+    pre-activations were (x - shift) @ w + b, and dw has the dense term -shift (x) db too, which
+    is the scatter's starting value (one [S, d] buffer, written in place)."""
     s = w.shape[1]
+    db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
     if _native():  # each row / latent summed in cache, dw^T written transposed, no sort
         dx = native.gather_sum(g, idx, w.T).astype(x.dtype) if x_grad else None
-        dw = native.scatter_rows(x, g, idx, s, transposed=True).astype(w.dtype)
-        return dx, dw, jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
+        dw = native.scatter_rows(x, g, idx, s, transposed=True)
+        if shift is not None:
+            dw = dw - shift.astype(jnp.float32)[:, None] * db[None, :]
+        return dx, dw.astype(w.dtype), db
     dx = None
     if x_grad:
         rows, kk = idx.shape
@@ -443,13 +454,20 @@ def _sparse_grads(x, w, idx, g, x_grad: bool = True):
 
         _, dx = lax.scan(blk, None, _blocks(g, idx, r=row_block(rows, kk * x.shape[1], _slots_budget())))
         dx = dx.reshape(x.shape).astype(x.dtype)
-    dwt = scatter_rows(x, g, idx, s, sort_slots(idx) if latent_order(s, x.shape[1]) else None)
-    db = jnp.zeros((s,), jnp.float32).at[idx.reshape(-1)].add(g.reshape(-1).astype(jnp.float32))
-    return dx, dwt.T.astype(w.dtype), db
+    slots = sort_slots(idx) if latent_order(s, x.shape[1]) else None
+    init = None if shift is None else -db[:, None] * shift.astype(jnp.float32)[None, :]
+    return dx, scatter_rows(x, g, idx, s, slots, init=init).T.astype(w.dtype), db
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad):
+def _shifted(b, w, shift):
+    """b - shift @ w ([S]): the bias of (x - shift) @ w + b written as x @ w + bias."""
+    return b if shift is None else b - jnp.dot(shift.astype(jnp.float32), w.astype(jnp.float32))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _topk_pre(x, w, b, aux_b, shift, k, k_aux, opts, x_grad):
+    b = _shifted(b, w, shift)
+    aux_b = None if aux_b is None else _shifted(aux_b, w, shift)
     biases = (b,) if aux_b is None else (b, aux_b)
     out = _forward(x, w, biases, (k,) if aux_b is None else (k, k_aux), opts)
     (v, i) = out[0]
@@ -460,36 +478,41 @@ def _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad):
     return v, i, av[:, :k_aux], ai[:, :k_aux]
 
 
-def _fwd(x, w, b, aux_b, k, k_aux, opts, x_grad):
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad)
-    return (v, i, av, ai), (x, w, i, ai, aux_b)
+def _fwd(x, w, b, aux_b, shift, k, k_aux, opts, x_grad):
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, shift, k, k_aux, opts, x_grad)
+    return (v, i, av, ai), (x, w, i, ai, aux_b, shift)
 
 
 def _bwd(k, k_aux, opts, x_grad, res, cts):
-    x, w, i, ai, aux_b = res
+    x, w, i, ai, aux_b, shift = res
     gv, _, gav, _ = cts
     if aux_b is None:
-        dx, dw, db = _sparse_grads(x, w, i, gv, x_grad)
-        return dx, dw, db.astype(w.dtype), None
+        dx, dw, db = _sparse_grads(x, w, i, gv, x_grad, shift)
+        dshift = None if shift is None else -jnp.dot(w.astype(jnp.float32), db).astype(shift.dtype)
+        return dx, dw, db.astype(w.dtype), None, dshift
     # the two selections share x and w: one pass over both sets of slots
     idx = jnp.concatenate([i, ai], axis=1)
     g = jnp.concatenate([gv, gav], axis=1)
-    dx, dw, _ = _sparse_grads(x, w, idx, g, x_grad)
+    dx, dw, both = _sparse_grads(x, w, idx, g, x_grad, shift)
     db = jnp.zeros((w.shape[1],), jnp.float32).at[i.reshape(-1)].add(gv.reshape(-1).astype(jnp.float32))
     dab = jnp.zeros((w.shape[1],), jnp.float32).at[ai.reshape(-1)].add(gav.reshape(-1).astype(jnp.float32))
-    return dx, dw, db, dab
+    dshift = None if shift is None else -jnp.dot(w.astype(jnp.float32), both).astype(shift.dtype)
+    return dx, dw, db, dab, dshift
 
 
 _topk_pre.defvjp(_fwd, _bwd)
 
 
-def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, options: EncoderOptions | None = None, x_grad: bool = True):
+def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, options: EncoderOptions | None = None, x_grad: bool = True, b_shift=None):
     """(values [B, k], indices [B, k]) of the largest `x @ w + b` per row, descending; with `aux_b`
     also (aux values [B, k_aux], aux indices) of `x @ w + aux_b`. Differentiable (sparse VJP,
     computed from the parameters as given). `options` (`EncoderOptions`; None: the config's
     defaults) picks the implementation; a bfloat16 dtype casts the matmul's inputs (w block by
     block when streaming) and accumulation stays float32. `x_grad=False`: x is data, its
-    cotangent is zero (the backward skips its gather)."""
+    cotangent is zero (the backward skips its gather). `b_shift` ([d]): select from
+    `(x - b_shift) @ w + b` (and `+ aux_b`) with x kept as data: b_shift enters as the bias
+    `b - b_shift @ w` and its gradient costs a matrix-vector product, not a [B, d] dx; w's dense
+    gradient term from it starts the sparse backward's accumulator."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0] or b.shape != (w.shape[1],):
         raise ValueError(f"topk_pre: x {x.shape}, w {w.shape}, b {b.shape}: expected [B, d], [d, S], [S]")
     if not 0 < k <= w.shape[1]:
@@ -497,7 +520,9 @@ def topk_pre(x, w, b, k: int, *, aux_b=None, k_aux: int = 0, options: EncoderOpt
     if aux_b is not None and not 0 < k_aux <= w.shape[1]:
         raise ValueError(f"topk_pre: k_aux={k_aux} must be in 1..{w.shape[1]}")
     opts = (options or EncoderOptions()).resolved(x.shape[0], w.shape[1])
-    v, i, av, ai = _topk_pre(x, w, b, aux_b, k, k_aux, opts, x_grad)
+    if b_shift is not None and b_shift.shape != (w.shape[0],):
+        raise ValueError(f"topk_pre: b_shift {b_shift.shape}: expected [{w.shape[0]}]")
+    v, i, av, ai = _topk_pre(x, w, b, aux_b, b_shift, k, k_aux, opts, x_grad)
     return (v, i) if aux_b is None else (v, i, av, ai)
 
 
@@ -533,12 +558,10 @@ def _decode_fwd_only(values, indices, w_dec):
 @jax.custom_vjp
 def sparse_decode_parts(values: tuple, indices: tuple, w_dec) -> tuple:
     """`sparse_decode` of several (values [B, k_p], indices [B, k_p]) sets with one decoder: one
-    reconstruction [B, d] per set. On GPU and CPU the backward adds every set's decoder gradient
-    into one [S, d] accumulator (in set order), where a `sparse_decode` per set gives one dense
-    gradient each, which autodiff then adds: a parameter-sized float32 buffer per set more (the
-    main and AuxK reconstructions; Matryoshka's bands). libtpu's compiler keeps more with the
-    shared accumulator than with one per set (docs/design.md, "Optimizer state"), so on TPU each
-    set has its own."""
+    reconstruction [B, d] per set. The backward adds every set's decoder gradient into one [S, d]
+    accumulator (in set order), where a `sparse_decode` per set gives one dense gradient each,
+    which autodiff then adds: a parameter-sized float32 buffer per set more (the main and AuxK
+    reconstructions; Matryoshka's bands). (The native CPU kernels add per set.)"""
     return tuple(_decode_fwd_only(v, i, w_dec) for v, i in zip(values, indices, strict=True))
 
 
@@ -549,7 +572,7 @@ def _parts_fwd(values, indices, w_dec):
 def _parts_bwd(res, gs):
     values, indices, w_dec = res
     dvs, dw = [], None
-    shared = not _native() and target_platform() != "tpu"  # one accumulator (XLA on GPU / CPU)
+    shared = not _native()  # one accumulator (XLA)
     for v, i, g in zip(values, indices, gs, strict=True):
         if _native():
             dvs.append(native.gather_dots(w_dec, g, i).astype(v.dtype))

@@ -181,12 +181,13 @@ def _encode(
     n_model: int,
     with_aux: bool,
     options: EncoderOptions,
+    shift=None,
 ):
     """Each shard streams its own latents (`kernels.topk`: no [B, d_sae] pre-activation, sparse
     backward); the global top-k over `model` is exact. AuxK's selection over dead latents shares
-    the pass. `x` is data (no cotangent: parameters that act on the input, like b_dec, are folded
-    into `b_enc` by the caller). Returns (v, i) and, with_aux, (dead v, dead i): pre-activations,
-    global ids."""
+    the pass. `x` is data (no cotangent); `shift` [M, d] (b_dec) is subtracted from it inside the
+    encoder (`topk_pre`'s b_shift). Returns (v, i) and, with_aux, (dead v, dead i):
+    pre-activations, global ids."""
     s_local = w_enc.shape[-1]
     off = _model_offset(s_local)
     neg = jnp.asarray(-jnp.inf, b_enc.dtype)
@@ -195,10 +196,10 @@ def _encode(
     if with_aux:
         b_aux = jnp.where(dead & latent_mask, b_enc, neg)
         enc = partial(topk_pre, k=kl, k_aux=kal, options=options, x_grad=False)
-        v, i, av, ai = jax.vmap(lambda x, w, b, ba: enc(x, w, b, aux_b=ba))(x, w_enc, b_main, b_aux)
+        v, i, av, ai = jax.vmap(lambda x, w, b, ba, sh: enc(x, w, b, aux_b=ba, b_shift=sh))(x, w_enc, b_main, b_aux, shift)
         return _global_topk(v, i + off, k, n_model), _global_topk(av, ai + off, k_aux, n_model)
     enc = partial(topk_pre, k=kl, options=options, x_grad=False)
-    v, i = jax.vmap(enc)(x, w_enc, b_main)
+    v, i = jax.vmap(lambda x, w, b, sh: enc(x, w, b, b_shift=sh))(x, w_enc, b_main, shift)
     return _global_topk(v, i + off, k, n_model), None
 
 
@@ -263,12 +264,12 @@ def forward_sparse(
     `l0 [M, B_local]`, `threshold`/`capped [M]` (BatchTopK's batch threshold and capped rows).
     """
     w_enc, b_enc, w_dec, b_dec = params["W_enc"], params["b_enc"], params["W_dec"], params["b_dec"]
-    # SAEs encode x - b_dec: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc), so
-    # the encoder's input stays data and b_dec's gradient arrives through the bias (no [B, d] dx)
-    if not spec.transcoder:
-        b_enc = b_enc - jnp.einsum("md,mds->ms", b_dec, w_enc)
+    # SAEs encode x - b_dec: the encoder takes b_dec as a shift of its input (`topk_pre`'s
+    # b_shift: (x - b_dec) @ W_enc + b_enc = x @ W_enc + (b_enc - b_dec @ W_enc)), so the input
+    # stays data and b_dec's gradient arrives through the bias (no [B, d] dx)
+    shift = None if spec.transcoder else b_dec
     C = spec.n_candidates
-    (v, idx), aux = _encode(lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, options)
+    (v, idx), aux = _encode(lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, options, shift)
     rv = jax.nn.relu(v)
     m = rv.shape[0]
     if spec.architecture == "batchtopk":

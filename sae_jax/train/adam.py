@@ -23,6 +23,8 @@ bit-identical. `float32` is optax's `scale_by_adam` itself.
 
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -38,15 +40,21 @@ def _mix(h: jax.Array) -> jax.Array:
     return h ^ (h >> 13)
 
 
-def random_bits(shape: tuple[int, ...], salt: jax.Array) -> jax.Array:
+def random_bits(shape: tuple[int, ...], salt: jax.Array, start=None, full_shape: tuple[int, ...] | None = None) -> jax.Array:
     """uint32 pseudo-random bits for every element of an array of `shape`, a hash of its row-major
     position (taken mod 2^32) and `salt` (uint32): elementwise from iotas, so XLA fuses it into the
-    loop that consumes it and no random array is ever stored."""
+    loop that consumes it and no random array is ever stored. `start` / `full_shape`: the array is
+    the block at `start` (ints or int32 scalars per axis) of a `full_shape` array, and each element
+    gets the bits of its position in the full array (a block-by-block update draws what a whole one
+    does)."""
+    full = tuple(shape) if full_shape is None else tuple(full_shape)
+    start = (0,) * len(shape) if start is None else start
     pos = jnp.zeros(shape, jnp.uint32)
     stride = 1
     for d in reversed(range(len(shape))):
-        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
-        stride *= shape[d]
+        at = jax.lax.broadcasted_iota(jnp.uint32, shape, d) + jnp.asarray(start[d]).astype(jnp.uint32)
+        pos = pos + at * jnp.uint32(stride % 2**32)
+        stride *= full[d]
     return _mix(pos ^ _mix(salt))
 
 
@@ -74,7 +82,10 @@ def scale_by_adam_lean(b1: float, b2: float, eps: float, state_dtype: str) -> op
     """optax's `scale_by_adam(b1, b2, eps)` with the moments of every leaf of ndim >= 3 stored in
     `state_dtype` ("bfloat16": stochastically rounded, see the module docstring; "float32": optax's
     own transformation). The state is optax's `ScaleByAdamState`, so its leaves line up with the
-    parameters (shardings, `optax.tree_utils`) as Adam's do."""
+    parameters (shardings, `optax.tree_utils`) as Adam's do. The update may be given a tree of
+    some of the parameters, or blocks of them: `blocks` (an extra argument, through `optax.chain`)
+    maps a leaf's path (`jax.tree_util.keystr`) to (start, full shape) of the block it is, so that
+    its stochastic rounding draws what the whole leaf's would (`train.update`)."""
     dtype = jnp.dtype(state_dtype)
     if dtype == jnp.float32:
         return optax.scale_by_adam(b1, b2, eps)
@@ -83,15 +94,15 @@ def scale_by_adam_lean(b1: float, b2: float, eps: float, state_dtype: str) -> op
         zeros = lambda p: jnp.zeros(p.shape, dtype if _lean(p, dtype) else p.dtype)  # noqa: E731
         return optax.ScaleByAdamState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
 
-    def update(updates, state, params=None):
-        del params
+    def update(updates, state, params=None, blocks=None, **extra):
+        del params, extra
         count = optax.safe_increment(state.count)
         t = count.astype(jnp.float32)
         c1, c2 = 1 - jnp.float32(b1) ** t, 1 - jnp.float32(b2) ** t
-        leaves, treedef = jax.tree.flatten(updates)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(updates)
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         out, new_mu, new_nu = [], [], []
-        for i, (g, mu, nu) in enumerate(zip(leaves, mus, nus, strict=True)):
+        for (path, g), mu, nu in zip(paths, mus, nus, strict=True):
             g = g.astype(jnp.float32)
             m = b1 * mu.astype(jnp.float32) + (1 - b1) * g
             v = b2 * nu.astype(jnp.float32) + (1 - b2) * g * g
@@ -100,11 +111,13 @@ def scale_by_adam_lean(b1: float, b2: float, eps: float, state_dtype: str) -> op
                 new_mu.append(m)
                 new_nu.append(v)
                 continue
-            # one salt per (step, leaf, moment): 2 moments x leaves per step
-            salt = count.astype(jnp.uint32) * jnp.uint32(2 * len(leaves)) + jnp.uint32(2 * i)
-            new_mu.append(stochastic_round(m, random_bits(g.shape, salt), mu.dtype))
-            new_nu.append(stochastic_round(v, random_bits(g.shape, salt + 1), nu.dtype))
+            # one salt per (step, leaf, moment), the leaf named by its path (the same in a tree of
+            # some of the parameters); a block's elements draw by their place in the whole leaf
+            salt = _mix(count.astype(jnp.uint32)) ^ jnp.uint32(zlib.crc32(jax.tree_util.keystr(path).encode()) & ~1)
+            start, full = (blocks or {}).get(jax.tree_util.keystr(path), (None, None))
+            new_mu.append(stochastic_round(m, random_bits(g.shape, salt, start, full), mu.dtype))
+            new_nu.append(stochastic_round(v, random_bits(g.shape, salt + 1, start, full), nu.dtype))
         unflat = lambda xs: jax.tree.unflatten(treedef, xs)  # noqa: E731
         return unflat(out), optax.ScaleByAdamState(count=count, mu=unflat(new_mu), nu=unflat(new_nu))
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)

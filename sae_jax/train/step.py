@@ -18,11 +18,12 @@ import numpy as np
 import optax
 
 from sae_jax import parallel
-from sae_jax.kernels.topk import EncoderOptions
+from sae_jax.kernels.topk import EncoderOptions, grads_latent_major
 from sae_jax.sae.bank import BankSpec, forward_dense, forward_sparse, losses
 from sae_jax.train.optimizer import build_optimizer
 from sae_jax.train.settings import TrainSettings
 from sae_jax.train.state import abstract_state, init_state
+from sae_jax.train.update import apply_update, platform_budget
 
 
 class Output(NamedTuple):
@@ -140,45 +141,34 @@ def make_bank_forward(spec: BankSpec, mesh, settings: TrainSettings | None = Non
     return lambda params, x, dead=None, y=None: apply(params, x, dead, x if y is None else y)
 
 
-def _project_out_parallel(g_dec, w_dec):
-    """Remove the gradient component along each (unit) decoder row: keeps the update tangent."""
-    return g_dec - jnp.sum(g_dec * w_dec, axis=-1, keepdims=True) * w_dec
-
-
-def _renormalise(w_dec):
-    return w_dec / jnp.maximum(jnp.linalg.norm(w_dec, axis=-1, keepdims=True), 1e-12)
-
-
 def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.ndarray]:
     """[M] factors bringing each member's input and target hooks to unit mean squared norm (default 1)."""
     s_in = np.ones(spec.size, np.float32) if input_scale is None else np.asarray(input_scale, np.float32)
     return s_in, (s_in if output_scale is None else np.asarray(output_scale, np.float32))
 
 
-def _apply_update(grads, params, opt_state, tx, renorm: bool, finite):
-    """The optimiser's update, keeping each decoder row unit-norm (its gradient made tangent first)
-    and JumpReLU thresholds >= 0 (a threshold below 0 would let negative pre-activations through).
-    Where `finite` is false every moment keeps its old value and every parameter gets a zero
-    update (p + 0: its old value, bit for bit but for -0.0, which becomes +0.0).
+def _update(grads, state, tx, spec: BankSpec, mesh, finite, enc_latent_major: bool):
+    """(params, opt_state) after the optimiser's step (`train.update.apply_update`), on each
+    device's own latents: the matrices' block loop slices the latent axis, which `shard_map` keeps
+    local where the latents are split over `model`."""
+    renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
+    fn = partial(apply_update, tx=tx, renorm=renorm, enc_latent_major=enc_latent_major, latents=spec.width, budget=platform_budget())
+    params, opt_state = state["params"], state["opt_state"]
+    if mesh.size == 1:
+        return fn(grads, params, opt_state, finite=finite)
+    n_model = mesh.shape["model"]
+    S, P = parallel.pspec, parallel.P
+    pspecs = {k: S(k) for k in params}
+    gspecs = {**pspecs, "W_enc": P(None, "model", None)} if enc_latent_major else pspecs
+    ospecs = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_state, pspecs, transform_non_params=lambda _: P())
 
-    Written so that each parameter's update is one elementwise pass that can write over its
-    donated input: `finite` chooses the moments and zeroes the update inside that pass, and the
-    decoder's renormalisation divides the updated rows only (by 1 when the step is skipped: the
-    rows are then the old ones). A `lax.cond` on `finite`, or a choice between the renormalised
-    rows and the old ones after the row norms, makes XLA keep the old parameters beside the new:
-    a parameter-sized float32 copy per matrix (docs/design.md, "Optimizer state")."""
-    if renorm:
-        grads = {**grads, "W_dec": _project_out_parallel(grads["W_dec"], params["W_dec"])}
-    updates, new_opt = tx.update(grads, opt_state, params)
-    keep = lambda n, o: jnp.where(finite, n, o)  # noqa: E731
-    updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
-    new = optax.apply_updates(params, updates)
-    if renorm:
-        norm = jnp.maximum(jnp.linalg.norm(new["W_dec"], axis=-1, keepdims=True), 1e-12)
-        new["W_dec"] = new["W_dec"] / jnp.where(finite, norm, 1.0)
-    if "threshold" in new:
-        new["threshold"] = jnp.maximum(new["threshold"], 0.0)
-    return new, jax.tree.map(keep, new_opt, opt_state)
+    def local(g, p, o, ok):
+        offset = 0 if n_model == 1 else jax.lax.axis_index("model") * (spec.width // n_model)
+        return fn(g, p, o, finite=ok, latent_offset=offset)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(gspecs, pspecs, ospecs, P()), out_specs=(pspecs, ospecs), check_vma=False)(
+        grads, params, opt_state, finite
+    )
 
 
 def train_step(
@@ -216,16 +206,28 @@ def train_step(
 
     # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs.
     # JumpReLU and ReLU train without AuxK, as their recipes (Gemma Scope, Anthropic's L1) do.
-    branches = [partial(jax.value_and_grad(loss_fn, has_aux=True), with_aux=aux) for aux in (False, True)]
+    # The sparse backward builds W_enc's gradient latent-major ([M, S, d_in]; the native CPU
+    # kernels write it transposed): the branches return it so, and the update reads it block by
+    # block, transposing each block (a whole transpose would be a parameter-sized copy).
+    enc_latent_major = spec.sparse and grads_latent_major() and platform_budget() is not None
+
+    def branch(aux):
+        def run(params):
+            (loss, aux_out), grads = jax.value_and_grad(partial(loss_fn, with_aux=aux), has_aux=True)(params)
+            if enc_latent_major:
+                grads = {**grads, "W_enc": jnp.swapaxes(grads["W_enc"], 1, 2)}
+            return (loss, aux_out), grads
+
+        return run
+
     if spec.sparse:
-        (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branches[1], branches[0], state["params"])
+        (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branch(True), branch(False), state["params"])
     else:
-        (loss, (fvu, auxk, sparsity, out)), grads = branches[0](state["params"])
+        (loss, (fvu, auxk, sparsity, out)), grads = branch(False)(state["params"])
     finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
     # a non-finite batch leaves parameters and optimiser state as they were
-    renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
-    params, opt_state = _apply_update(grads, state["params"], state["opt_state"], tx, renorm, finite)
+    params, opt_state = _update(grads, state, tx, spec, mesh, finite, enc_latent_major)
     n_tokens = x.shape[1]
     fired = out["fired"]
     since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
