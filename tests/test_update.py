@@ -126,7 +126,8 @@ def test_blocks_on_a_mesh_round_as_one_device_does(monkeypatch):
         o = tx.init(p)
         fn = jax.jit(lambda g, p, o, mesh=mesh: _update(g, {"params": p, "opt_state": o}, tx, spec, mesh, jnp.asarray(True), False))
         for g in grads:
-            p, o = fn({n: jax.device_put(a, shard[n]) for n, a in g.items()}, p, o)
+            p, o, ok = fn({n: jax.device_put(a, shard[n]) for n, a in g.items()}, p, o)
+            assert bool(ok)
         runs.append(jax.tree.map(lambda a: np.asarray(a, np.float32), (p, o)))
     for a, b in zip(jax.tree.leaves(runs[0]), jax.tree.leaves(runs[1]), strict=True):
         np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9)

@@ -59,15 +59,12 @@ def sharded_forward(spec: BankSpec, mesh, with_aux: bool, options: EncoderOption
     if spec.sparse:
         out.update(values=S("topk"), indices=S("topk"))
     names = parallel.param_names(spec)
+    in_specs = ({k: S(k) for k in names if k != "W_skip"}, S("x"), S("latents"), P(), S("latents"))
     if mesh.size == 1:
         return _one_device(fn)
-    return jax.shard_map(
-        fn,
-        mesh=mesh,
-        in_specs=({k: S(k) for k in names if k != "W_skip"}, S("x"), S("latents"), P(), S("latents")),
-        out_specs=out,
-        check_vma=False,
-    )
+    if mesh.shape["data"] == 1:
+        return _model_only(fn, mesh, in_specs, out)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out, check_vma=False)
 
 
 def _one_device(fn):
@@ -78,6 +75,24 @@ def _one_device(fn):
     inner = jax.vmap(fn, in_axes=None, out_axes=0, axis_name="model", axis_size=1)
     outer = jax.vmap(inner, in_axes=None, out_axes=0, axis_name="data", axis_size=1)
     return lambda *args: jax.tree.map(lambda a: a[0, 0], outer(*args))
+
+
+def _model_only(fn, mesh, in_specs, out_specs):
+    """`fn` over a mesh whose `data` axis has one device: shard_map over the same devices as a
+    mesh of `model` alone, `data` bound by a vmap of size 1 (as `_one_device`). A manual `data` axis of one device leaves
+    one-participant all-reduces of the gradients in the program, which libtpu's compiler keeps as
+    parameter-sized copies (2^26 latents on v5p:4x4x8: six 8 GiB copies of the matrices'
+    gradients)."""
+    drop = lambda spec: parallel.P(*(None if a == "data" else a for a in spec))  # noqa: E731
+    is_spec = lambda x: isinstance(x, parallel.P)  # noqa: E731
+    inner = jax.vmap(fn, in_axes=None, out_axes=0, axis_name="data", axis_size=1)
+    return jax.shard_map(
+        lambda *args: jax.tree.map(lambda a: a[0], inner(*args)),
+        mesh=parallel.Mesh(mesh.devices.reshape(-1), ("model",)),
+        in_specs=jax.tree.map(drop, in_specs, is_leaf=is_spec),
+        out_specs=jax.tree.map(drop, out_specs, is_leaf=is_spec),
+        check_vma=False,
+    )
 
 
 def _masks(spec: BankSpec, mesh):
@@ -148,25 +163,37 @@ def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.n
 
 
 def _update(grads, state, tx, spec: BankSpec, mesh, finite, enc_latent_major: bool):
-    """(params, opt_state) after the optimiser's step (`train.update.apply_update`), on each
+    """(params, opt_state, ok) after the optimiser's step (`train.update.apply_update`), on each
     device's own latents: the matrices' block loop slices the latent axis, which `shard_map` keeps
-    local where the latents are split over `model`."""
+    local where the latents are split over `model`. `finite`: whether the loss is; `ok`: whether
+    it and every gradient are (each device checks its own part, then all agree). Checked here,
+    after the conditional that chose the AuxK branch and inside the per-device program: checked
+    in the branches or between the two, libtpu's compiler kept parameter-sized boolean arrays and
+    copies of the gradients among the branches' results (v5p:4x4x8, 2^26 latents: six 8 GiB
+    arrays)."""
     renorm = spec.architecture != "relu"  # ReLU+L1 keeps free decoder norms, penalised in the L1 term
     fn = partial(apply_update, tx=tx, renorm=renorm, enc_latent_major=enc_latent_major, latents=spec.width, budget=platform_budget())
     params, opt_state = state["params"], state["opt_state"]
+
+    def all_finite(g, loss_finite, axes=()):
+        ok = loss_finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(g)]))
+        return ok if not axes else jax.lax.pmin(ok.astype(jnp.int32), axes).astype(bool)
+
     if mesh.size == 1:
-        return fn(grads, params, opt_state, finite=finite)
+        ok = all_finite(grads, finite)
+        return (*fn(grads, params, opt_state, finite=ok), ok)
     n_model = mesh.shape["model"]
     S, P = parallel.pspec, parallel.P
     pspecs = {k: S(k) for k in params}
     gspecs = {**pspecs, "W_enc": P(None, "model", None)} if enc_latent_major else pspecs
     ospecs = optax.tree_utils.tree_map_params(tx, lambda _, s: s, opt_state, pspecs, transform_non_params=lambda _: P())
 
-    def local(g, p, o, ok):
+    def local(g, p, o, loss_finite):
         offset = 0 if n_model == 1 else jax.lax.axis_index("model") * (spec.width // n_model)
-        return fn(g, p, o, finite=ok, latent_offset=offset)
+        ok = all_finite(g, loss_finite, ("data", "model"))
+        return (*fn(g, p, o, finite=ok, latent_offset=offset), ok)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(gspecs, pspecs, ospecs, P()), out_specs=(pspecs, ospecs), check_vma=False)(
+    return jax.shard_map(local, mesh=mesh, in_specs=(gspecs, pspecs, ospecs, P()), out_specs=(pspecs, ospecs, P()), check_vma=False)(
         grads, params, opt_state, finite
     )
 
@@ -224,10 +251,9 @@ def train_step(
         (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branch(True), branch(False), state["params"])
     else:
         (loss, (fvu, auxk, sparsity, out)), grads = branch(False)(state["params"])
-    finite = jnp.isfinite(loss) & jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
 
     # a non-finite batch leaves parameters and optimiser state as they were
-    params, opt_state = _update(grads, state, tx, spec, mesh, finite, enc_latent_major)
+    params, opt_state, finite = _update(grads, state, tx, spec, mesh, jnp.isfinite(loss), enc_latent_major)
     n_tokens = x.shape[1]
     fired = out["fired"]
     since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
