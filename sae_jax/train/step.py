@@ -62,8 +62,6 @@ def sharded_forward(spec: BankSpec, mesh, with_aux: bool, options: EncoderOption
     in_specs = ({k: S(k) for k in names if k != "W_skip"}, S("x"), S("latents"), P(), S("latents"))
     if mesh.size == 1:
         return _one_device(fn)
-    if mesh.shape["data"] == 1:
-        return _model_only(fn, mesh, in_specs, out)
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out, check_vma=False)
 
 
@@ -75,24 +73,6 @@ def _one_device(fn):
     inner = jax.vmap(fn, in_axes=None, out_axes=0, axis_name="model", axis_size=1)
     outer = jax.vmap(inner, in_axes=None, out_axes=0, axis_name="data", axis_size=1)
     return lambda *args: jax.tree.map(lambda a: a[0, 0], outer(*args))
-
-
-def _model_only(fn, mesh, in_specs, out_specs):
-    """`fn` over a mesh whose `data` axis has one device: shard_map over the same devices as a
-    mesh of `model` alone, `data` bound by a vmap of size 1 (as `_one_device`). A manual `data` axis of one device leaves
-    one-participant all-reduces of the gradients in the program, which libtpu's compiler keeps as
-    parameter-sized copies (2^26 latents on v5p:4x4x8: six 8 GiB copies of the matrices'
-    gradients)."""
-    drop = lambda spec: parallel.P(*(None if a == "data" else a for a in spec))  # noqa: E731
-    is_spec = lambda x: isinstance(x, parallel.P)  # noqa: E731
-    inner = jax.vmap(fn, in_axes=None, out_axes=0, axis_name="data", axis_size=1)
-    return jax.shard_map(
-        lambda *args: jax.tree.map(lambda a: a[0], inner(*args)),
-        mesh=parallel.Mesh(mesh.devices.reshape(-1), ("model",)),
-        in_specs=jax.tree.map(drop, in_specs, is_leaf=is_spec),
-        out_specs=jax.tree.map(drop, out_specs, is_leaf=is_spec),
-        check_vma=False,
-    )
 
 
 def _masks(spec: BankSpec, mesh):
