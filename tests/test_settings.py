@@ -41,6 +41,7 @@ BAD = {
     "dead_tokens": (0, "positive"),
     "aux_coef": (-0.5, ">= 0"),
     "k_aux": (10**9, "at most the smallest width"),
+    "resample_tokens": (-1, "must be >= 0 (0: never)"),
     "encoder_init_scale": (0.0, "positive"),
     "encoder": ("fast", "choose from auto"),
     "encoder_block": (0, "positive"),

@@ -68,12 +68,13 @@ TRANSCODER = {
     "train.matryoshka_prefixes": "16,32",
 }
 JUMPRELU = {"train.architecture": "jumprelu", "train.l0_coefs": "0.01,0.03"}
+RESAMPLE = {"train.resample_tokens": 1024}  # dead latents resampled every 4 steps, up to step 32
 
 
 @pytest.mark.parametrize(
     "devices,mesh,arch",
-    [(1, (1, 1), {}), (8, (4, 2), {}), (8, (4, 2), TRANSCODER), (1, (1, 1), JUMPRELU)],
-    ids=["topk-1", "topk-4x2", "transcoder-batchtopk-matryoshka-4x2", "jumprelu-1"],
+    [(1, (1, 1), {}), (8, (4, 2), RESAMPLE), (8, (4, 2), TRANSCODER), (1, (1, 1), JUMPRELU)],
+    ids=["topk-1", "topk-resample-4x2", "transcoder-batchtopk-matryoshka-4x2", "jumprelu-1"],
 )
 def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh, arch):
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
@@ -85,7 +86,10 @@ def test_sigkill_resume_is_bit_identical(tiny_store, tmp_path, devices, mesh, ar
     for f in ("curves.png", "latent_density.png", "latent_density.npz", "members.json", "config.json"):
         assert (ref / f).is_file(), f
     assert list((ref / "tb").glob("events.out.tfevents.*"))
-    assert [json.loads(x)["step"] for x in (ref / "metrics.jsonl").read_text().splitlines()] == list(range(4, STEPS + 1, 4))
+    recs = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(4, STEPS + 1, 4))
+    if arch is RESAMPLE:  # latents were resampled (before steps 4, 8, ..., 28), none once the lr decays
+        assert sum(sum(r["resampled"]) for r in recs) > 0 and all(sum(r["resampled"]) == 0 for r in recs if r["step"] > 32)
 
     p = subprocess.Popen(
         [sys.executable, "-m", "sae_jax.cli", "train", *_args(tiny_store, killed, **extra)],

@@ -93,12 +93,19 @@ def train(c, log=print) -> TrainResult:
     try:
         with _preemption(ckpt) as preempted:
             stopped = 0  # the signal that stopped the run (0: none)
+            resampled = None  # latents resampled since the last record [M] (on the device: no sync)
             for done in range(start + 1, s.steps + 1):
                 batch = next(it)
                 xs = [parallel.global_batch(mesh, "x", _stack(batch, hooks), global_shape(hooks)) for hooks in _inputs(spec)]
+                if step.resamples_before(done - 1):
+                    state, n = step.resample(state, *xs)
+                    resampled = n if resampled is None else resampled + n
                 state, metrics = step(state, *xs)
                 writer.tick()
                 if done % s.log_every == 0 or done == s.steps:
+                    if step.resample_every:
+                        metrics = {**metrics, "resampled": np.zeros(spec.size, np.int32) if resampled is None else resampled}
+                        resampled = None
                     rec = writer.log(done, metrics, state)
                     _check_nan_streak(rec, s.max_nan_streak)
                 stopped = preempted(done)

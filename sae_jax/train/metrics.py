@@ -21,6 +21,8 @@ from jax.experimental import multihost_utils
 def host(x) -> np.ndarray:
     """A device array on the host: its local copy where it is replicated or local, else gathered
     from every process (a collective: every process calls it at the same point)."""
+    if isinstance(x, np.ndarray | np.generic):
+        return np.asarray(x)
     if x.is_fully_addressable:
         return np.asarray(jax.device_get(x))
     if x.is_fully_replicated:

@@ -27,7 +27,7 @@ IDENTITY = (
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
-    "adam_b1", "adam_b2", "adam_eps", "optimizer_state",
+    "adam_b1", "adam_b2", "adam_eps", "optimizer_state", "resample_tokens",
 )  # fmt: skip
 
 
@@ -99,6 +99,7 @@ class TrainSettings:
     dead_tokens: int
     aux_coef: float
     k_aux: int
+    resample_tokens: int
     encoder_init_scale: float
     encoder: str
     encoder_block: int
@@ -327,6 +328,11 @@ def _check(s: TrainSettings) -> None:
             "k_aux",
             0 <= s.k_aux <= min(s.widths),
             f"must be in [0, {min(s.widths)}] (0: d_in // 2, at most 512; at most the smallest width)",
+        ),
+        (
+            "resample_tokens",
+            s.resample_tokens >= 0 and (s.resample_tokens == 0 or s.architecture in ("topk", "batchtopk")),
+            "must be >= 0 (0: never), and is for the TopK family (topk, batchtopk) only",
         ),
         ("encoder_init_scale", finite(s.encoder_init_scale) and s.encoder_init_scale > 0, "must be positive"),
         ("encoder_block", s.encoder_block >= 1, "must be positive"),

@@ -20,6 +20,7 @@ import optax
 from sae_jax import parallel
 from sae_jax.kernels.topk import EncoderOptions, grads_latent_major
 from sae_jax.sae.bank import BankSpec, forward_dense, forward_sparse, losses
+from sae_jax.train import resample
 from sae_jax.train.optimizer import build_optimizer
 from sae_jax.train.settings import TrainSettings
 from sae_jax.train.state import abstract_state, init_state
@@ -271,6 +272,39 @@ def train_step(
     return new, metrics
 
 
+def resample_state(
+    state: dict,
+    x: jax.Array,
+    y: jax.Array | None = None,
+    *,
+    spec: BankSpec,
+    mesh,
+    settings: TrainSettings,
+    input_scale=None,
+    output_scale=None,
+) -> tuple[dict, jax.Array]:
+    """The dead latents of the bank resampled before a step on the batch `x` (`y`: transcoders'
+    targets), as `train.resample` describes: latents that fired on none of the last
+    `train.resample_tokens` tokens. Returns (the new state, latents resampled per member [M]). Pure:
+    jit it over `mesh` (`TrainStep.resample`)."""
+    s = settings
+    input_scale, output_scale = _scales(spec, input_scale, output_scale)
+    tx, _ = build_optimizer(spec, s, input_scale, output_scale)
+    lat_mask, ks = _masks(spec, mesh)
+    y = (x if y is None else y).astype(jnp.float32) * jnp.asarray(output_scale)[:, None, None]
+    x = x.astype(jnp.float32) * jnp.asarray(input_scale)[:, None, None]
+    window = resample.resample_steps(s.batch_size, s.resample_tokens) * x.shape[1]
+    dead = (state["tokens_since_fired"] >= window) & lat_mask
+    fwd = sharded_forward(spec, mesh, False, s.encoder_options, s.jumprelu_bandwidth)
+    x_hat = _apply(fwd, state["params"], x, lat_mask, ks, jnp.zeros_like(dead))["x_hat"][-1]
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(s.seed), 0x5E5A), state["step"])
+    ids, dec_dirs, enc_cols = resample.choose(x, y, x_hat, dead, lat_mask, state["params"]["W_enc"], key, spec.transcoder)
+    params, opt_state, since = resample.apply(
+        state["params"], state["opt_state"], state["tokens_since_fired"], ids, dec_dirs, enc_cols, mesh=mesh, tx=tx, width=spec.width
+    )
+    return {**state, "params": params, "opt_state": opt_state, "tokens_since_fired": since}, resample.count(ids, spec.width)
+
+
 class TrainStep:
     """`train_step` jitted over the mesh (`train`, `compile-check`, the benchmarks and the tests all
     use it): `step(state, x) -> (state, metrics)` (transcoders: `step(state, x, y)`), the state
@@ -291,12 +325,30 @@ class TrainStep:
             self.jitted = jax.jit(fn, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
         else:
             self.jitted = jax.jit(lambda state, x: fn(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out)
+        # dead latents resampled every `resample_every` steps (0: never; `train.resample`), a program apart
+        self.resample_every = resample.resample_steps(settings.batch_size, settings.resample_tokens)
+        rs = partial(resample_state, spec=spec, mesh=mesh, settings=settings, input_scale=input_scale, output_scale=output_scale)
+        if spec.transcoder:
+            self.resample_jitted = jax.jit(rs, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
+        else:
+            self.resample_jitted = jax.jit(
+                lambda state, x: rs(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out
+            )
 
     def __call__(self, state, x, y=None):
         return self.jitted(state, x) if y is None else self.jitted(state, x, y)
 
     def lower(self, *args):
         return self.jitted.lower(*args)
+
+    def resamples_before(self, step: int) -> bool:
+        """Whether the dead latents are resampled before step `step` (0-based; `train.resample`)."""
+        s = self.settings
+        return resample.resamples_at(step, self.resample_every, s.steps, s.decay_frac)
+
+    def resample(self, state, x, y=None):
+        """`resample_state` jitted over the mesh, the state donated: (state, latents resampled [M])."""
+        return self.resample_jitted(state, x) if y is None else self.resample_jitted(state, x, y)
 
     def init_state(self, key, sample: np.ndarray | None) -> dict:
         """The state, created sharded; `b_dec` from the geometric median of `sample [M, N, d_out]` (scaled targets)."""
