@@ -62,6 +62,8 @@ def train(width: int, steps: int, store: str) -> Path:
 
 
 def run_atlas(run: Path, out: Path, contexts: int, text: Path) -> dict:
+    from sae_jax.eval.atlas_files import js_payload
+
     cmd = [sys.executable, "-m", "sae_jax.cli", "atlas", str(run), "--contexts", str(contexts), "--text", str(text), "--out", str(out)]
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -79,7 +81,7 @@ def run_atlas(run: Path, out: Path, contexts: int, text: Path) -> dict:
     data = size([out / "data" / "0"])
     text_bytes = size([out / "data" / "text", out / "data" / "vocab.js"])
     total = size([out])
-    shards = [json.loads(f.read_text().split("\n")[1]) for f in sorted((out / "data" / "0").glob("*.js"))]
+    shards = [js_payload(f) for f in sorted((out / "data" / "0").glob("*.js"))]
     kept = sum(len(r["top"]) + len(r["samples"]) for s in shards for r in s)
     w = meta["width"]
     return {

@@ -126,6 +126,8 @@ class SaeJax(Trainer):
 
     def one(self, x) -> None:
         xb = self.jax.device_put(x[None], self.x_sharding)  # the loader hands the step host arrays too
+        if self.step.resamples_before(self.t):  # train.resample_tokens, as `sae-jax train`'s loop does
+            self.state, _ = self.step.resample(self.state, xb)
         self.state, self.metrics = self.step(self.state, xb)
 
     def sync(self) -> None:

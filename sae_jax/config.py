@@ -108,7 +108,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.aux_coef = 1 / 32  # weight of the AuxK loss (dead latents reconstruct the residual)
     c.train.k_aux = 0  # AuxK's k; 0: d_in // 2, at most 512 and at most the smallest width
     # every this many tokens, latents that fired on none of them get new directions from the
-    # batch's worst-reconstructed rows (until the learning rate decays); 0: never (sae_jax.train.resample)
+    # batch's worst-reconstructed rows (until the learning rate decays); 0: never. Worth it with
+    # ~100 expected firings per latent in the window (>= 100 x width / k tokens; sae_jax.train.resample)
     c.train.resample_tokens = 0
     # initial encoder column norm (inputs at unit mean squared norm): 1/sqrt(3), the row norm of
     # PyTorch's default nn.Linear init that sparsify starts from (docs/benchmarks.md)

@@ -103,7 +103,7 @@ def _dump_dom(url, tmp_path):
 
 @pytest.mark.browser
 def test_atlas_cli_files_and_page_in_a_browser(lm, tiny_run, tmp_path):
-    from sae_jax.eval.atlas_files import read_atlas
+    from sae_jax.eval.atlas_files import js_payload, read_atlas
     from sae_jax.eval.inputs import text_contexts
     from sae_jax.runs import open_run
 
@@ -142,7 +142,7 @@ def test_atlas_cli_files_and_page_in_a_browser(lm, tiny_run, tmp_path):
             checked += 1
     assert checked > 100
     # one copy: each context's text once, in the text files; the data a few kB per latent
-    spans = [json.loads(f.read_text().split("\n")[1]) for f in sorted((out / "data" / "text").glob("*.js"))]
+    spans = [js_payload(f) for f in sorted((out / "data" / "text").glob("*.js"))]
     keys = [c for s in spans for c in s]
     assert len(keys) == len(set(keys)) and {e["context"] for r_ in fired for e in r_["top"]} <= {int(c) for c in keys}
     data = sum(f.stat().st_size for f in (out / "data").rglob("*.js"))

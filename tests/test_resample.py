@@ -81,7 +81,11 @@ def test_only_the_dead_latents_change_and_point_at_residuals():
         np.testing.assert_array_equal(after[k], before[k], err_msg=k)
 
 
-def test_at_most_half_a_batch_per_event_rotating_over_the_dead():
+def test_at_most_half_a_batch_per_event_one_per_direction_rotating_over_the_dead():
+    """Every latent dead: at most half a batch resampled per event, no two new decoder rows within
+    `resample.SIMILAR` of each other, and another step's key starts elsewhere among the dead.
+    Then a batch whose rows are 40 copies of one outsized row and 24 ordinary ones: that
+    direction gets one latent, not one per copy."""
     mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
     spec, step, state, x = _setup(mesh, [np.arange(S), np.arange(S // 2)])  # every latent dead
     picked = []
@@ -89,9 +93,25 @@ def test_at_most_half_a_batch_per_event_rotating_over_the_dead():
         s2 = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state)
         s2 = {**s2, "step": jnp.asarray(t, s2["step"].dtype)}
         s2, n = step.resample(s2, x)
-        np.testing.assert_array_equal(np.asarray(n), [B // 2, B // 2])
-        picked.append(set(np.where(np.asarray(s2["tokens_since_fired"])[0] == 0)[0].tolist()))
+        n = np.asarray(n)
+        assert np.all(n <= B // 2) and np.all(n >= B // 4), n
+        new = np.where(np.asarray(s2["tokens_since_fired"])[0] == 0)[0]
+        w = np.asarray(s2["params"]["W_dec"])[0, new]
+        cos = w @ w.T - 2 * np.eye(len(new))
+        assert cos.max() <= resample.SIMILAR + 1e-6
+        picked.append(set(new.tolist()))
     assert picked[0] != picked[1]  # another key, another offset into the dead
+
+    rng = np.random.default_rng(3)
+    xs = rng.standard_normal((M, B, D)).astype(np.float32)
+    xs[:, :40] = 30.0 * rng.standard_normal((M, 1, D))  # the same outsized row 40 times
+    x_hat = np.asarray(make_bank_forward(spec, mesh, step.settings)(state["params"], jnp.asarray(xs), None, jnp.asarray(xs)).x_hat)
+    big = xs[0, 0] - x_hat[0, 0]
+    s2, n = step.resample(jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, state), jnp.asarray(xs))
+    new = np.where(np.asarray(s2["tokens_since_fired"])[0] == 0)[0]
+    w = np.asarray(s2["params"]["W_dec"])[0, new]
+    assert np.sum(w @ big / np.linalg.norm(big) > 0.99) == 1  # one latent on that direction
+    assert 16 <= np.asarray(n)[0] <= 1 + (B - 40)  # the ordinary rows fill the rest
 
 
 def test_a_mesh_resamples_as_one_device_does():
@@ -122,3 +142,38 @@ def test_the_period_rounds_to_whole_steps():
     assert resample.resample_steps(4096, 100) == 1
     assert resample.resample_steps(4096, 0) == 0
     assert [t for t in range(20) if resample.resamples_at(t, 5, 20, 0.2)] == [5, 10, 15]
+
+
+def test_a_transcoder_takes_the_input_row_for_its_encoder():
+    """A BatchTopK Matryoshka skip transcoder (d_in 24 -> d_out 40): the decoder row is the output
+    residual's direction, the encoder column the same row's input direction."""
+    mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+    d_in, d_out, s = 24, 40, 128
+    spec = BankSpec(("a",), (s,), (4,), d_in, s, 8, "batchtopk", out_hooks=("b",), d_out=d_out, skip=True, prefixes=(32,), cap=4)
+    t = TrainSettings.defaults(
+        architecture="batchtopk", widths=(s,), ks=(4,), batch_size=B, steps=100, resample_tokens=B, matryoshka_prefixes=(32,), **MESH_MATH
+    )
+    step = TrainStep(spec, mesh, t)
+    rng = np.random.default_rng(1)
+    state = step.init_state(jax.random.key(1), rng.standard_normal((1, 256, d_out)).astype(np.float32))
+    x = jnp.asarray(rng.standard_normal((1, B, d_in)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((1, B, d_out)), jnp.float32)
+    state, _ = step(state, x, y)
+    since = np.zeros((1, s), np.int32)
+    ids = np.array([5, 40, 77])
+    since[0, ids] = B
+    state = {**state, "tokens_since_fired": jnp.asarray(since), "step": jnp.asarray(1, state["step"].dtype)}
+    x_hat = np.asarray(make_bank_forward(spec, mesh, t)(state["params"], x, None, y).x_hat)
+    before = _host(state)
+    state, n = step.resample(state, x, y)
+    after = _host(state)
+    np.testing.assert_array_equal(np.asarray(n), [3])
+    resid = np.asarray(y)[0] - x_hat[0]
+    unit_out = resid / np.linalg.norm(resid, axis=1, keepdims=True)
+    unit_in = np.asarray(x)[0] / np.linalg.norm(np.asarray(x)[0], axis=1, keepdims=True)
+    rows = [int(np.argmax(unit_out @ after["params"]["W_dec"][0, j])) for j in ids]
+    np.testing.assert_allclose(after["params"]["W_dec"][0, ids], unit_out[rows], atol=1e-5)
+    live = np.setdiff1d(np.arange(s), ids)
+    mean_live = np.linalg.norm(before["params"]["W_enc"][0], axis=0)[live].mean()
+    np.testing.assert_allclose(after["params"]["W_enc"][0][:, ids].T, unit_in[rows] * mean_live, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(after["params"]["W_skip"], before["params"]["W_skip"])

@@ -51,10 +51,6 @@ class LatentTable:
         self.q = np.zeros((width, n, window), np.uint8)
         self.scale = np.zeros((width, n), np.float32)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.key, self.act, self.where, self.q, self.scale))
-
     def threshold(self, latents: np.ndarray) -> np.ndarray:
         return self.key[latents, -1]
 

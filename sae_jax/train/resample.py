@@ -3,19 +3,23 @@
 Every `resample_tokens` tokens (rounded to whole steps), before the step, each member's latents
 that fired on none of the last `resample_tokens` tokens are given new directions: rows of the
 step's batch are drawn without replacement with probability proportional to their squared
-reconstruction error (Gumbel top-n of log error), and the i-th drawn row's residual (target minus
-reconstruction), normalised, becomes the i-th resampled latent's decoder row and, scaled to the
-mean encoder norm of the member's live latents, its encoder column (transcoders: the row's
-normalised input, which is what the encoder reads). Its encoder bias is set to 0 and its Adam
-moments (W_enc, W_dec, b_enc) to 0; its `tokens_since_fired` restarts. At most half a batch of
-latents per member per event; which dead latents, when there are more, rotates by a random offset.
-Nothing is resampled once the learning rate decays, so the last ones have time to settle.
+reconstruction error (Gumbel top-k of log error); a drawn row whose residual (target minus
+reconstruction) is within cosine `SIMILAR` of an earlier drawn row's is passed over, so one
+direction gets one latent (on language-model activations the worst rows are often alike, e.g.
+the first token's outsized activations, and a few hundred latents on one direction fire
+together: FVU 150 on the batch after it, measured); the i-th kept row's normalised residual
+becomes the i-th resampled latent's decoder row and, scaled to the mean encoder norm of the
+member's live latents, its encoder column (transcoders: the row's normalised input, which is what
+the encoder reads). Its encoder bias is set to 0 and its Adam moments (W_enc, W_dec, b_enc) to 0;
+its `tokens_since_fired` restarts. At most half a batch (and `MAX_PER_EVENT`) of latents per
+member per event, from twice as many rows drawn; which dead latents, when there are more, rotates
+by a random offset. Nothing is resampled once the learning rate decays, so the last ones have
+time to settle.
 
 The idea is Anthropic's resampling ("Towards Monosemanticity", 2023): a latent that never fires
-gets no gradient under TopK, and a residual row points at what the live latents miss. On
-synthetic features (`benchmarks/recovery.py`) it halves the dead share with better FVU and more
-features recovered (docs/benchmarks.md). Pure and deterministic given (state, batch, key): a resumed
-run resamples as the uninterrupted one did.
+gets no gradient under TopK, and a residual row points at what the live latents miss. Measured in
+docs/benchmarks.md ("Resampling dead latents"). Pure and deterministic given (state, batch, key):
+a resumed run resamples as the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import optax
 from sae_jax import parallel
 
 NAMES = ("W_enc", "W_dec", "b_enc")  # what a resampled latent gets anew (its column / row / entry)
+MAX_PER_EVENT = 4096  # latents resampled per member per event, at most (and at most half a batch)
+SIMILAR = 0.5  # cosine above which two drawn rows' residuals count as one direction
 
 
 def resample_steps(batch_size: int, resample_tokens: int) -> int:
@@ -48,20 +54,30 @@ def choose(x, y, x_hat, dead, lat_mask, w_enc, key, transcoder: bool):
     `dead` [M, S] the latents to resample; `w_enc` [M, d_in, S] for the live latents' norm."""
     m, b, _ = y.shape
     s = dead.shape[1]
-    n = min(b // 2, s) or 1
+    n = max(min(b // 2, s, MAX_PER_EVENT), 1)
+    pool = min(b, 2 * n)  # rows drawn, of which up to n are used
     err = y - x_hat
     l2 = jnp.sum(err**2, axis=-1)  # [M, B]
     score = jnp.where(l2 > 0, jnp.log(jnp.maximum(l2, 1e-30)) + jax.random.gumbel(key, l2.shape), -jnp.inf)
-    top, rows = jax.lax.top_k(score, n)  # [M, n]: rows drawn without replacement, weight ~ error^2
-    usable = jnp.isfinite(top)
+    top, rows = jax.lax.top_k(score, pool)  # [M, pool]: rows drawn without replacement, weight ~ error^2
     pick = lambda a: jnp.take_along_axis(a, rows[..., None], axis=1)  # noqa: E731
     unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-    dec_dirs = unit(pick(err))
+    dirs = unit(pick(err))
+    # one latent per direction: a row whose residual is within SIMILAR of a row drawn before it
+    # is not used (on LLM activations the worst rows are often alike, e.g. the first token's
+    # outsized activations; many latents on one direction would all fire together)
+    cos = jnp.einsum("mid,mjd->mij", dirs, dirs)
+    earlier = jnp.tril(jnp.ones((pool, pool), bool), -1)
+    usable = jnp.isfinite(top) & ~jnp.any((cos > SIMILAR) & earlier, axis=2)
+    keep = jnp.argsort(~usable, axis=1, stable=True)[:, :n]  # the first n usable ones, in the order drawn
+    rows = jnp.take_along_axis(rows, keep, axis=1)
+    usable = jnp.take_along_axis(usable, keep, axis=1)
+    dec_dirs = jnp.take_along_axis(dirs, keep[..., None], axis=1)
     live = lat_mask & ~dead
     norms = jnp.linalg.norm(w_enc.astype(jnp.float32), axis=1)  # [M, S]
     count = live.sum(1)
     mean_norm = jnp.where(count > 0, (norms * live).sum(1) / jnp.maximum(count, 1), norms.mean(1))
-    enc_cols = (unit(pick(x)) if transcoder else dec_dirs) * mean_norm[:, None, None]
+    enc_cols = (unit(jnp.take_along_axis(x, rows[..., None], axis=1)) if transcoder else dec_dirs) * mean_norm[:, None, None]
     # the dead latents in rotating order: rank 0 is the first dead one at or after a random offset
     n_dead = dead.sum(1)
     order = jnp.cumsum(dead, axis=1) - 1

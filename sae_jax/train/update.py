@@ -104,11 +104,10 @@ def _whole(grads, params, opt_state, tx, renorm: bool, finite, blocks=None):
     return new, jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_opt, opt_state)
 
 
-def _blocked(name: str, block: int, grad, params, opt_state, tx, renorm, finite, enc_latent_major, latent_offset, latents):
+def _blocked(name: str, block: int, grad, p, opt_state, tx, renorm, finite, enc_latent_major, latent_offset, latents):
     """The update of the matrix `name` a block of `block` latents at a time, written back in place:
     (new matrix, its moments as `_restrict(opt_state, [name])` has them)."""
     axis = LATENT_AXIS[name]
-    p = params[name]
     full = p.shape[:axis] + (latents,) + p.shape[axis + 1 :]
     key = jax.tree_util.keystr((jax.tree_util.DictKey(name),))
     state = _restrict(opt_state, [name])
@@ -169,6 +168,8 @@ def apply_update(
     parts = []
     for name, b in blocks.items():
         width = latents or params[name].shape[LATENT_AXIS[name]]
-        new[name], part = _blocked(name, b, grads[name], params, opt_state, tx, renorm, finite, enc_latent_major, latent_offset, width)
+        new[name], part = _blocked(
+            name, b, grads[name], params[name], opt_state, tx, renorm, finite, enc_latent_major, latent_offset, width
+        )
         parts.append(part)
     return {n: new[n] for n in params}, _merge(new_opt, *parts)
