@@ -177,3 +177,18 @@ def test_a_transcoder_takes_the_input_row_for_its_encoder():
     mean_live = np.linalg.norm(before["params"]["W_enc"][0], axis=0)[live].mean()
     np.testing.assert_allclose(after["params"]["W_enc"][0][:, ids].T, unit_in[rows] * mean_live, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(after["params"]["W_skip"], before["params"]["W_skip"])
+
+
+def test_rows_that_are_not_finite_are_never_drawn():
+    """A batch with NaN and inf rows (a step would skip it): the latents resampled get finite
+    directions from the finite rows only, and nothing non-finite reaches the state."""
+    mesh = parallel.make_mesh(1, 1, jax.devices()[:1])
+    _, step, state, x = _setup(mesh, [np.arange(S), np.arange(S // 2)])
+    xs = np.array(x)
+    xs[:, ::3] = np.nan
+    xs[:, 1::3] = np.inf
+    state, n = step.resample(state, jnp.asarray(xs))
+    n = np.asarray(n)
+    assert np.all(n >= 1) and np.all(n <= -(-B // 3)), n  # only the finite third can be drawn
+    for path, leaf in jax.tree_util.tree_leaves_with_path(_host(state)):
+        assert np.all(np.isfinite(np.asarray(leaf, np.float64))), jax.tree_util.keystr(path)
