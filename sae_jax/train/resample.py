@@ -60,9 +60,8 @@ def choose(x, y, x_hat, dead, lat_mask, w_enc, key, transcoder: bool):
     l2 = jnp.sum(err**2, axis=-1)  # [M, B]
     score = jnp.where(l2 > 0, jnp.log(jnp.maximum(l2, 1e-30)) + jax.random.gumbel(key, l2.shape), -jnp.inf)
     top, rows = jax.lax.top_k(score, pool)  # [M, pool]: rows drawn without replacement, weight ~ error^2
-    pick = lambda a: jnp.take_along_axis(a, rows[..., None], axis=1)  # noqa: E731
     unit = lambda a: a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)  # noqa: E731
-    dirs = unit(pick(err))
+    dirs = unit(jnp.take_along_axis(err, rows[..., None], axis=1))
     # one latent per direction: a row whose residual is within SIMILAR of a row drawn before it
     # is not used (on LLM activations the worst rows are often alike, e.g. the first token's
     # outsized activations; many latents on one direction would all fire together)

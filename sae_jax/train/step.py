@@ -143,6 +143,17 @@ def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.n
     return s_in, (s_in if output_scale is None else np.asarray(output_scale, np.float32))
 
 
+def _prepared(spec: BankSpec, mesh, settings: TrainSettings, x, y, input_scale, output_scale):
+    """What a step and a resampling both begin with: (optimiser, schedule, latent mask, ks, x, y),
+    x and y (default x) scaled to unit mean squared norm in float32."""
+    input_scale, output_scale = _scales(spec, input_scale, output_scale)
+    tx, sched = build_optimizer(spec, settings, input_scale, output_scale)
+    lat_mask, ks = _masks(spec, mesh)
+    y = (x if y is None else y).astype(jnp.float32) * jnp.asarray(output_scale)[:, None, None]
+    x = x.astype(jnp.float32) * jnp.asarray(input_scale)[:, None, None]
+    return tx, sched, lat_mask, ks, x, y
+
+
 def _update(grads, state, tx, spec: BankSpec, mesh, finite, enc_latent_major: bool):
     """(params, opt_state, ok) after the optimiser's step (`train.update.apply_update`), on each
     device's own latents: the matrices' block loop slices the latent axis, which `shard_map` keeps
@@ -197,13 +208,9 @@ def train_step(
     architecture prefix_fvu, sparsity_loss, threshold_mean, threshold, capped_frac). Pure: jit it
     over `mesh` (`TrainStep` does)."""
     s = settings
-    input_scale, output_scale = _scales(spec, input_scale, output_scale)
-    tx, sched = build_optimizer(spec, s, input_scale, output_scale)
-    lat_mask, ks = _masks(spec, mesh)
+    tx, sched, lat_mask, ks, x, y = _prepared(spec, mesh, s, x, y, input_scale, output_scale)
     widths = jnp.asarray(spec.widths, jnp.float32)
     coefs = jnp.asarray(spec.coefs if spec.coefs else [0.0] * spec.size, jnp.float32)
-    y = (x if y is None else y).astype(jnp.float32) * jnp.asarray(output_scale)[:, None, None]
-    x = x.astype(jnp.float32) * jnp.asarray(input_scale)[:, None, None]
     dead = (state["tokens_since_fired"] >= s.dead_tokens) & lat_mask
     dead_count = dead.sum(axis=1)
     warm = jnp.minimum((state["step"] + 1).astype(jnp.float32) / max(s.sparsity_warmup_steps, 1), 1.0)
@@ -288,11 +295,7 @@ def resample_state(
     `train.resample_tokens` tokens. Returns (the new state, latents resampled per member [M]). Pure:
     jit it over `mesh` (`TrainStep.resample`)."""
     s = settings
-    input_scale, output_scale = _scales(spec, input_scale, output_scale)
-    tx, _ = build_optimizer(spec, s, input_scale, output_scale)
-    lat_mask, ks = _masks(spec, mesh)
-    y = (x if y is None else y).astype(jnp.float32) * jnp.asarray(output_scale)[:, None, None]
-    x = x.astype(jnp.float32) * jnp.asarray(input_scale)[:, None, None]
+    tx, _, lat_mask, ks, x, y = _prepared(spec, mesh, s, x, y, input_scale, output_scale)
     window = resample.resample_steps(s.batch_size, s.resample_tokens) * x.shape[1]
     dead = (state["tokens_since_fired"] >= window) & lat_mask
     fwd = sharded_forward(spec, mesh, False, s.encoder_options, s.jumprelu_bandwidth)
@@ -315,25 +318,23 @@ class TrainStep:
         self.spec, self.mesh, self.settings = spec, mesh, settings
         input_scale, output_scale = _scales(spec, input_scale, output_scale)
         self.tx, self.sched = build_optimizer(spec, settings, input_scale, output_scale)
-        fn = partial(train_step, spec=spec, mesh=mesh, settings=settings, input_scale=input_scale, output_scale=output_scale)
         x_sharding = parallel.sharding(mesh, "x")
         # the new state leaves in the shardings the state was made in (`init_state`): else XLA
         # picks its own for the outputs, the second step sees other input shardings and compiles
         # again, and a donated buffer cannot be reused for an output laid out otherwise
         out = (jax.tree.map(lambda a: a.sharding, self.abstract_state()), parallel.NamedSharding(mesh, parallel.P()))
-        if spec.transcoder:
-            self.jitted = jax.jit(fn, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
-        else:
-            self.jitted = jax.jit(lambda state, x: fn(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out)
+
+        def jit(f):
+            """`f(state, x[, y])` over the mesh, the state donated (transcoders take y, SAEs not)."""
+            f = partial(f, spec=spec, mesh=mesh, settings=settings, input_scale=input_scale, output_scale=output_scale)
+            if spec.transcoder:
+                return jax.jit(f, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
+            return jax.jit(lambda state, x: f(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out)
+
+        self.jitted = jit(train_step)
         # dead latents resampled every `resample_every` steps (0: never; `train.resample`), a program apart
         self.resample_every = resample.resample_steps(settings.batch_size, settings.resample_tokens)
-        rs = partial(resample_state, spec=spec, mesh=mesh, settings=settings, input_scale=input_scale, output_scale=output_scale)
-        if spec.transcoder:
-            self.resample_jitted = jax.jit(rs, donate_argnums=0, in_shardings=(None, x_sharding, x_sharding), out_shardings=out)
-        else:
-            self.resample_jitted = jax.jit(
-                lambda state, x: rs(state, x), donate_argnums=0, in_shardings=(None, x_sharding), out_shardings=out
-            )
+        self.resample_jitted = jit(resample_state)
 
     def __call__(self, state, x, y=None):
         return self.jitted(state, x) if y is None else self.jitted(state, x, y)
