@@ -199,6 +199,41 @@ def test_sparse_decode_and_its_vjp_equal_dense(order, monkeypatch):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [5, 16, 37])
+def test_gpu_gather_sum_equals_dense(k):
+    """Traced for a GPU (and run here), the sparse decode and the encoder's input gradient sum
+    their gathered rows by groups of slots (`topk.gather_sum`, the last group padded): the same
+    as dense arithmetic, gradients included."""
+    from sae_jax.kernels import pallas, topk
+    from sae_jax.kernels.topk import sparse_decode
+
+    B, S, d = 13, 70, 6
+    key = jax.random.split(jax.random.key(4), 5)
+    vals = jax.nn.relu(jax.random.normal(key[0], (B, k)))
+    idx = jax.random.randint(key[1], (B, k), 0, S)  # repeats within a row add up
+    w = jax.random.normal(key[2], (S, d))
+    tgt = jax.random.normal(key[3], (B, d))
+
+    def dense(vals, w):
+        return jnp.zeros((B, S)).at[jnp.arange(B)[:, None], idx].add(vals) @ w
+
+    want = jax.grad(lambda v, w: jnp.sum((dense(v, w) - tgt) ** 2), argnums=(0, 1))(vals, w)
+    x = jax.random.normal(key[4], (B, d))
+    we, be = w.T, jnp.zeros((S,))
+    enc_want = jax.grad(lambda x: jnp.sum(_ref(x, we, be, k)[0] * jnp.arange(1, k + 1)))(x)
+    with pallas.compiling_for("gpu"):
+        assert topk.target_platform() == "gpu"
+        out = jax.jit(sparse_decode)(vals, idx, w)
+        got = jax.jit(jax.grad(lambda v, w: jnp.sum((sparse_decode(v, idx, w) - tgt) ** 2), argnums=(0, 1)))(vals, w)
+        opts = EncoderOptions("rows", dtype="float32")
+        enc_got = jax.jit(jax.grad(lambda x: jnp.sum(topk_encode(x, we, be, k, options=opts)[0] * jnp.arange(1, k + 1))))(x)
+    np.testing.assert_allclose(out, dense(vals, w), rtol=1e-5, atol=1e-5)
+    for g, r in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np.asarray(enc_want), 0)
+    np.testing.assert_allclose(np.asarray(enc_got), np.asarray(enc_want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.heavy
 def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
     """The backward's latent-ordered scatter-add and gather-dot (`scatter_rows`, `gather_dots`)
