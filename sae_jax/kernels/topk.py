@@ -565,7 +565,8 @@ def gather_sum(values, idx, table):
     slots, each group one kernel that reads its gathered rows once and adds them into the [B, d]
     accumulator. (The same sum written as an einsum over gathered [R, K, d] blocks compiles, for
     an H100, to a gather written out transposed and read back by a reduction: three passes over
-    the gathered rows instead of one; docs/benchmarks.md, "The GPU step's sparse decode".)"""
+    the gathered rows instead of one; docs/benchmarks.md, "The sparse decode and gather-dots by
+    groups of slots".)"""
     vs, ids = _gpu_slot_groups(values.astype(jnp.float32), idx)
 
     def group(acc, a):
