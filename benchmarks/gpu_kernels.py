@@ -12,7 +12,8 @@ branch on every step: `train.dead_tokens=1`), for each implementation: `dense` (
 Beside each, `benchmarks/roofline.py`'s predicted fused-kernel time for the chip. Per width
 also the row selection alone on the matmul's output, `lax.top_k` against the tournament
 `kernels.select.tree_top_k` (at k and at AuxK's k_aux), and what `sae_jax.hlo_cost` predicts for
-the selection from the step this GPU's compiler built. MFU as docs/design.md (section 8) defines it: (2 B d_in d_sae + the sparse
+the selection and the whole step (main path, AuxK live) from the step this GPU's compiler built,
+to hold against the measured `rows` step and `+dead` step. MFU as docs/design.md (section 8) defines it: (2 B d_in d_sae + the sparse
 terms 2 B k d_in x 3 for decode, dx and dW) / (time x the chip's peak bf16 FLOP/s); the encoder
 alone counts 2 B d_in d_sae. A configuration that fails (out of memory) is reported as such.
 Goals (issue 16): encoder MFU >= 50% at 2^18; the full step <= 1.3x the encoder matmul; 2^20
@@ -198,7 +199,8 @@ def main() -> None:
             f"  {'2^' + str(lg):>7} selection: lax.top_k {cell(sel, 'lax_top_k_k_s', 1e3)} ms (k_aux {cell(sel, 'lax_top_k_k_aux_s', 1e3)}), "
             f"tree_top_k {cell(sel, 'tree_top_k_k_s', 1e3)} ms (k_aux {cell(sel, 'tree_top_k_k_aux_s', 1e3)}); "
             f"predicted from the compiled step: selection {main.get('select_ms', float('nan')):.2f} ms = "
-            f"{main.get('select_over_matmul', float('nan')):.2f} x matmul"
+            f"{main.get('select_over_matmul', float('nan')):.2f} x matmul; step {main.get('step_ms', float('nan')):.1f} ms, "
+            f"AuxK live {(hlo or {}).get('aux', {}).get('step_ms', float('nan')):.1f} ms (measured: `rows` step, +dead below)"
         )
         for encoder in encoders:
             r = {"d_sae": S, "path": encoder, "device": dev.device_kind, "matmul_s": t_mm, "roofline_kernel_ms": predicted}
