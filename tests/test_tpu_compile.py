@@ -45,10 +45,14 @@ def test_train_step_compiles_for_tpu_with_auxk(tmp_path, topology, encoder):
 @pytest.mark.parametrize("encoder", ["pallas_tpu", "stream"])
 @pytest.mark.parametrize("topology,mesh_model", [("v5e:2x2", 4), ("v5p:1x1x1", 1)])
 def test_2_18_latents_compile_for_v5e_and_v5p(tmp_path, topology, mesh_model, encoder):
-    """2^18 latents: over 4 v5e chips (the latents split 4 ways), or on one v5p chip."""
+    """2^18 latents: over 4 v5e chips (the latents split 4 ways), or on one v5p chip. On the mesh
+    the update runs inside the AuxK branches, so the gradients do not leave the `cond` twice:
+    under 4 parameter-sized float32 matrices of temporaries (5 with the update after it)."""
     r, rep = _compile_check(tmp_path, topology, 262144, encoder, f"--config.train.mesh_model={mesh_model}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert rep["fits"] is True and rep["mesh"]["model"] == mesh_model
+    if mesh_model > 1:
+        assert rep["bytes_per_device"]["temporaries_parameter_sized"]["count"] < 4, rep["bytes_per_device"]
 
 
 def test_one_v5e_chip_fits_2_18_latents_and_refuses_2_19_clearly(tmp_path):

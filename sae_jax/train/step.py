@@ -226,22 +226,37 @@ def train_step(
     # block, transposing each block (a whole transpose would be a parameter-sized copy).
     enc_latent_major = spec.sparse and grads_latent_major() and platform_budget() is not None
 
+    # On a TPU mesh of more than one chip the update runs inside each branch: with it after the
+    # `cond`, libtpu kept each gradient twice and a parameter-sized finite map among the branch's
+    # results (v5e:2x2, 2^18 latents a chip over model=4: 18.61 GiB needed, 15.84 with it inside).
+    # One device, and GPUs (whole-array update), update after it: inside, the H100 step at 2^20
+    # latents needs 8.8 GiB more (docs/benchmarks.md, "The step on a mesh of TPU chips").
+    update_inside = mesh.size > 1 and platform_budget() is not None
+
     def branch(aux):
-        def run(params):
+        def run(operand):
+            params, opt_state = operand if update_inside else (operand, None)
             (loss, aux_out), grads = jax.value_and_grad(partial(loss_fn, with_aux=aux), has_aux=True)(params)
             if enc_latent_major:
                 grads = {**grads, "W_enc": jnp.swapaxes(grads["W_enc"], 1, 2)}
-            return (loss, aux_out), grads
+            if not update_inside:
+                return (loss, aux_out), grads
+            # a non-finite batch leaves parameters and optimiser state as they were
+            return (loss, aux_out), _update(
+                grads, {"params": params, "opt_state": opt_state}, tx, spec, mesh, jnp.isfinite(loss), enc_latent_major
+            )
 
         return run
 
+    operand = (state["params"], state["opt_state"]) if update_inside else state["params"]
     if spec.sparse:
-        (loss, (fvu, auxk, sparsity, out)), grads = jax.lax.cond(dead_count.sum() > 0, branch(True), branch(False), state["params"])
+        (loss, (fvu, auxk, sparsity, out)), res = jax.lax.cond(dead_count.sum() > 0, branch(True), branch(False), operand)
     else:
-        (loss, (fvu, auxk, sparsity, out)), grads = branch(False)(state["params"])
-
-    # a non-finite batch leaves parameters and optimiser state as they were
-    params, opt_state, finite = _update(grads, state, tx, spec, mesh, jnp.isfinite(loss), enc_latent_major)
+        (loss, (fvu, auxk, sparsity, out)), res = branch(False)(operand)
+    if update_inside:
+        params, opt_state, finite = res
+    else:  # a non-finite batch leaves parameters and optimiser state as they were
+        params, opt_state, finite = _update(res, state, tx, spec, mesh, jnp.isfinite(loss), enc_latent_major)
     n_tokens = x.shape[1]
     fired = out["fired"]
     since = jnp.where(fired > 0, 0, state["tokens_since_fired"] + n_tokens)
