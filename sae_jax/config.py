@@ -15,6 +15,9 @@ ARCH_LR_AT_2_14 = {"jumprelu": 2e-4}
 # train.k_aux = 0: d_in // 2, at most this (OpenAI's), at most the smallest width; wider AuxK
 # selections cost every merge round of the fused kernels (docs/benchmarks.md, the roofline)
 K_AUX_MAX = 512
+# train.aux_pool = 0: AUX_POOL_PER_K x k_aux dead latents a step (2,048 at k_aux 512; AuxK is
+# exact while no more are dead, a rotating window of them when more are)
+AUX_POOL_PER_K = 4
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -107,6 +110,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dead_tokens = 10_000_000  # a latent is dead after this many tokens without firing
     c.train.aux_coef = 1 / 32  # weight of the AuxK loss (dead latents reconstruct the residual)
     c.train.k_aux = 0  # AuxK's k; 0: d_in // 2, at most 512 and at most the smallest width
+    # AuxK picks its k_aux among at most this many dead latents a step (a window rotating over
+    # them when more are dead), encoded and decoded by dense products over the window; 0: auto,
+    # 4 x k_aux; -1 (or >= the width): every dead latent, selected in the encoder's pass and
+    # decoded sparsely (docs/design.md, "AuxK's pool")
+    c.train.aux_pool = 0
     # every this many tokens, latents that fired on none of them get new directions from the
     # batch's worst-reconstructed rows (until the learning rate decays); 0: never. Worth it with
     # ~100 expected firings per latent in the window (>= 100 x width / k tokens; sae_jax.train.resample)

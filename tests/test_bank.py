@@ -10,11 +10,11 @@ from conftest import MESH_MATH
 
 from sae_jax import parallel
 from sae_jax.data.synthetic import SparseFeatures
-from sae_jax.sae.bank import BankSpec
+from sae_jax.sae.bank import BankSpec, aux_window
 from sae_jax.train.optimizer import bias_lr_factors, build_optimizer, make_optimizer, schedule
 from sae_jax.train.settings import TrainSettings
 from sae_jax.train.state import init_state
-from sae_jax.train.step import TrainStep, make_bank_forward, sharded_forward
+from sae_jax.train.step import TrainStep, make_bank_forward, make_loss, sharded_forward
 
 SPEC = BankSpec(hooks=("a", "b"), widths=(256, 128), ks=(8, 4), d_in=32, width=256, k_aux=16, architecture="topk")
 
@@ -82,6 +82,65 @@ def test_meshes_agree():
         np.testing.assert_array_equal(m["l0"], mb["l0"])
         np.testing.assert_allclose(m["auxk_loss"], mb["auxk_loss"], rtol=1e-5)
     assert (mb["dead_frac"] > 0).all() and (mb["auxk_loss"] > 0).all()
+
+
+def _aux_loss_and_grads(spec, shape, dead, step=0):
+    """The bank loss with AuxK (weight 1) and its gradients, float32, on a mesh of `shape`."""
+    rng = np.random.default_rng(0)
+    m, d, w = spec.size, spec.d_in, spec.width
+    params = {
+        "W_enc": jnp.asarray(rng.normal(size=(m, d, w)) / 6, jnp.float32),
+        "b_enc": jnp.asarray(rng.normal(size=(m, w)) * 0.1, jnp.float32),
+        "W_dec": jnp.asarray(rng.normal(size=(m, w, d)) / 6, jnp.float32),
+        "b_dec": jnp.asarray(rng.normal(size=(m, d)) * 0.1, jnp.float32),
+    }
+    x = jnp.asarray(rng.normal(size=(m, 64, d)), jnp.float32)
+    mesh = parallel.make_mesh(*shape, devices=jax.devices()[: shape[0] * shape[1]])
+    loss = make_loss(spec, mesh, TrainSettings.defaults(encoder_dtype="float32"), with_aux=True)
+    (total, aux), grads = jax.jit(jax.value_and_grad(lambda p: loss(p, x, x, dead, jnp.zeros(m), 1.0, step), has_aux=True))(params)
+    return np.asarray(aux[1]), jax.device_get(grads)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 4)])
+def test_aux_pool_equals_every_dead_latent_while_they_fit(shape):
+    """AuxK by dense products over a window of dead latents (`aux_pool`) gives the AuxK loss and
+    the gradients of the fused selection over every dead latent (`aux_pool = 0`, sparse decode)
+    while the dead latents fit the window (~30% of 512 dead, a pool of 256: 64 a shard on the 2x4
+    mesh); with more dead than the window it picks among fewer, and differs."""
+    dead = jnp.asarray(np.random.default_rng(1).random((2, 512)) < 0.3)
+    spec = BankSpec(hooks=("a", "b"), widths=(512, 256), ks=(8, 4), d_in=32, width=512, k_aux=16, architecture="topk")
+    want, gw = _aux_loss_and_grads(spec, shape, dead)
+    got, gg = _aux_loss_and_grads(BankSpec(**{**spec.__dict__, "aux_pool": 256}), shape, dead)
+    assert (want > 0).all()
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for k in gw:
+        assert np.abs(gg[k] - gw[k]).max() <= 1e-6 * np.abs(gw[k]).max(), k
+    small, _ = _aux_loss_and_grads(BankSpec(**{**spec.__dict__, "aux_pool": 32}), shape, dead)
+    assert (np.abs(small - want) > 1e-3 * want).all()
+
+
+def test_aux_window_rotates_over_every_dead_latent():
+    """`aux_window`: per model shard at most ceil(pool / n_model) dead latents a step, all of them
+    where a shard has no more, and every dead latent within ceil(dead / window) steps."""
+    rng = np.random.default_rng(0)
+    dead = rng.random((2, 256)) < np.array([[0.5], [0.05]])  # member 1: few dead
+    for n_model, pool in ((1, 24), (4, 24)):
+        p = -(-pool // n_model)
+        shards = dead.reshape(2, n_model, -1)
+        seen = np.zeros_like(dead)
+        cycles = int(-(-shards.sum(-1).max() // p))
+        for step in range(cycles):
+            win = np.asarray(aux_window(jnp.asarray(dead), step, pool, n_model))
+            assert not (win & ~dead).any()
+            per = win.reshape(2, n_model, -1).sum(-1)
+            np.testing.assert_array_equal(per, np.minimum(shards.sum(-1), p))
+            seen |= win
+        np.testing.assert_array_equal(seen, dead)
+        small = shards.sum(-1) <= p  # shards with no more dead than the window: all of them, every step
+        win = np.asarray(aux_window(jnp.asarray(dead), 7, pool, n_model)).reshape(2, n_model, -1)
+        np.testing.assert_array_equal(win[small], shards[small])
+    big = np.asarray(aux_window(jnp.asarray(dead), 2**30 + 5, 24, 1))  # any step: no overflow
+    assert big.sum(-1)[0] == 24
 
 
 def test_bad_mesh():

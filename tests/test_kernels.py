@@ -272,8 +272,9 @@ def test_sorted_scatter_and_gather_equal_dense_over_several_blocks():
 
 
 def test_train_step_memory_has_no_batch_by_latents_buffer():
-    """The compiled bank train step (streaming encoder, sparse decode, AuxK branch included) holds
-    no buffer of B x d_sae or B x k_aux x d_in elements; the dense encoder's step does."""
+    """The compiled bank train step (streaming encoder, sparse decode, AuxK branch included, over
+    every dead latent or over a pool of them) holds no buffer of B x d_sae or B x k_aux x d_in
+    elements; the dense encoder's step does."""
     import re
 
     from sae_jax import parallel
@@ -288,7 +289,7 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
     B_local = B // n  # shapes in the partitioned program are per device
     x = jax.ShapeDtypeStruct((1, B, d), jnp.float32)
 
-    def compiled(encoder):
+    def compiled(encoder, spec=spec):
         settings = TrainSettings.defaults(lr=1e-3, steps=100, warmup_steps=1, dead_tokens=100, encoder=encoder, encoder_block=1024)
         step = TrainStep(spec, mesh, settings)
         return step.lower(step.abstract_state(), x).compile()
@@ -300,6 +301,8 @@ def test_train_step_memory_has_no_batch_by_latents_buffer():
     assert max(sizes(dense)) >= B_local * S  # the reference builds the [B, d_sae] pre-activation
     # the largest: parameter-sized (d x S) or one streamed block of pre-activations (B x 1024)
     assert max(sizes(stream)) <= max(d * S, B_local * 1024) < B_local * S / 4, max(sizes(stream))
+    pooled = compiled("stream", BankSpec(("h",), (S,), (k,), d, S, k_aux, "topk", aux_pool=1024))  # [B, 1024] products
+    assert max(sizes(pooled)) <= max(d * S, B_local * 1024), max(sizes(pooled))
     assert stream.memory_analysis().temp_size_in_bytes < dense.memory_analysis().temp_size_in_bytes / 2
 
 

@@ -42,6 +42,7 @@ BAD = {
     "aux_coef": (-0.5, ">= 0"),
     "k_aux": (10**9, "at most the smallest width"),
     "resample_tokens": (-1, "must be >= 0 (0: never)"),
+    "aux_pool": (-2, "must be >= -1 (0: auto, -1: every dead latent)"),
     "encoder_init_scale": (0.0, "positive"),
     "encoder": ("fast", "choose from auto"),
     "encoder_block": (0, "positive"),
@@ -151,6 +152,21 @@ def test_a_run_from_before_the_recipe_change_is_another_run():
     assert canon != s.identity()
     assert TrainSettings.canonical_identity(s.identity()) == s.identity()
     assert s.replace(lr=1e-3).identity()["lr_rule"] == ""  # an explicit lr needs no rule
+
+
+def test_aux_pool_resolves_per_bank():
+    """`train.aux_pool = 0`: 4 x k_aux dead latents, 0 (every dead latent, the sparse path) where
+    that covers the width or for -1; a pool below AuxK's k names both; a run written before the
+    setting existed selected over every dead latent (-1), another run."""
+    s = TrainSettings.defaults()
+    assert s.k_aux_for(2304) == 512 and s.aux_pool_for(2304, 2**16) == 2048 and s.aux_pool_for(2304, 2**20) == 2048
+    assert s.aux_pool_for(576, 2**14) == 1152 and s.aux_pool_for(64, 256) == 128  # k_aux 288 -> 1,152; 32 -> 128
+    assert s.aux_pool_for(2304, 2048) == 0  # the pool would be the whole width
+    assert s.replace(aux_pool=-1).aux_pool_for(2304, 2**20) == 0 and s.replace(aux_pool=4096).aux_pool_for(2304, 2**20) == 4096
+    with pytest.raises(SettingsError, match=r"train.aux_pool=100: must be at least AuxK's k \(512"):
+        s.replace(aux_pool=100).aux_pool_for(2304, 2**16)
+    before = {k: v for k, v in s.identity().items() if k != "aux_pool"}
+    assert TrainSettings.canonical_identity(before)["aux_pool"] == -1 and TrainSettings.canonical_identity(before) != s.identity()
 
 
 def test_default_learning_rate_by_architecture():

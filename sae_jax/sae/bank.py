@@ -33,6 +33,19 @@ over `model`. BatchTopK keeps `cap` candidates per row and finds the batch's (B*
 among all candidates of the global batch (gathered over `data`): exact unless a row has more
 than `cap` winners, which is counted (`capped_frac`).
 
+AuxK (the sparse path, while some latent is dead): the top k_aux of the dead latents'
+pre-activations reconstruct the residual the live ones left. With `aux_pool` (the default
+`train.aux_pool`), each step takes a window of at most `aux_pool` dead latents (`aux_window`: per
+`model` shard, consecutive runs of its dead latents in id order, the window moving on by its own
+size every step, so every dead latent is in it once every ceil(dead / pool) steps; all of them
+every step while no more are dead, when the selection equals the whole dead set's), gathers their
+encoder columns and decoder rows, and encodes, selects and decodes them by dense products of
+[B, pool]: k_aux slots a row (8-16x the main path's k) through the sparse decode and backward
+cost more than the whole main step, where the [B, pool] products cost a few percent of the
+encoder's matmul (docs/benchmarks.md, "AuxK over a pool of dead latents"). `aux_pool = 0`
+selects over every dead latent in the encoder's own pass (the fused kernels' second selection)
+and decodes sparsely.
+
 Dense path (`jumprelu`, `relu`): their activation count per row is unbounded, so each shard
 computes its [B_local, S_local] block of pre-activations, as the PyTorch trainers do.
 """
@@ -47,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sae_jax.kernels.topk import EncoderOptions, sparse_decode_parts, topk_pre
+from sae_jax.kernels.topk import EncoderOptions, select_top_k, sparse_decode_parts, topk_pre
 
 ARCHITECTURES = ("topk", "batchtopk", "jumprelu", "relu")
 SPARSE = ("topk", "batchtopk")
@@ -68,6 +81,9 @@ class BankSpec:
     skip: bool = False  # transcoders: a linear skip W_skip
     prefixes: tuple[int, ...] = ()  # Matryoshka: nested prefix sizes, increasing, below every width
     cap: int = 0  # batchtopk: candidates kept per row (>= max k)
+    # AuxK's pool: 0, every dead latent (selected in the encoder's pass, decoded sparsely); else
+    # at most this many dead latents a step (>= k_aux, < width), by dense products (`aux_window`)
+    aux_pool: int = 0
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -203,6 +219,58 @@ def _encode(
     return _global_topk(v, i + off, k, n_model), None
 
 
+def aux_window(dead, step, pool: int, n_model: int):
+    """The dead latents AuxK may pick this step: `dead [M, S]` restricted, in each of the `n_model`
+    contiguous shards of the latent axis, to ceil(pool / n_model) consecutive dead latents (in id
+    order, wrapping), the window starting at `step` x its size (mod the shard's dead count, in
+    whole windows). Every dead latent when a shard has no more than that. Pure; `step` traced."""
+    m, s = dead.shape
+    s_local = s // n_model
+    p = min(-(-pool // n_model), s_local)
+    d = dead.reshape(m, n_model, s_local)
+    rank = jnp.cumsum(d, axis=-1, dtype=jnp.int32) - 1
+    n = jnp.maximum(d.sum(-1, keepdims=True, dtype=jnp.int32), 1)
+    start = (jnp.asarray(step, jnp.int32) % ((n + p - 1) // p)) * p  # < n + p: no overflow at any step
+    return (d & ((rank - start) % n < p)).reshape(m, s)
+
+
+def _aux_pool(x, w_enc, b_enc, w_dec, shift, cand, *, pool: int, k_aux: int, n_model: int, options: EncoderOptions):
+    """AuxK's reconstruction from this shard's window of dead latents (`cand [M, S_local]`, at most
+    ceil(pool / n_model) of them, `aux_window`), to be summed over `model`: their encoder columns
+    and decoder rows gathered into [d, p] / [p, d] (p = that bound), the pre-activations
+    `(x - shift) @ W_enc + b_enc` of the window as a dense [M, B, p] product (the encoder's
+    dtype), the global top k_aux of them (exact over `model`), and their decode as a dense
+    product. Plain JAX, differentiated as it is: the gradients reach W_enc, b_enc, W_dec and
+    b_dec (through `shift`) by the gathers' transposes, p columns / rows each."""
+    m, _, s_local = w_enc.shape
+    p = min(-(-pool // n_model), s_local)
+    mi = jnp.arange(m)[:, None]
+    rank = jnp.where(cand, jnp.cumsum(cand, axis=1, dtype=jnp.int32) - 1, p)
+    lat = jnp.broadcast_to(jnp.arange(s_local, dtype=jnp.int32), cand.shape)
+    ids = jnp.full((m, p), s_local, jnp.int32).at[mi, rank].set(lat, mode="drop")  # [M, p]: s_local where empty
+    valid = ids < s_local
+    safe = jnp.where(valid, ids, 0)
+    wc = jnp.take_along_axis(w_enc, safe[:, None, :], axis=2)  # [M, d_in, p]
+    b = jnp.take_along_axis(b_enc, safe, axis=1)
+    if shift is not None:
+        b = b - jnp.einsum("md,mdp->mp", shift.astype(jnp.float32), wc.astype(jnp.float32))
+    b = jnp.where(valid, b, -jnp.inf)
+    cast = options.resolved().cast
+    xc, wcc = (x, wc) if cast is None else (x.astype(cast), wc.astype(cast))
+    pre = jnp.einsum("mbd,mdp->mbp", xc, wcc, preferred_element_type=jnp.float32) + b[:, None, :]
+    v, pos = jax.vmap(lambda a: select_top_k(a, min(k_aux, p)))(lax.stop_gradient(pre))
+    off = _model_offset(p)
+    _, win = _global_topk(v, pos.astype(jnp.int32) + off, k_aux, n_model)  # positions in the model-wide window
+    local = jnp.where((win >= off) & (win < off + p), win - off, p)
+    rows = jnp.arange(x.shape[1])[None, :, None]
+    chosen = jnp.zeros(pre.shape, bool).at[mi[:, :, None], rows, local].set(True, mode="drop")
+    vals = jnp.where(chosen, jax.nn.relu(pre), 0.0)
+    w_dec_c = jnp.take_along_axis(w_dec, safe[:, :, None], axis=1)  # [M, p, d_out]
+    if cast is not None:  # the decode in the encoder's dtype too (on a GPU float32 products miss the tensor cores)
+        vals, w_dec_c = vals.astype(cast), w_dec_c.astype(cast)
+    return jnp.einsum("mbp,mpd->mbd", vals, w_dec_c, preferred_element_type=jnp.float32)
+
+
 def _decode(parts, w_dec):
     """Sum over the shard's own winners of value x decoder row, for each (values, indices) of
     `parts`; psum over `model` by the caller. Returns (reconstructions, (own, local) of the
@@ -269,7 +337,9 @@ def forward_sparse(
     # stays data and b_dec's gradient arrives through the bias (no [B, d] dx)
     shift = None if spec.transcoder else b_dec
     C = spec.n_candidates
-    (v, idx), aux = _encode(lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, with_aux, options, shift)
+    pooled = with_aux and spec.aux_pool > 0  # AuxK by dense products over a window of dead latents
+    fused = with_aux and not pooled  # AuxK's selection in the encoder's pass, its decode sparse
+    (v, idx), aux = _encode(lax.stop_gradient(x), w_enc, b_enc, latent_mask, dead, C, spec.k_aux, n_model, fused, options, shift)
     rv = jax.nn.relu(v)
     m = rv.shape[0]
     if spec.architecture == "batchtopk":
@@ -283,7 +353,7 @@ def forward_sparse(
     # decode for all of them: their decoder gradients share one accumulator.
     edges = (0, *spec.prefixes, spec.width)
     bands = [(vals if len(edges) == 2 else jnp.where((idx >= lo) & (idx < hi), vals, 0.0), idx) for lo, hi in zip(edges[:-1], edges[1:])]
-    if with_aux:
+    if fused:
         dv, di = aux
         bands.append((jax.nn.relu(dv), di))
     outs, (own, local) = _decode(bands, w_dec)
@@ -296,7 +366,10 @@ def forward_sparse(
     fired = lax.psum(fired, "data")
 
     e_hat = jnp.zeros(x.shape[:2] + (w_dec.shape[-1],), x.dtype)
-    if with_aux:
+    if pooled:
+        opts = dict(pool=spec.aux_pool, k_aux=spec.k_aux, n_model=n_model, options=options)
+        e_hat = lax.psum(_aux_pool(lax.stop_gradient(x), w_enc, b_enc, w_dec, shift, dead & latent_mask, **opts), "model")
+    elif fused:
         e_hat = lax.psum(outs[-1], "model")
     l0 = (vals > 0).sum(-1).astype(jnp.float32)
     return {

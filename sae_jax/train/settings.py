@@ -18,7 +18,7 @@ import math
 import typing
 from dataclasses import dataclass
 
-from sae_jax.config import ARCH_LR_AT_2_14, K_AUX_MAX, LR_AT_2_14
+from sae_jax.config import ARCH_LR_AT_2_14, AUX_POOL_PER_K, K_AUX_MAX, LR_AT_2_14
 from sae_jax.errors import SaeJaxError
 
 # the fields that make a run what it is: a run directory holding other values is another run
@@ -27,7 +27,7 @@ IDENTITY = (
     "aux_coef", "k_aux", "seed", "holdout_shards", "architecture", "out_hooks", "skip", "l1_coefs", "l0_coefs",
     "sparsity_warmup_frac", "jumprelu_bandwidth", "jumprelu_init_threshold", "batchtopk_cap", "threshold_decay",
     "matryoshka_prefixes", "encoder_init_scale", "bias_lr_scale", "bias_lr_units", "decoder_lr_scale",
-    "adam_b1", "adam_b2", "adam_eps", "optimizer_state", "resample_tokens",
+    "adam_b1", "adam_b2", "adam_eps", "optimizer_state", "resample_tokens", "aux_pool",
 )  # fmt: skip
 
 
@@ -51,6 +51,7 @@ LEGACY = {
     "adam_b2": 0.999,
     "adam_eps": 1e-8,
     "optimizer_state": "float32",
+    "aux_pool": -1,
     "lr_rule": "0.0002 / sqrt(width / 2^14)",
 }
 BIAS_LR_UNITS = ("raw", "scaled")
@@ -99,6 +100,7 @@ class TrainSettings:
     dead_tokens: int
     aux_coef: float
     k_aux: int
+    aux_pool: int
     resample_tokens: int
     encoder_init_scale: float
     encoder: str
@@ -161,6 +163,20 @@ class TrainSettings:
     def k_aux_for(self, d_in: int) -> int:
         """AuxK's k for inputs of width d_in: `train.k_aux`, or (0) d_in // 2 capped by `config.K_AUX_MAX` and the smallest width."""
         return self.k_aux or min(d_in // 2, K_AUX_MAX, min(self.widths))
+
+    def aux_pool_for(self, d_in: int, width: int) -> int:
+        """AuxK's pool for a bank of (padded) `width` latents: `train.aux_pool`, or (0) 4 x k_aux
+        (`config.AUX_POOL_PER_K`); 0 when it covers the width (-1, or >= width: every dead latent,
+        the sparse path). A pool below AuxK's k is an error naming both."""
+        k_aux = self.k_aux_for(d_in)
+        pool = self.aux_pool or AUX_POOL_PER_K * k_aux
+        if pool < 0 or pool >= width:
+            return 0
+        if pool < k_aux:
+            raise SettingsError(
+                f"train.aux_pool={pool}: must be at least AuxK's k ({k_aux}; train.k_aux), or 0 (auto) / -1 (every dead latent)"
+            )
+        return pool
 
     @property
     def sparsity_warmup_steps(self) -> int:
@@ -329,6 +345,7 @@ def _check(s: TrainSettings) -> None:
             0 <= s.k_aux <= min(s.widths),
             f"must be in [0, {min(s.widths)}] (0: d_in // 2, at most 512; at most the smallest width)",
         ),
+        ("aux_pool", s.aux_pool >= -1, "must be >= -1 (0: auto, -1: every dead latent)"),
         (
             "resample_tokens",
             s.resample_tokens >= 0 and (s.resample_tokens == 0 or s.architecture in ("topk", "batchtopk")),

@@ -19,7 +19,7 @@ import optax
 
 from sae_jax import parallel
 from sae_jax.kernels.topk import EncoderOptions, grads_latent_major
-from sae_jax.sae.bank import BankSpec, forward_dense, forward_sparse, losses
+from sae_jax.sae.bank import BankSpec, aux_window, forward_dense, forward_sparse, losses
 from sae_jax.train import resample
 from sae_jax.train.optimizer import build_optimizer
 from sae_jax.train.settings import TrainSettings
@@ -94,11 +94,13 @@ def _apply(fwd, params, x, lat, ks, dead):
     return out
 
 
-def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: int):
+def bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef: float, k_aux: int, window=None):
     """The training objective, summed over members: the FVU of every reconstruction (Matryoshka:
     each prefix), aux_coef x AuxK, and coefs x the mean per-row sparsity penalty (L1 / L0).
-    Returns (loss, (fvu [P, M], auxk [M], sparsity [M], forward outputs))."""
-    out = _apply(fwd, params, x, lat, ks, dead)
+    `window`: the dead latents AuxK picks from this step (`bank.aux_window`; default all of
+    `dead`); AuxK's weight counts all of them. Returns (loss, (fvu [P, M], auxk [M], sparsity [M],
+    forward outputs))."""
+    out = _apply(fwd, params, x, lat, ks, dead if window is None else window)
     fvu, auxk = losses(y, out["x_hat"], out["e_hat"], dead.sum(1), k_aux)
     sparsity = coefs * out["penalty"].mean(-1)
     return jnp.sum(fvu.sum(0) + aux_coef * auxk + sparsity), (fvu, auxk, sparsity, out)
@@ -110,9 +112,10 @@ def make_loss(spec: BankSpec, mesh, settings: TrainSettings | None = None, with_
     s = settings or TrainSettings.defaults()
     fwd = sharded_forward(spec, mesh, with_aux, s.encoder_options, s.jumprelu_bandwidth)
 
-    def loss(params, x, y, dead, coefs, aux_coef=0.0):
+    def loss(params, x, y, dead, coefs, aux_coef=0.0, step=0):
         lat, ks = _masks(spec, mesh)
-        return bank_loss(fwd, params, x, y, lat, ks, dead & lat, coefs, aux_coef, spec.k_aux)
+        dead = dead & lat
+        return bank_loss(fwd, params, x, y, lat, ks, dead, coefs, aux_coef, spec.k_aux, _window(spec, mesh, dead, step))
 
     return loss
 
@@ -130,11 +133,16 @@ def make_bank_forward(spec: BankSpec, mesh, settings: TrainSettings | None = Non
         lat, ks = _masks(spec, mesh)
         dead = jnp.zeros_like(lat) if dead is None else dead
         x = x.astype(jnp.float32)
-        out = _apply(fwd, params, x, lat, ks, dead & lat)
+        out = _apply(fwd, params, x, lat, ks, _window(spec, mesh, dead & lat, 0))
         fvu, auxk = losses(y.astype(jnp.float32), out["x_hat"], out["e_hat"], (dead & lat).sum(1), spec.k_aux)
         return Output(out["x_hat"][-1], out.get("values"), out.get("indices"), fvu[-1], auxk, out["l0"], fvu)
 
     return lambda params, x, dead=None, y=None: apply(params, x, dead, x if y is None else y)
+
+
+def _window(spec: BankSpec, mesh, dead, step):
+    """The dead latents AuxK picks from at `step`: `bank.aux_window` with the bank's pool, or all."""
+    return aux_window(dead, step, spec.aux_pool, mesh.shape["model"]) if spec.aux_pool else dead
 
 
 def _scales(spec: BankSpec, input_scale, output_scale) -> tuple[np.ndarray, np.ndarray]:
@@ -213,11 +221,12 @@ def train_step(
     coefs = jnp.asarray(spec.coefs if spec.coefs else [0.0] * spec.size, jnp.float32)
     dead = (state["tokens_since_fired"] >= s.dead_tokens) & lat_mask
     dead_count = dead.sum(axis=1)
+    window = _window(spec, mesh, dead, state["step"])
     warm = jnp.minimum((state["step"] + 1).astype(jnp.float32) / max(s.sparsity_warmup_steps, 1), 1.0)
 
     def loss_fn(params, with_aux):
         fwd = sharded_forward(spec, mesh, with_aux and spec.sparse, s.encoder_options, s.jumprelu_bandwidth)
-        return bank_loss(fwd, params, x, y, lat_mask, ks, dead, coefs * warm, s.aux_coef, spec.k_aux)
+        return bank_loss(fwd, params, x, y, lat_mask, ks, dead, coefs * warm, s.aux_coef, spec.k_aux, window)
 
     # AuxK's cost (a second top-k and decode) only while some latent is dead: one branch runs.
     # JumpReLU and ReLU train without AuxK, as their recipes (Gemma Scope, Anthropic's L1) do.
