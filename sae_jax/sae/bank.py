@@ -41,8 +41,8 @@ size every step, so every dead latent is in it once every ceil(dead / pool) step
 every step while no more are dead, when the selection equals the whole dead set's), gathers their
 encoder columns and decoder rows, and encodes, selects and decodes them by dense products of
 [B, pool]: k_aux slots a row (8-16x the main path's k) through the sparse decode and backward
-cost more than the whole main step, where the [B, pool] products cost a few percent of the
-encoder's matmul (docs/benchmarks.md, "AuxK over a pool of dead latents"). `aux_pool = 0`
+cost more than the main step itself on a GPU, where five [B, pool] products cost 5 x pool / width
+of the encoder's matmul (docs/benchmarks.md, "AuxK over a pool of dead latents"). `aux_pool = 0`
 selects over every dead latent in the encoder's own pass (the fused kernels' second selection)
 and decodes sparsely.
 
