@@ -82,7 +82,7 @@ def bank_spec(s: TrainSettings, store) -> BankSpec:
         skip=s.skip,
         prefixes=s.matryoshka_prefixes,
         cap=cap,
-        aux_pool=s.aux_pool_for(d_in, width) if s.architecture in ("topk", "batchtopk") else 0,
+        aux_pool=s.aux_pool_for(d_in, width) if s.sparse else 0,
     )
 
 
